@@ -1,0 +1,5 @@
+import sys
+
+from opd.cli import main
+
+sys.exit(main())

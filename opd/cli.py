@@ -1,0 +1,52 @@
+"""The one `opd` command. Each subcommand lives in its own module, imported only when used.
+
+A subcommand module exposes `add_arguments(parser)` and `main(args) -> int | None`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help). Modules are imported lazily so `opd --help` stays instant.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "teacher": ("teacher_server.cli", "serve teacher statistics over gRPC from a Hugging Face model"),
+    "score": ("teacher_server.score_cli", "score token sequences against a running teacher server and print the statistics"),
+    "train": ("student_trainer.cli", "on-policy distillation of a student against a remote teacher server"),
+    "demo": ("opd.demo", "the whole pipeline on a tiny built-in model, on CPU, in minutes"),
+    "rollout-server": ("rollout.server", "serve the local rollout engine over SGLang's HTTP API subset"),
+    "eval": ("rollout.evaluate", "evaluate a model on a prompt dataset: avg@k / pass@k per data source"),
+    "tiny-model": ("opd.tiny_cli", "build the tiny built-in tokenizer and model into a directory"),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="opd", description="Disaggregated on-policy distillation: teacher server, student trainer, rollouts.")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    argv = sys.argv[1:]
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text,
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        # Only the chosen subcommand's module is imported (and may add its flags).
+        if argv and argv[0] == name:
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(_main=mod.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser = _build_parser()
+    args = parser.parse_args()
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 0
+    return int(args._main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
