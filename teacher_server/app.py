@@ -1,0 +1,58 @@
+"""Assembling a teacher server from a model directory (used by `opd teacher` and by tests)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from teacher_server import __version__
+from teacher_server.engine import ScoringEngine
+from teacher_server.fingerprint import model_hash, tokenizer_fingerprint
+from teacher_server.model import load_model
+from teacher_server.service import ServerConfig, TeacherServer
+from teacher_server.validate import STAT_NAMES, Limits
+from teacher_server.wire import pb
+
+log = logging.getLogger("opd.teacher")
+
+
+@dataclass
+class TeacherConfig:
+    model: str
+    dtype: str = "bf16"
+    device: str = "cpu"
+    max_batch_tokens: int = 16384
+    chunk_size: int = 1024
+    max_top_k: int = 256
+    max_extra_ids: int = 256
+    max_sequence_length: int = 0          # 0 = the model's max_position_embeddings
+    max_queue_tokens: int = 1 << 20
+    allow_full: bool = True
+    random_weights_seed: int | None = None
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+
+def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
+    from transformers import AutoTokenizer
+
+    model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.random_weights_seed)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model)
+        tok_fp, tok_len, template, pad = tokenizer_fingerprint(tok), len(tok), tok.chat_template or "", tok.pad_token_id
+    except Exception as exc:  # a model directory without a tokenizer can still be served
+        log.warning("no tokenizer in %s (%s): fingerprint checks will be skipped by clients", cfg.model, exc)
+        tok_fp, tok_len, template, pad = "", 0, "", None
+    vocab = int(model.get_output_embeddings().weight.shape[0])
+    max_len = cfg.max_sequence_length or int(getattr(model.config, "max_position_embeddings", 4096))
+    engine = ScoringEngine(model, device=cfg.device, max_batch_tokens=cfg.max_batch_tokens,
+                           chunk_size=cfg.chunk_size, max_queue_tokens=cfg.max_queue_tokens, pad_id=pad or 0)
+    limits = Limits(vocab_size=vocab, max_sequence_length=max_len, max_top_k=min(cfg.max_top_k, vocab),
+                    max_extra_ids=cfg.max_extra_ids, allow_full=cfg.allow_full)
+    info = pb.TeacherInfo(
+        model_name=Path(cfg.model).name, model_hash=model_hash(cfg.model, cfg.random_weights_seed),
+        vocab_size=vocab, tokenizer_size=tok_len, tokenizer_fingerprint=tok_fp, max_sequence_length=max_len,
+        max_top_k=limits.max_top_k, dtype=str(model.dtype).replace("torch.", ""), server_version=__version__,
+        chat_template=template, max_extra_ids=cfg.max_extra_ids, max_batch_tokens=engine.max_batch_tokens,
+        statistics=[pb.Statistic.Name(s) for s in STAT_NAMES], full_distribution_allowed=cfg.allow_full)
+    return TeacherServer(engine, limits, info, cfg.server, metrics)

@@ -1,0 +1,84 @@
+"""`opd teacher --model DIR ...`: load a model once and serve teacher statistics over gRPC."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+
+
+def add_arguments(p):
+    p.add_argument("--model", required=True, help="Hugging Face causal-LM directory (config.json + weights + tokenizer)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; loopback unless told otherwise (0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=50051, help="port to bind (0 = any free port; the bound port is printed)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype of the model")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--max-batch-tokens", type=int, default=16384,
+                   help="token budget of one forward (longest sequence x sequences in the batch)")
+    p.add_argument("--chunk-size", type=int, default=1024, help="positions per lm-head/log-softmax/top-k chunk (memory = chunk x vocab)")
+    p.add_argument("--max-top-k", type=int, default=256, help="largest top_k a caller may ask for")
+    p.add_argument("--max-extra-ids", type=int, default=256, help="most caller-supplied ids per position")
+    p.add_argument("--max-sequence-length", type=int, default=0, help="longest sequence accepted (0 = the model's max positions)")
+    p.add_argument("--max-queue-tokens", type=int, default=1 << 20,
+                   help="tokens waiting in the queue before new work waits, then gets RESOURCE_EXHAUSTED")
+    p.add_argument("--queue-wait-s", type=float, default=30.0, help="how long new work waits for queue room")
+    p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads (concurrent streams)")
+    p.add_argument("--no-full", action="store_true", help="refuse FULL_LOGPROBS requests")
+    p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM/SIGINT, time in-flight calls get to finish")
+    p.add_argument("--random-weights-seed", type=int, default=None,
+                   help="benchmarks: build the model from config.json with random weights instead of loading them")
+    p.add_argument("--auth-token", default=os.environ.get("OPD_TEACHER_TOKEN"),
+                   help="require 'authorization: Bearer TOKEN' metadata (default: $OPD_TEACHER_TOKEN; none = open)")
+    p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None, help="PEM CA bundle; when given, clients must present certificates")
+    p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (HTTP /metrics)")
+    p.add_argument("--log-level", default="INFO", help="logging level")
+
+
+def main(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from teacher_server.app import TeacherConfig, build_server
+    from teacher_server.service import ServerConfig
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("--tls-cert and --tls-key go together")
+    server_cfg = ServerConfig(host=args.host, port=args.port, max_workers=args.max_workers, queue_wait_s=args.queue_wait_s,
+                              auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
+                              tls_client_ca=args.tls_client_ca, grace_s=args.grace_s)
+    cfg = TeacherConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens,
+                        chunk_size=args.chunk_size, max_top_k=args.max_top_k, max_extra_ids=args.max_extra_ids,
+                        max_sequence_length=args.max_sequence_length, max_queue_tokens=args.max_queue_tokens,
+                        allow_full=not args.no_full, random_weights_seed=args.random_weights_seed, server=server_cfg)
+    metrics = None
+    if args.metrics_port is not None:
+        from teacher_server.metrics import TeacherMetrics
+
+        metrics = TeacherMetrics()
+    try:
+        server = build_server(cfg, metrics)
+    except ValueError as exc:
+        print(f"opd teacher: {exc}", file=sys.stderr)
+        return 2
+    if metrics is not None:
+        metrics.attach(server.engine)
+        metrics.serve(args.host, args.metrics_port)
+    stop = threading.Event()
+
+    def on_signal(signum, frame):
+        logging.getLogger("opd.teacher").info("signal %d: NOT_SERVING, draining for up to %.0fs", signum, args.grace_s)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    server.warm_up_and_serve()
+    info = server.servicer.info
+    print(f"opd teacher: serving {info.model_name} ({info.dtype}, vocab {info.vocab_size}) on "
+          f"{args.host}:{server.port}", flush=True)
+    stop.wait()
+    server.stop(args.grace_s)
+    print("opd teacher: stopped", flush=True)
+    return 0

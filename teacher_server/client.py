@@ -1,0 +1,336 @@
+"""Python client for the teacher server, usable from any training framework.
+
+    from teacher_server.client import TeacherClient
+    client = TeacherClient("127.0.0.1:50051", tokenizer=tok)         # checks the tokenizer
+    stats = client.score([ids], target_starts=[len(prompt)], top_k=64)
+    stats[0].topk_ids, stats[0].topk_logprobs, stats[0].tail_logmass   # numpy, [P, k] / [P]
+
+Several endpoints ("h1:50051,h2:50051") are used round-robin per call; a call that fails with
+UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED (or a replica that is NOT_SERVING) is retried,
+with exponential backoff, on the next endpoint, resending only the sequences not yet answered.
+Invalid requests are never retried: they raise `TeacherRequestError` with the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from teacher_server import codec
+from teacher_server.service import CHANNEL_OPTIONS, SERVICE
+from teacher_server.wire import pb
+
+log = logging.getLogger("opd.teacher.client")
+RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED,
+             grpc.StatusCode.ABORTED, grpc.StatusCode.CANCELLED}
+STATISTICS = {"sampled": pb.SAMPLED_LOGPROB, "topk": pb.TOPK, "tail": pb.TAIL_LOGMASS, "logsumexp": pb.LOGSUMEXP,
+              "entropy": pb.ENTROPY, "extra": pb.EXTRA_LOGPROBS, "full": pb.FULL_LOGPROBS}
+
+
+class TeacherRequestError(ValueError):
+    """The server rejected a request as invalid (not retried)."""
+
+
+class TokenizerMismatchError(RuntimeError):
+    pass
+
+
+class TeacherUnavailableError(RuntimeError):
+    pass
+
+
+@dataclass
+class TeacherStats:
+    """Teacher statistics for one sequence; rows = scored positions (see the proto's semantics)."""
+    request_id: str
+    num_positions: int
+    sampled_logprobs: np.ndarray | None = None   # [P] float32
+    topk_ids: np.ndarray | None = None           # [P, k] int64, ascending per row
+    topk_logprobs: np.ndarray | None = None      # [P, k] float32
+    tail_logmass: np.ndarray | None = None       # [P] float32
+    logsumexp: np.ndarray | None = None          # [P]
+    entropy: np.ndarray | None = None            # [P]
+    extra_logprobs: np.ndarray | None = None     # [P, m]
+    full_logprobs: np.ndarray | None = None      # [P, V]
+    wire_bytes: int = 0
+    server_seconds: float = 0.0
+    endpoint: str = ""
+
+    @classmethod
+    def from_message(cls, m: pb.ScoreResult, endpoint: str = "") -> "TeacherStats":
+        s = cls(request_id=m.request_id, num_positions=m.num_positions, wire_bytes=m.ByteSize(),
+                server_seconds=m.server_seconds, endpoint=endpoint)
+        if m.HasField("sampled_logprobs"):
+            s.sampled_logprobs = codec.decode_values(m.sampled_logprobs)
+        if m.HasField("topk_ids"):
+            s.topk_ids = codec.decode_ids(m.topk_ids)
+            s.topk_logprobs = codec.decode_values(m.topk_logprobs)
+        for f in ("tail_logmass", "logsumexp", "entropy", "extra_logprobs", "full_logprobs"):
+            if m.HasField(f):
+                setattr(s, f, codec.decode_values(getattr(m, f)))
+        return s
+
+    def to_torch(self, device="cpu") -> dict:
+        import torch
+
+        out = {}
+        for f in ("sampled_logprobs", "topk_ids", "topk_logprobs", "tail_logmass", "logsumexp", "entropy",
+                  "extra_logprobs", "full_logprobs"):
+            v = getattr(self, f)
+            if v is not None:
+                out[f] = torch.from_numpy(np.ascontiguousarray(v)).to(device)
+        return out
+
+
+@dataclass
+class ScoreSettings:
+    top_k: int = 64
+    statistics: tuple[str, ...] = ("sampled", "topk", "tail")
+    temperature: float = 1.0
+    value_encoding: str = "bf16"
+    compression: str = "zstd"
+    zstd_level: int = 3
+
+    def to_options(self) -> pb.ScoreOptions:
+        for s in self.statistics:
+            if s not in STATISTICS:
+                raise ValueError(f"statistics: {s!r} is not one of {sorted(STATISTICS)}")
+        if self.value_encoding not in codec.ENCODINGS:
+            raise ValueError(f"value_encoding: {self.value_encoding!r} is not one of {sorted(codec.ENCODINGS)}")
+        if self.compression not in codec.COMPRESSIONS:
+            raise ValueError(f"compression: {self.compression!r} is not one of {sorted(codec.COMPRESSIONS)}")
+        return pb.ScoreOptions(top_k=self.top_k, statistics=[STATISTICS[s] for s in self.statistics],
+                               temperature=self.temperature, value_encoding=codec.ENCODINGS[self.value_encoding],
+                               compression=codec.COMPRESSIONS[self.compression], zstd_level=self.zstd_level)
+
+
+def parse_endpoints(endpoints: str | Sequence[str]) -> list[str]:
+    if isinstance(endpoints, str):
+        endpoints = endpoints.split(",")
+    eps = [e.strip().removeprefix("grpc://") for e in endpoints if e.strip()]
+    if not eps:
+        raise ValueError("teacher url: give at least one HOST:PORT")
+    for e in eps:
+        host, _, port = e.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"teacher url: {e!r} is not HOST:PORT")
+    return eps
+
+
+class _Endpoint:
+    def __init__(self, target: str, credentials, token: str | None):
+        self.target = target
+        opts = CHANNEL_OPTIONS + [("grpc.enable_retries", 0)]
+        self.channel = (grpc.secure_channel(target, credentials, options=opts) if credentials
+                        else grpc.insecure_channel(target, options=opts))
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.get_info = self.channel.unary_unary(f"/{SERVICE}/GetInfo", request_serializer=pb.GetInfoRequest.SerializeToString,
+                                                 response_deserializer=pb.TeacherInfo.FromString)
+        self.score = self.channel.stream_stream(f"/{SERVICE}/Score", request_serializer=pb.ScoreRequest.SerializeToString,
+                                                response_deserializer=pb.ScoreResult.FromString)
+        self.health = health_pb2_grpc.HealthStub(self.channel)
+        self.down_until = 0.0
+
+
+@dataclass
+class Sequence_:
+    token_ids: np.ndarray
+    target_start: int
+    target_end: int = 0
+    extra_ids: np.ndarray | None = None
+
+
+class TeacherClient:
+    def __init__(self, endpoints: str | Sequence[str], *, tokenizer=None, allow_tokenizer_mismatch: bool = False,
+                 settings: ScoreSettings | None = None, timeout_s: float = 600.0, max_retries: int = 8,
+                 backoff_s: float = 0.5, max_backoff_s: float = 30.0, token: str | None = None,
+                 root_certificates: bytes | None = None, client_cert: tuple[bytes, bytes] | None = None,
+                 check_health: bool = True):
+        creds = None
+        if root_certificates is not None or client_cert is not None:
+            key, chain = client_cert if client_cert else (None, None)
+            creds = grpc.ssl_channel_credentials(root_certificates, key, chain)
+        self.endpoints = [_Endpoint(e, creds, token) for e in parse_endpoints(endpoints)]
+        self._rr = itertools.cycle(range(len(self.endpoints)))
+        self._lock = threading.Lock()
+        self.settings = settings or ScoreSettings()
+        self.timeout_s, self.max_retries = timeout_s, max_retries
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.check_health = check_health
+        self._ids = itertools.count()
+        self._info: pb.TeacherInfo | None = None
+        self.retries = 0
+        if tokenizer is not None:
+            self.check_tokenizer(tokenizer, allow_tokenizer_mismatch)
+
+    # ---- handshake ---------------------------------------------------------------------------
+    def info(self) -> pb.TeacherInfo:
+        if self._info is None:
+            self._info = self._with_retries(lambda ep: ep.get_info(pb.GetInfoRequest(), timeout=30, metadata=ep.metadata))
+        return self._info
+
+    def check_tokenizer(self, tokenizer, allow_mismatch: bool = False) -> None:
+        from teacher_server.fingerprint import tokenizer_fingerprint
+
+        info = self.info()
+        mine = tokenizer_fingerprint(tokenizer)
+        if not info.tokenizer_fingerprint:
+            log.warning("teacher %s reports no tokenizer fingerprint; cannot check the tokenizer", info.model_name)
+            return
+        if mine != info.tokenizer_fingerprint:
+            msg = (f"tokenizer mismatch: the teacher {info.model_name!r} uses tokenizer {info.tokenizer_fingerprint[:12]} "
+                   f"({info.tokenizer_size} tokens) but yours is {mine[:12]} ({len(tokenizer)} tokens). Token ids would "
+                   f"mean different strings on the two sides. Use the teacher's tokenizer, or pass "
+                   f"allow_tokenizer_mismatch=True if you know the vocabularies agree.")
+            if not allow_mismatch:
+                raise TokenizerMismatchError(msg)
+            log.warning(msg)
+
+    # ---- endpoint selection and retries --------------------------------------------------------
+    def _next_endpoint(self) -> _Endpoint:
+        with self._lock:
+            now = time.monotonic()
+            for _ in range(len(self.endpoints)):
+                ep = self.endpoints[next(self._rr)]
+                if ep.down_until <= now:
+                    return ep
+            return min(self.endpoints, key=lambda e: e.down_until)
+
+    def _healthy(self, ep: _Endpoint) -> bool:
+        if not self.check_health or len(self.endpoints) == 1:
+            return True
+        try:
+            r = ep.health.Check(health_pb2.HealthCheckRequest(service=SERVICE), timeout=5)
+            return r.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def _with_retries(self, fn):
+        delay, last = self.backoff_s, None
+        for attempt in range(self.max_retries + 1):
+            ep = self._next_endpoint()
+            try:
+                if not self._healthy(ep):
+                    raise _NotServing(ep.target)
+                return fn(ep)
+            except (grpc.RpcError, _NotServing) as exc:
+                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise TeacherRequestError(exc.details()) from None
+                if code not in RETRYABLE:
+                    raise
+                last = exc
+                ep.down_until = time.monotonic() + delay
+                self.retries += 1
+                log.warning("teacher %s: %s (%s); retry %d/%d in %.1fs", ep.target, code.name,
+                            getattr(exc, "details", lambda: "")(), attempt + 1, self.max_retries, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+        raise TeacherUnavailableError(f"teacher unavailable after {self.max_retries} retries over "
+                                      f"{[e.target for e in self.endpoints]}: {last}")
+
+    # ---- scoring -------------------------------------------------------------------------------
+    def _requests(self, seqs: dict[str, Sequence_], opts: pb.ScoreOptions) -> Iterator[pb.ScoreRequest]:
+        for rid, s in seqs.items():
+            r = pb.ScoreRequest(request_id=rid, token_ids=codec.encode_plain_ids(s.token_ids),
+                                target_start=int(s.target_start), target_end=int(s.target_end or 0), options=opts)
+            if s.extra_ids is not None:
+                r.extra_ids.CopyFrom(codec.encode_plain_ids(np.asarray(s.extra_ids).reshape(len(s.extra_ids), -1)))
+            yield r
+
+    def score_iter(self, token_ids: Iterable[Sequence[int]], target_starts: Sequence[int],
+                   target_ends: Sequence[int] | None = None, extra_ids: Sequence | None = None,
+                   settings: ScoreSettings | None = None) -> Iterator[tuple[int, TeacherStats]]:
+        """Yield (index, stats) as results arrive (any order). Failed streams are retried on the
+        next endpoint for the sequences not yet answered; each index is yielded exactly once."""
+        opts = (settings or self.settings).to_options()
+        token_ids = list(token_ids)
+        call = next(self._ids)
+        pending: dict[str, Sequence_] = {}
+        index: dict[str, int] = {}
+        for i, ids in enumerate(token_ids):
+            rid = f"{call}-{i}"
+            index[rid] = i
+            pending[rid] = Sequence_(np.asarray(ids, dtype=np.int32), int(target_starts[i]),
+                                     int(target_ends[i]) if target_ends is not None else 0,
+                                     None if extra_ids is None else np.asarray(extra_ids[i]))
+        delay = self.backoff_s
+        for attempt in range(self.max_retries + 1):
+            if not pending:
+                return
+            ep = self._next_endpoint()
+            before = len(pending)
+            try:
+                if not self._healthy(ep):
+                    raise _NotServing(ep.target)
+                stream = ep.score(self._requests(dict(pending), opts), timeout=self.timeout_s, metadata=ep.metadata)
+                for msg in stream:
+                    if msg.request_id in pending:
+                        del pending[msg.request_id]
+                        yield index[msg.request_id], TeacherStats.from_message(msg, ep.target)
+                if pending:
+                    raise _NotServing(f"{ep.target} closed the stream with {len(pending)} sequences unanswered")
+                return
+            except (grpc.RpcError, _NotServing) as exc:
+                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+                if code == grpc.StatusCode.INVALID_ARGUMENT:
+                    raise TeacherRequestError(exc.details()) from None
+                if code not in RETRYABLE:
+                    raise
+                if isinstance(exc, grpc.RpcError) and len(pending) < before:
+                    delay = self.backoff_s  # the attempt made progress: back off from the start again
+                ep.down_until = time.monotonic() + delay
+                self.retries += 1
+                log.warning("teacher %s: %s; %d sequences left; retry %d/%d in %.1fs", ep.target, code.name,
+                            len(pending), attempt + 1, self.max_retries, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, self.max_backoff_s)
+        raise TeacherUnavailableError(f"teacher unavailable after {self.max_retries} retries; "
+                                      f"{len(pending)} sequences unanswered")
+
+    def score(self, token_ids, target_starts, target_ends=None, extra_ids=None, settings=None) -> list[TeacherStats]:
+        """Score sequences; returns stats in input order."""
+        out: list[TeacherStats | None] = [None] * len(token_ids)
+        for i, s in self.score_iter(token_ids, target_starts, target_ends, extra_ids, settings):
+            out[i] = s
+        return out  # type: ignore[return-value]
+
+    def close(self) -> None:
+        for ep in self.endpoints:
+            ep.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _NotServing(Exception):
+    pass
+
+
+class AsyncTeacherClient:
+    """asyncio front of `TeacherClient`: the blocking stream runs in a worker thread, so an event
+    loop can keep generating rollouts while the teacher scores."""
+
+    def __init__(self, *args, **kwargs):
+        self.sync = TeacherClient(*args, **kwargs)
+
+    async def info(self) -> pb.TeacherInfo:
+        return await asyncio.to_thread(self.sync.info)
+
+    async def score(self, token_ids, target_starts, target_ends=None, extra_ids=None, settings=None) -> list[TeacherStats]:
+        return await asyncio.to_thread(self.sync.score, token_ids, target_starts, target_ends, extra_ids, settings)
+
+    async def close(self) -> None:
+        self.sync.close()

@@ -1,0 +1,187 @@
+"""Packing teacher statistics into `Tensor` messages and back.
+
+Every tensor travels as little-endian bytes + shape + dtype. Two cheap transforms make zstd
+effective on these arrays:
+  * ids are sorted ascending per row and delta-coded (first id, then differences), so they
+    become small non-negative integers;
+  * bytes are "shuffled" into planes (all low bytes, then all next bytes, ...), so the mostly
+    zero high bytes of small integers and the slowly varying exponent bytes of floats form runs.
+
+Lossy value encodings and their documented bounds (absolute error on a log-prob x <= 0):
+  FP32  exact
+  BF16  |err| <= 2^-8 |x|        (round to nearest even)
+  FP16  |err| <= 2^-11 |x|       (|x| <= 65504)
+  Q16   |err| <= 2^-11           (fixed point, step 2^-10; x clamped to [-64, 0])
+  Q8    |err| <= (max - min) / 510 per row (affine over the row's finite range, 255 steps)
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import zstandard
+
+from teacher_server.wire import pb
+
+ENCODINGS = {"fp32": pb.FP32, "bf16": pb.BF16, "fp16": pb.FP16, "q16": pb.Q16, "q8": pb.Q8}
+COMPRESSIONS = {"none": pb.COMPRESSION_NONE, "zstd": pb.ZSTD}
+Q16_SCALE = 1024.0
+Q16_MIN = -65535.0 / Q16_SCALE
+
+_NP_DTYPES = {pb.FLOAT32: np.float32, pb.FLOAT16: np.float16, pb.INT32: np.int32, pb.UINT16: np.uint16,
+              pb.UINT8: np.uint8, pb.INT64: np.int64, pb.BFLOAT16: np.uint16}
+_tls = threading.local()
+
+
+def error_bound(encoding: int, x: np.ndarray) -> np.ndarray:
+    """The documented worst-case absolute error of `encoding` for values x (elementwise)."""
+    ax = np.abs(x.astype(np.float64))
+    if encoding == pb.FP32:
+        return np.zeros_like(ax)
+    if encoding == pb.BF16:
+        return ax * 2.0**-8
+    if encoding == pb.FP16:
+        return ax * 2.0**-11 + 2.0**-24
+    if encoding == pb.Q16:
+        return np.full_like(ax, 2.0**-11)
+    raise ValueError("Q8 bounds are per row: (row max - row min) / 510")
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    cache = getattr(_tls, "c", None)
+    if cache is None:
+        cache = _tls.c = {}
+    if level not in cache:
+        cache[level] = zstandard.ZstdCompressor(level=level)
+    return cache[level]
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_tls, "d", None)
+    if d is None:
+        d = _tls.d = zstandard.ZstdDecompressor()
+    return d
+
+
+def _pack(arr: np.ndarray, dtype: int, compression: int, level: int, shuffle: bool, **fields) -> pb.Tensor:
+    arr = np.ascontiguousarray(arr)
+    raw = arr.view(np.uint8)
+    itemsize = arr.dtype.itemsize
+    if shuffle and itemsize > 1 and arr.size > 1:
+        raw = raw.reshape(-1, itemsize).T
+    data = np.ascontiguousarray(raw).tobytes()
+    if compression == pb.ZSTD:
+        data = _compressor(level or 3).compress(data)
+    return pb.Tensor(data=data, shape=list(arr.shape), dtype=dtype, compression=compression,
+                     byte_shuffled=bool(shuffle and itemsize > 1 and arr.size > 1), **fields)
+
+
+def _unpack_raw(t: pb.Tensor) -> np.ndarray:
+    if t.dtype not in _NP_DTYPES:
+        raise ValueError(f"tensor dtype {t.dtype} is not one of {sorted(_NP_DTYPES)}")
+    np_dtype = np.dtype(_NP_DTYPES[t.dtype]).newbyteorder("<")
+    data = t.data
+    if t.compression == pb.ZSTD:
+        data = _decompressor().decompress(data)
+    elif t.compression != pb.COMPRESSION_NONE:
+        raise ValueError(f"tensor compression {t.compression} is not one of none(0), zstd(1)")
+    shape = tuple(int(s) for s in t.shape)
+    n = int(np.prod(shape)) if shape else 1
+    if len(data) != n * np_dtype.itemsize:
+        raise ValueError(f"tensor data has {len(data)} bytes; shape {list(shape)} of {np_dtype} needs "
+                         f"{n * np_dtype.itemsize}")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if t.byte_shuffled:
+        buf = buf.reshape(np_dtype.itemsize, n).T
+    return np.ascontiguousarray(buf).view(np_dtype).reshape(shape)
+
+
+# ---- ids -------------------------------------------------------------------------------------
+
+def encode_ids(ids: np.ndarray, compression: int = pb.ZSTD, level: int = 3, delta: bool = True) -> pb.Tensor:
+    """int ids [..., k] (each row sorted ascending when delta=True) -> Tensor(int32)."""
+    ids = np.asarray(ids, dtype=np.int32)
+    if delta and ids.ndim >= 1 and ids.shape[-1] > 1:
+        coded = ids.copy()
+        coded[..., 1:] = np.diff(ids, axis=-1)
+    else:
+        coded = ids
+    return _pack(coded, pb.INT32, compression, level, shuffle=True, delta_coded=bool(delta))
+
+
+def encode_plain_ids(ids: np.ndarray, compression: int = pb.COMPRESSION_NONE) -> pb.Tensor:
+    """Token ids of a request (no delta coding: sequences are not sorted)."""
+    return _pack(np.asarray(ids, dtype=np.int32), pb.INT32, compression, 3, shuffle=False)
+
+
+def decode_ids(t: pb.Tensor) -> np.ndarray:
+    arr = _unpack_raw(t)
+    if arr.dtype.kind not in "iu":
+        raise ValueError(f"expected an integer tensor, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if t.delta_coded and arr.ndim >= 1 and arr.shape[-1] > 1:
+        arr = np.cumsum(arr, axis=-1)
+    return arr
+
+
+# ---- values ----------------------------------------------------------------------------------
+
+def _f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
+    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    nan = np.isnan(x)
+    out = rounded.astype(np.uint16)
+    if nan.any():
+        out[nan] = 0x7FC0
+    return out
+
+
+def _bf16_bits_to_f32(b: np.ndarray) -> np.ndarray:
+    return (b.astype(np.uint32) << 16).view(np.float32)
+
+
+def encode_values(x: np.ndarray, encoding: int = pb.FP32, compression: int = pb.ZSTD, level: int = 3) -> pb.Tensor:
+    """float log-probs -> Tensor in the given value encoding (see module docstring for bounds)."""
+    x = np.asarray(x, dtype=np.float32)
+    if encoding == pb.FP32:
+        return _pack(x, pb.FLOAT32, compression, level, True, encoding=pb.FP32)
+    if encoding == pb.BF16:
+        return _pack(_f32_to_bf16_bits(x), pb.BFLOAT16, compression, level, True, encoding=pb.BF16)
+    if encoding == pb.FP16:
+        return _pack(np.clip(x, -65504, 65504).astype(np.float16), pb.FLOAT16, compression, level, True,
+                     encoding=pb.FP16)
+    if encoding == pb.Q16:
+        q = np.rint(-np.clip(np.nan_to_num(x, neginf=Q16_MIN), Q16_MIN, 0.0) * Q16_SCALE).astype(np.uint16)
+        return _pack(q, pb.UINT16, compression, level, True, encoding=pb.Q16)
+    if encoding == pb.Q8:
+        rows = x.reshape(-1, x.shape[-1]) if x.ndim >= 1 and x.size else x.reshape(-1, 1)
+        finite = np.where(np.isfinite(rows), rows, np.nan)
+        with np.errstate(all="ignore"):
+            lo = np.nan_to_num(np.nanmin(finite, axis=1), nan=0.0).astype(np.float32)
+            hi = np.nan_to_num(np.nanmax(finite, axis=1), nan=0.0).astype(np.float32)
+        span = np.where(hi > lo, hi - lo, 1.0).astype(np.float32)
+        clipped = np.clip(np.nan_to_num(rows, neginf=-np.inf), lo[:, None], hi[:, None])
+        q = np.rint((clipped - lo[:, None]) / span[:, None] * 255.0).astype(np.uint8).reshape(x.shape)
+        params = _pack(np.stack([lo, hi], axis=1), pb.FLOAT32, pb.COMPRESSION_NONE, 0, False)
+        return _pack(q, pb.UINT8, compression, level, False, encoding=pb.Q8, row_params=params)
+    raise ValueError(f"value_encoding {encoding} is not one of fp32(0), bf16(1), fp16(2), q16(3), q8(4)")
+
+
+def decode_values(t: pb.Tensor) -> np.ndarray:
+    raw = _unpack_raw(t)
+    if t.encoding == pb.BF16:
+        return _bf16_bits_to_f32(raw)
+    if t.encoding == pb.Q16:
+        return (raw.astype(np.float32) / -Q16_SCALE).astype(np.float32)
+    if t.encoding == pb.Q8:
+        params = _unpack_raw(t.row_params)
+        rows = raw.reshape(params.shape[0], -1).astype(np.float32)
+        lo, hi = params[:, 0:1], params[:, 1:2]
+        return (lo + rows / 255.0 * (hi - lo)).reshape(raw.shape).astype(np.float32)
+    return raw.astype(np.float32)
+
+
+def tensor_nbytes(t: pb.Tensor) -> int:
+    """Bytes this tensor occupies in a serialized message (data + its small header)."""
+    return t.ByteSize() if t.ByteSize() else 0

@@ -1,0 +1,242 @@
+"""The scoring engine: a bounded queue of sequences, batched under a token budget, one model
+forward per batch, and the chunked statistics head on the scored positions only.
+
+Transport-free: `ScoringEngine.score(items)` runs the same path the gRPC service uses, so the
+core is testable without a server.
+
+Batching: the oldest waiting sequence opens a batch; the waiting sequences closest to it in
+length join while (longest length x count) stays within `max_batch_tokens`. Sequences are right
+padded to the longest in the batch, so grouping by length keeps padding small; the padding
+count is reported (`padded_tokens`). Right padding never changes a real token's result (causal
+attention, positions start at 0 for every row).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from teacher_server import head as H
+
+log = logging.getLogger("opd.teacher")
+
+
+class QueueFull(Exception):
+    """The engine's queue is at its token limit."""
+
+
+@dataclass
+class ScoreItem:
+    """One validated sequence to score (see proto/ for the span semantics)."""
+    request_id: str
+    token_ids: np.ndarray             # int64 [L]
+    target_start: int
+    target_end: int
+    top_k: int
+    stats: frozenset[str]
+    temperature: float = 1.0
+    extra_ids: np.ndarray | None = None   # int64 [P, M]
+    deliver: Callable[["ScoreItem", dict | BaseException], None] | None = None
+    is_cancelled: Callable[[], bool] = lambda: False
+    enqueued_at: float = field(default_factory=time.monotonic)
+
+    @property
+    def num_positions(self) -> int:
+        return self.target_end - self.target_start
+
+    @property
+    def cost(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class EngineStats:
+    sequences: int = 0
+    batches: int = 0
+    tokens: int = 0
+    scored_positions: int = 0
+    padded_tokens: int = 0
+    busy_seconds: float = 0.0
+    cancelled: int = 0
+
+
+class ScoringEngine:
+    def __init__(self, model, *, device: str | torch.device = "cpu", max_batch_tokens: int = 16384,
+                 chunk_size: int = 1024, max_queue_tokens: int = 1 << 20, pad_id: int = 0):
+        self.model = model
+        self.device = torch.device(device)
+        self.body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+        self.weight = model.get_output_embeddings().weight
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        self.max_batch_tokens = max_batch_tokens
+        self.chunk_size = chunk_size
+        self.max_queue_tokens = max_queue_tokens
+        self.pad_id = pad_id
+        self.stats = EngineStats()
+        self._pending: list[ScoreItem] = []
+        self._pending_tokens = 0
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---- queue --------------------------------------------------------------------------------
+    def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
+        """Queue an item; waits up to `wait_s` for room, then raises QueueFull."""
+        deadline = time.monotonic() + wait_s
+        with self._cv:
+            while self._pending_tokens + item.cost > self.max_queue_tokens and self._pending:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop:
+                    raise QueueFull(f"teacher queue holds {self._pending_tokens} tokens (limit "
+                                    f"{self.max_queue_tokens}); retry later")
+                self._cv.wait(left)
+            item.enqueued_at = time.monotonic()
+            self._pending.append(item)
+            self._pending_tokens += item.cost
+            self._cv.notify_all()
+
+    @property
+    def queue_tokens(self) -> int:
+        return self._pending_tokens
+
+    def _take_batch(self) -> list[ScoreItem]:
+        """Called with the lock held and a non-empty queue."""
+        first = self._pending[0]
+        others = sorted(self._pending[1:], key=lambda it: abs(it.cost - first.cost))
+        batch, longest = [first], first.cost
+        for it in others:
+            new_longest = max(longest, it.cost)
+            if new_longest * (len(batch) + 1) > self.max_batch_tokens:
+                continue
+            batch.append(it)
+            longest = new_longest
+        taken = {id(it) for it in batch}
+        self._pending = [it for it in self._pending if id(it) not in taken]
+        self._pending_tokens -= sum(it.cost for it in batch)
+        self._cv.notify_all()
+        return batch
+
+    # ---- worker ------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="opd-teacher-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what is queued, then stop the worker."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._pending and not self._stop:
+                    self._cv.wait()
+                if not self._pending and self._stop:
+                    return
+                batch = self._take_batch()
+            live = [it for it in batch if not it.is_cancelled()]
+            self.stats.cancelled += len(batch) - len(live)
+            if not live:
+                continue
+            try:
+                results = self.run_batch(live)
+            except Exception as exc:  # a failed batch fails its items, not the server
+                log.exception("batch of %d sequences failed", len(live))
+                results = [exc] * len(live)
+            for it, res in zip(live, results):
+                if it.deliver is not None:
+                    it.deliver(it, res)
+
+    def score(self, items: list[ScoreItem]) -> list[dict]:
+        """Score items synchronously on the caller's thread (batched like the worker does)."""
+        out: dict[int, dict] = {}
+        pending = list(items)
+        while pending:
+            with self._cv:
+                saved, self._pending = self._pending, pending
+                saved_tokens, self._pending_tokens = self._pending_tokens, sum(i.cost for i in pending)
+                batch = self._take_batch()
+                pending, self._pending, self._pending_tokens = self._pending, saved, saved_tokens
+            for it, res in zip(batch, self.run_batch(batch)):
+                out[id(it)] = res
+        return [out[id(it)] for it in items]
+
+    # ---- compute -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run_batch(self, batch: list[ScoreItem]) -> list[dict]:
+        t0 = time.perf_counter()
+        dev = self.device
+        lengths = [len(it.token_ids) for it in batch]
+        longest = max(lengths)
+        ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
+        for b, it in enumerate(batch):
+            ids[b, : lengths[b]] = torch.from_numpy(it.token_ids)
+        ids = ids.to(dev, non_blocking=True)
+        mask = None
+        if min(lengths) != longest:
+            mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long().to(dev)
+        hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+
+        # Gather the rows that predict scored tokens: row for target j sits at position j - 1.
+        flat_pos, targets, temps, row_k, extra = [], [], [], [], []
+        max_m = max((it.extra_ids.shape[1] for it in batch if it.extra_ids is not None), default=0)
+        for b, it in enumerate(batch):
+            pos = torch.arange(it.target_start - 1, it.target_end - 1)
+            flat_pos.append(pos + b * longest)
+            targets.append(torch.from_numpy(it.token_ids[it.target_start:it.target_end]))
+            temps.append(torch.full((it.num_positions,), float(it.temperature)))
+            row_k.append(torch.full((it.num_positions,), it.top_k, dtype=torch.long))
+            if max_m:
+                e = torch.zeros((it.num_positions, max_m), dtype=torch.long)
+                if it.extra_ids is not None:
+                    e[:, : it.extra_ids.shape[1]] = torch.from_numpy(it.extra_ids)
+                extra.append(e)
+        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.cat(flat_pos).to(dev))
+        stats = frozenset().union(*(it.stats for it in batch))
+        req = H.HeadRequest(
+            hidden=rows, targets=torch.cat(targets).to(dev), temperature=torch.cat(temps).to(dev),
+            top_k=max(it.top_k for it in batch), row_k=torch.cat(row_k).to(dev),
+            extra_ids=torch.cat(extra).to(dev) if max_m else None, stats=stats)
+        res = H.head_statistics(req, self.weight, self.chunk_size, self.softcap)
+        res = {k: v.cpu().numpy() for k, v in res.items()}  # one device->host copy per statistic
+
+        results, r0 = [], 0
+        for it in batch:
+            r1 = r0 + it.num_positions
+            one: dict[str, np.ndarray] = {}
+            for key in (H.SAMPLED, H.LSE, H.ENTROPY, H.TAIL):
+                if key in it.stats and key in res:
+                    one[key] = res[key][r0:r1]
+            if H.EXTRA in it.stats and it.extra_ids is not None:
+                one[H.EXTRA] = res[H.EXTRA][r0:r1, : it.extra_ids.shape[1]]
+            if H.FULL in it.stats:
+                one[H.FULL] = res[H.FULL][r0:r1]
+            if H.TOPK in it.stats and it.top_k > 0:
+                vals = res["topk_vals"][r0:r1, : it.top_k]
+                tid = res["topk_ids"][r0:r1, : it.top_k]
+                order = np.argsort(tid, axis=1, kind="stable")  # ids ascending, for delta coding
+                one["topk_ids"] = np.take_along_axis(tid, order, 1)
+                one["topk_logprobs"] = np.take_along_axis(vals, order, 1)
+            results.append(one)
+            r0 = r1
+        dt = time.perf_counter() - t0
+        for one in results:
+            one["_server_seconds"] = dt
+            one["_batch_sequences"] = len(batch)
+        s = self.stats
+        s.sequences += len(batch)
+        s.batches += 1
+        s.tokens += sum(lengths)
+        s.scored_positions += r0
+        s.padded_tokens += longest * len(batch) - sum(lengths)
+        s.busy_seconds += dt
+        return results

@@ -1,0 +1,106 @@
+"""Every statistic the teacher server returns equals a float64 reference from a direct forward."""
+
+import numpy as np
+import pytest
+
+from teacher_server import codec
+from teacher_server.client import ScoreSettings, TeacherClient
+from teacher_server.engine import ScoreItem, ScoringEngine
+from teacher_server.model import load_model
+from tests.teacher_helpers import reference_logprobs, running_server
+
+ALL = ("sampled", "topk", "tail", "logsumexp", "entropy", "extra", "full")
+
+
+def _seqs(rng, lengths, vocab=512):
+    return [rng.integers(0, vocab, size=n) for n in lengths]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_dir):
+    with running_server(tiny_model_dir, chunk_size=7, max_batch_tokens=256) as s:
+        yield s
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_fp32_statistics_match_float64_reference(server, tiny_model_dir, temperature):
+    _, url = server
+    rng = np.random.default_rng()
+    seqs = _seqs(rng, [9, 40, 23, 64])
+    starts = [1, 17, 5, 60]
+    k = 16
+    extra = [rng.integers(0, 512, size=(len(s) - st, 5)) for s, st in zip(seqs, starts)]
+    with TeacherClient(url) as c:
+        got = c.score(seqs, starts, extra_ids=extra,
+                      settings=ScoreSettings(top_k=k, statistics=ALL, temperature=temperature, value_encoding="fp32"))
+    for ids, st, ex, g in zip(seqs, starts, extra, got):
+        ref = reference_logprobs(tiny_model_dir, ids, temperature)[st - 1: len(ids) - 1]  # [P, V]
+        P = len(ids) - st
+        assert g.num_positions == P
+        np.testing.assert_allclose(g.sampled_logprobs, ref[np.arange(P), ids[st:]], atol=1e-5)
+        np.testing.assert_allclose(g.full_logprobs, ref, atol=1e-5)
+        np.testing.assert_allclose(g.extra_logprobs, np.take_along_axis(ref, ex, 1), atol=1e-5)
+        p = np.exp(ref)
+        np.testing.assert_allclose(g.entropy, -(p * ref).sum(-1), atol=1e-5)
+        top = np.argsort(-ref, axis=1)[:, :k]
+        assert (np.diff(g.topk_ids, axis=1) > 0).all(), "ids must come sorted ascending"
+        np.testing.assert_array_equal(g.topk_ids, np.sort(top, axis=1))
+        np.testing.assert_allclose(g.topk_logprobs, np.take_along_axis(ref, g.topk_ids, 1), atol=1e-5)
+        rest = p.sum(-1) - np.take_along_axis(p, top, 1).sum(-1)
+        np.testing.assert_allclose(g.tail_logmass, np.log(rest), atol=1e-5)
+        # logsumexp of the tempered logits: log p + lse must reproduce the logits up to a row constant
+        assert g.logsumexp.shape == (P,) and np.isfinite(g.logsumexp).all()
+
+
+@pytest.mark.parametrize("encoding", ["bf16", "fp16", "q16", "q8"])
+def test_lossy_encodings_within_documented_bounds(server, tiny_model_dir, encoding):
+    _, url = server
+    rng = np.random.default_rng()
+    ids = rng.integers(0, 512, size=48)
+    with TeacherClient(url) as c:
+        exact = c.score([ids], [1], settings=ScoreSettings(top_k=32, value_encoding="fp32"))[0]
+        lossy = c.score([ids], [1], settings=ScoreSettings(top_k=32, value_encoding=encoding))[0]
+    np.testing.assert_array_equal(exact.topk_ids, lossy.topk_ids)
+    x = exact.topk_logprobs
+    err = np.abs(lossy.topk_logprobs - x)
+    if encoding == "q8":
+        bound = ((x.max(1) - x.min(1)) / 510 + 1e-6)[:, None]
+    else:
+        bound = codec.error_bound(codec.ENCODINGS[encoding], x) + 1e-7
+    assert (err <= bound).all(), f"max err {err.max()} over bound"
+    np.testing.assert_allclose(lossy.tail_logmass, exact.tail_logmass, atol=0)  # scalars stay fp32
+    assert lossy.wire_bytes < exact.wire_bytes
+
+
+def _engine(model_dir, chunk, budget):
+    return ScoringEngine(load_model(model_dir, "fp32"), chunk_size=chunk, max_batch_tokens=budget)
+
+
+def _items(seqs, starts, k=8):
+    return [ScoreItem(f"r{i}", s.astype(np.int64), st, len(s), top_k=k,
+                      stats=frozenset({"sampled", "topk", "tail", "entropy"})) for i, (s, st) in enumerate(zip(seqs, starts))]
+
+
+def test_chunk_size_batching_and_order_do_not_change_results(tiny_model_dir):
+    rng = np.random.default_rng()
+    seqs = _seqs(rng, [5, 31, 17, 64, 8, 30])
+    starts = [1, 3, 16, 2, 7, 29]
+    alone = [_engine(tiny_model_dir, 1024, 64).score([it])[0] for it in _items(seqs, starts)]
+    chunked = _engine(tiny_model_dir, 3, 10_000).score(_items(seqs, starts))          # all in one padded batch
+    reordered = _engine(tiny_model_dir, 5, 100).score(_items(seqs[::-1], starts[::-1]))[::-1]
+    for a, b, c in zip(alone, chunked, reordered):
+        for key in ("sampled", "topk_logprobs", "tail", "entropy"):
+            np.testing.assert_allclose(a[key], b[key], atol=2e-5)
+            np.testing.assert_allclose(a[key], c[key], atol=2e-5)
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+        np.testing.assert_array_equal(a["topk_ids"], c["topk_ids"])
+
+
+def test_topk_equal_to_vocab_leaves_no_tail(server, tiny_model_dir):
+    _, url = server
+    ids = np.random.default_rng().integers(0, 512, size=12)
+    with TeacherClient(url) as c:
+        got = c.score([ids], [1], settings=ScoreSettings(top_k=256, value_encoding="fp32"))[0]
+    ref = reference_logprobs(tiny_model_dir, ids)[:-1]
+    rest = np.log(np.exp(np.sort(ref, 1)[:, :-256]).sum(1))
+    np.testing.assert_allclose(got.tail_logmass, rest, atol=1e-5)
