@@ -41,7 +41,14 @@ def main(argv: list[str] | None = None) -> int:
     if argv is not None:
         sys.argv = [sys.argv[0], *argv]
     parser = _build_parser()
-    args = parser.parse_args()
+    args, extra = parser.parse_known_args()
+    if extra:
+        # only subcommands that take `--section.key=value` config overrides accept extra flags
+        mod = importlib.import_module(SUBCOMMANDS[args.command][0]) if getattr(args, "command", None) else None
+        bad = [e for e in extra if not (e.startswith("--") and "." in e.split("=", 1)[0] and "=" in e)]
+        if mod is None or not getattr(mod, "ACCEPTS_OVERRIDES", False) or bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+        args._extra = extra
     if not getattr(args, "command", None):
         parser.print_help()
         return 0

@@ -1,0 +1,115 @@
+"""Everything DeepSpeed: the one module of the trainer that imports it.
+
+ZeRO stage 2 or 3, optimizer offloaded to the host (DeepSpeedCPUAdam), bf16, gradient clipping,
+warm-up + cosine LR schedule. Single process needs the torch.distributed environment variables;
+`ensure_dist_env` fills them in for a single process (so DeepSpeed does not go looking for MPI).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+
+import torch
+
+
+def ensure_dist_env() -> None:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+
+
+def ds_config(optim, dtype: str, grad_accum: int = 1) -> dict:
+    cfg = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": optim.grad_clip,
+        "bf16": {"enabled": dtype == "bf16"},
+        "zero_optimization": {"stage": optim.zero_stage},
+        "optimizer": {"type": "AdamW", "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": 1e-8,
+                                                   "weight_decay": optim.weight_decay}},
+        "steps_per_print": 1 << 30,
+        "wall_clock_breakdown": False,
+    }
+    if optim.offload_optimizer:
+        cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if optim.zero_stage == 3:
+        cfg["zero_optimization"].update({"stage3_gather_16bit_weights_on_model_save": True})
+    return cfg
+
+
+def lr_lambda(optim, total_steps: int):
+    def f(step: int) -> float:
+        if optim.warmup_steps and step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        span = max(1, total_steps - optim.warmup_steps)
+        t = min(1.0, (step - optim.warmup_steps) / span)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+    return f
+
+
+class Engine:
+    """A DeepSpeed engine around `module` plus the few operations the trainer needs."""
+
+    def __init__(self, module: torch.nn.Module, optim, dtype: str, total_steps: int, device: str = "cpu"):
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
+        else:
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        ensure_dist_env()
+        import deepspeed
+
+        self._ds = deepspeed
+        if not torch.distributed.is_initialized():
+            deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
+        cfg = ds_config(optim, dtype)
+        self.zero_stage = optim.zero_stage
+        schedule = lr_lambda(optim, total_steps)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=module, model_parameters=[p for p in module.parameters() if p.requires_grad], config=cfg,
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        if optim.zero_stage == 3:
+            # lm_head.weight is read directly by the fused loss (its forward is never called)
+            head = module.student.get_output_embeddings()
+            deepspeed.zero.register_external_parameter(module, head.weight)
+
+    @property
+    def module(self):
+        return self.engine.module
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed scales by 1/grad_accum; we normalise by global token counts ourselves.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> float:
+        """Apply the accumulated gradients; returns the gradient norm (pre-clipping)."""
+        self.engine.set_gradient_accumulation_boundary(True)
+        self.engine.step()  # also steps the LR schedule
+        self.engine.set_gradient_accumulation_boundary(False)
+        norm = self.engine.get_global_grad_norm()
+        return float(norm) if norm is not None else float("nan")
+
+    @property
+    def lr(self) -> float:
+        return float(self.optimizer.param_groups[0]["lr"])
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full (gathered) weights of the wrapped student, keyed by HF names, on the host."""
+        student = self.module.student
+        if self.zero_stage == 3:
+            params = list(student.parameters())
+            with self._ds.zero.GatheredParameters(params, modifier_rank=None):
+                return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in student.state_dict().items()}
+
+    def save(self, path: str, tag: str, client_state: dict) -> None:
+        self.engine.save_checkpoint(path, tag=tag, client_state=client_state, save_latest=False)
+
+    def load(self, path: str, tag: str) -> dict:
+        _, client_state = self.engine.load_checkpoint(path, tag=tag, load_module_strict=True,
+                                                      load_optimizer_states=True, load_lr_scheduler_states=True)
+        return client_state or {}

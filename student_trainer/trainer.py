@@ -1,0 +1,466 @@
+"""The on-policy distillation loop.
+
+    prompts -> rollout engine -> each finished rollout goes straight to the teacher server
+            -> loss (chunked, from the student's hidden states) -> optimizer step -> weights
+            back to the rollout engine
+
+A producer thread generates step s's rollouts and scores them with the teacher while the trainer
+thread trains step s-1 (staleness 1) or waits for it (staleness 0, strictly on-policy: the
+producer starts step s only once the weights of step s-1 reached the rollout engine). Each phase
+records how long it waited on the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import logging
+import math
+import os
+import queue
+import random
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from student_trainer import losses as L
+from student_trainer.batching import Sample, build_micro_batch, pack, teacher_arrays
+from student_trainer.config import ConfigError, TrainConfig
+from student_trainer.observe import RunLog
+
+log = logging.getLogger("opd.train")
+
+
+class StudentWithLoss(torch.nn.Module):
+    """The student plus the fused loss, so ZeRO sees one forward per micro-batch."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+    def forward(self, mb, loss_cfg: L.DistillLossConfig, global_tokens, global_seqs, keep_ratio: float = 1.0,
+                token_score: str = "product"):
+        body = self.student.get_decoder()
+        hidden = body(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask,
+                      use_cache=False).last_hidden_state[0]
+        weight = self.student.get_output_embeddings().weight
+        h = hidden.index_select(0, mb.rows)
+        mask = mb.mask
+        if keep_ratio < 1.0 and mb.stats is not None:
+            # TIP: pick tokens before the head, from a cheap no-grad scoring pass
+            scores = L.score_tokens(h.detach(), weight.detach(), mb.stats, temperature=loss_cfg.temperature,
+                                    chunk_size=loss_cfg.chunk_size, form=token_score)
+            scores = torch.where(mask > 0, scores, torch.full_like(scores, -float("inf")))
+            keep = L.select_tokens(scores, ratio=keep_ratio, mode="top")
+            sel = torch.zeros_like(mask)
+            sel[keep] = 1.0
+            mask = mask * sel
+        return L.distill_loss(h, weight, mb.targets, mb.stats, mask, loss_cfg, global_tokens,
+                              seq_ids_N=mb.seq_ids, global_seqs=global_seqs,
+                              rollout_logprobs_N=mb.rollout_logprobs, advantages_N=mb.advantages)
+
+
+@dataclass
+class StepData:
+    step: int
+    samples: list[Sample]
+    timings: dict = field(default_factory=dict)
+    counters: dict = field(default_factory=dict)
+
+
+def _loss_terms(cfg: TrainConfig, step: int, warm: bool) -> tuple:
+    lc = cfg.loss
+    if warm:
+        return (("forward_kl", 1.0),)
+    if lc.objective == "grpo":
+        return (("ppo", 1.0),)
+    if lc.objective == "sft":
+        return (("sft", 1.0),)
+    distill = (L.ForwardToReverseKL(lc.fkl_to_rkl_switch_step, lc.fkl_to_rkl_window)
+               if lc.fkl_to_rkl_switch_step >= 0 else lc.divergence)
+    rl = lc.rl_weight if lc.objective == "opd+grpo" else 0.0
+    return L.ObjectiveMix(distill=distill, rl_weight=rl, sft_weight=lc.sft_weight).terms(step)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, resume: bool = False, on_step=None):
+        self.cfg, self.on_step = cfg, on_step
+        self.out = Path(cfg.run.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+        np.random.seed(cfg.run.seed)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.student)
+        dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
+        student = AutoModelForCausalLM.from_pretrained(cfg.model.student, dtype=dtype)
+        if cfg.model.gradient_checkpointing:
+            student.gradient_checkpointing_enable()
+        student.config.use_cache = False
+        self.vocab = int(student.get_output_embeddings().weight.shape[0])
+        self.teacher = self._connect_teacher() if cfg.teacher.url and cfg.loss.objective not in ("grpo", "sft") else None
+        self.data = self._data_source()
+        from student_trainer.ds_engine import Engine
+
+        self.engine = Engine(StudentWithLoss(student), cfg.optim, cfg.model.dtype, cfg.run.steps, cfg.run.device)
+        self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        self.start_step = 0
+        if resume:
+            self.start_step = self._load_latest()
+        self.rollout = self._rollout_engine(cfg.model.student)
+        self.warm_rollout = (self._rollout_engine(cfg.warmup.teacher_model)
+                             if cfg.warmup.steps > 0 and cfg.warmup.teacher_model else None)
+        self.version = self.start_step
+        self._sync_weights(self.start_step)
+        self.log = RunLog(self.out, cfg, resume=resume, enabled=self.rank == 0)
+        self._version_cv = threading.Condition()
+
+    # ---- set-up ----------------------------------------------------------------------------------
+    def _connect_teacher(self):
+        from teacher_server.client import ScoreSettings, TeacherClient
+
+        t = self.cfg.teacher
+        stats = ["sampled", "topk", "tail"] + (["extra"] if t.student_top_k else [])
+        client = TeacherClient(t.url, tokenizer=self.tokenizer, allow_tokenizer_mismatch=t.allow_tokenizer_mismatch,
+                               settings=ScoreSettings(top_k=t.top_k, statistics=tuple(stats),
+                                                      temperature=self.cfg.loss.temperature,
+                                                      value_encoding=t.value_encoding, compression=t.compression),
+                               timeout_s=t.timeout_s, max_retries=t.max_retries, max_backoff_s=t.max_backoff_s,
+                               token=t.token or None)
+        info = client.info()
+        if info.vocab_size < self.vocab:
+            raise ConfigError(f"teacher.url: the teacher's logit width {info.vocab_size} is smaller than the "
+                              f"student's {self.vocab}; they cannot share token ids")
+        if info.vocab_size > self.vocab:
+            log.info("teacher logit width %d > student %d: padded teacher rows are folded into the tail",
+                     info.vocab_size, self.vocab)
+        if t.top_k > info.max_top_k:
+            raise ConfigError(f"teacher.top_k: {t.top_k} exceeds the server's max_top_k {info.max_top_k}")
+        if (self.tokenizer.chat_template or "") != info.chat_template and not t.allow_tokenizer_mismatch:
+            raise ConfigError("teacher.url: the teacher's chat template differs from the student's; prompts would be "
+                              "formatted differently on the two sides (teacher.allow_tokenizer_mismatch=true overrides)")
+        if t.student_top_k and self.cfg.rollout.staleness:
+            raise ConfigError("teacher.student_top_k needs rollout.staleness=0 (the student's top ids come from the "
+                              "current weights)")
+        log.info("teacher %s (%s, vocab %d) at %s", info.model_name, info.dtype, info.vocab_size, t.url)
+        return client
+
+    def _data_source(self):
+        from student_trainer.data import arithmetic_source, file_source
+
+        d = self.cfg.data
+        if d.task:
+            if d.task != "arithmetic":
+                raise ConfigError(f"data.task: {d.task!r} is not a built-in task (built in: arithmetic)")
+            return arithmetic_source(self.tokenizer, seed=d.seed)
+        return file_source(d, self.tokenizer, self.cfg.loss.reward_fn or "math")
+
+    def _rollout_engine(self, model_dir: str):
+        r = self.cfg.rollout
+        if r.engine == "sglang":
+            from rollout.sglang_client import SGLangEngine
+
+            return SGLangEngine(r.urls.split(","))
+        from rollout.local_engine import LocalEngine
+
+        dev = self.cfg.run.device
+        return LocalEngine.from_pretrained(model_dir, device=dev, dtype=torch.float32 if dev == "cpu" else torch.bfloat16,
+                                           max_batch_size=r.max_batch_size)
+
+    # ---- weights to the rollout engine ----------------------------------------------------------
+    def _sync_weights(self, version: int) -> float:
+        t0 = time.perf_counter()
+        r = self.cfg.rollout
+        if r.engine == "local" and r.weight_sync == "memory":
+            self.rollout.load_state_dict_(self.engine.full_state_dict(), version)
+        else:
+            path = Path(r.sync_dir or self.out / "weights_sync")
+            self.export_hf(path)
+            coro = self.rollout.update_weights_from_disk(str(path), version)
+            asyncio.run(coro)
+        self.version = version
+        return time.perf_counter() - t0
+
+    # ---- producer: rollouts + teacher scoring ---------------------------------------------------------
+    def _sampling(self, step: int, warm: bool):
+        from rollout.types import SamplingParams
+
+        r = self.cfg.rollout
+        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                              max_new_tokens=r.max_new_tokens, seed=self.cfg.run.seed * 100_003 + step)
+
+    def _produce(self, step: int) -> StepData:
+        cfg = self.cfg
+        warm = step < cfg.warmup.steps and self.warm_rollout is not None
+        engine = self.warm_rollout if warm else self.rollout
+        prompts = self.data.batch(step * self.world + self.rank, cfg.data.prompts_per_step)
+        params = self._sampling(step, warm)
+        t0 = time.perf_counter()
+        samples: list[Sample] = []
+        futures: list[cf.Future] = []
+        pool = cf.ThreadPoolExecutor(max_workers=max(1, cfg.teacher.concurrency))
+        gen_done = [0.0]
+
+        def score(batch: list[Sample]):
+            ids = [s.token_ids for s in batch]
+            starts = [s.prompt_len for s in batch]
+            res = self.teacher.score(ids, starts)
+            for s, st in zip(batch, res):
+                s.teacher = teacher_arrays(st, self.vocab)
+            return sum(st.wire_bytes for st in res), time.perf_counter()
+
+        async def collect():
+            pending: list[Sample] = []
+            async for ro in engine.generate([p.prompt_ids for p in prompts], params):
+                text = self.tokenizer.decode(ro.response_ids, skip_special_tokens=True)
+                s = Sample(token_ids=list(ro.prompt_ids) + list(ro.response_ids), prompt_len=len(ro.prompt_ids),
+                           response_mask=list(ro.response_mask), rollout_logprobs=list(ro.logprobs),
+                           group=ro.prompt_index, reward=self.data.reward(text, prompts[ro.prompt_index]),
+                           policy_version=ro.policy_version, num_turns=ro.num_turns, finish_reason=ro.finish_reason)
+                if s.num_response == 0:
+                    continue
+                samples.append(s)
+                if self.teacher is not None:
+                    pending.append(s)
+                    if len(pending) >= max(1, cfg.rollout.n):
+                        futures.append(pool.submit(score, pending))
+                        pending = []
+            if self.teacher is not None and pending:
+                futures.append(pool.submit(score, pending))
+            gen_done[0] = time.perf_counter()
+
+        asyncio.run(collect())
+        t_gen = gen_done[0]
+        wire, last = 0, t_gen
+        for f in futures:
+            b, t_end = f.result()
+            wire += b
+            last = max(last, t_end)
+        pool.shutdown()
+        t1 = time.perf_counter()
+        samples.sort(key=lambda s: (s.group, s.token_ids))
+        self._weights_and_advantages(samples)
+        n_resp = sum(s.num_response for s in samples)
+        return StepData(step, samples, timings={
+            "rollout_s": t_gen - t0, "teacher_tail_s": t1 - t_gen, "produce_s": t1 - t0},
+            counters={"wire_bytes": wire, "response_tokens": n_resp, "warmup": warm,
+                      "tool_tokens": sum(len(s.response_mask) - sum(s.response_mask) for s in samples),
+                      "turns": float(np.mean([s.num_turns for s in samples])) if samples else 0.0})
+
+    def _weights_and_advantages(self, samples: list[Sample]) -> None:
+        if not samples:
+            return
+        lc = self.cfg.loss
+        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
+        groups = torch.tensor([s.group for s in samples])
+        if lc.objective in ("grpo", "opd+grpo"):
+            adv = L.grpo_advantages(rewards, group_ids_B=groups)
+            for s, a in zip(samples, adv.tolist()):
+                s.advantage = a
+        if lc.sample_weighting == "reward":
+            w = L.reward_weights(rewards, beta=lc.reward_beta, group_ids_B=groups)
+        elif lc.sample_weighting == "paced":
+            w = L.paced_weights(rewards, group_ids_B=groups, a=lc.paced_a, b=lc.paced_b)
+        else:
+            return
+        for s, x in zip(samples, w.tolist()):
+            s.weight = float(x)
+
+    def _producer(self, q: queue.Queue, stop: threading.Event):
+        staleness = self.cfg.rollout.staleness
+        try:
+            for step in range(self.start_step, self.cfg.run.steps):
+                with self._version_cv:  # on-policy: wait until weights of step - staleness are in the engine
+                    while self.version < step - staleness and not stop.is_set():
+                        self._version_cv.wait(0.5)
+                if stop.is_set():
+                    return
+                q.put(self._produce(step))
+        except BaseException as exc:  # surfaced on the trainer thread
+            q.put(exc)
+
+    # ---- training ------------------------------------------------------------------------------
+    def _train_step(self, data: StepData) -> dict:
+        cfg, lc = self.cfg, self.cfg.loss
+        terms = _loss_terms(cfg, data.step, data.counters.get("warmup", False))
+        loss_cfg = L.DistillLossConfig(terms=terms, support=lc.support, temperature=lc.temperature, beta=lc.beta,
+                                       gamma=lc.gamma, clip_eps=lc.clip_eps, chunk_size=lc.chunk_size,
+                                       reduction=lc.reduction, fp32_weight_grad=True, metrics=True)
+        mbs = pack(data.samples, cfg.optim.micro_batch_tokens)
+        dev = torch.device(cfg.run.device)
+        kept = [sum(m for s in mb for m in s.response_mask) for mb in mbs]
+        if lc.token_keep_ratio < 1.0:
+            kept = [math.ceil(k * lc.token_keep_ratio) for k in kept]
+        global_tokens = torch.tensor(float(max(1, sum(kept))))
+        global_seqs = torch.tensor(float(max(1, len(data.samples))))
+        if self.world > 1:
+            both = torch.stack([global_tokens, global_seqs]).to(dev)
+            torch.distributed.all_reduce(both)
+            global_tokens, global_seqs = both[0].cpu(), both[1].cpu()
+        metrics_sum: dict[str, float] = {}
+        t0 = time.perf_counter()
+        total = 0.0
+        offset = 0
+        for i, group in enumerate(mbs):
+            mb = build_micro_batch(group, offset)
+            offset += len(group)
+            mb = _to(mb, dev)
+            self.engine.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
+            loss, met = self.engine.engine(mb, loss_cfg, global_tokens.to(dev), global_seqs.to(dev),
+                                           lc.token_keep_ratio, lc.token_score)
+            self.engine.backward(loss * self.world)  # DeepSpeed averages over ranks; undo it
+            total += float(loss.detach())
+            ntok = float(met["tokens"])
+            for k, v in met.items():
+                if k != "tokens":
+                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) * ntok
+            metrics_sum["tokens"] = metrics_sum.get("tokens", 0.0) + ntok
+        grad_norm = self.engine.step()
+        t_train = time.perf_counter() - t0
+        ntok = max(1.0, metrics_sum.pop("tokens", 0.0))
+        out = {f"loss/{k}": v / ntok for k, v in metrics_sum.items()}
+        out.update({"loss": total, "grad_norm": grad_norm, "lr": self.engine.lr, "train_s": t_train,
+                    "micro_batches": len(mbs), "loss_terms": "+".join(f"{w:g}*{n}" for n, w in terms)})
+        return out
+
+    def run(self) -> dict:
+        cfg = self.cfg
+        q: queue.Queue = queue.Queue(maxsize=max(1, cfg.rollout.staleness))
+        stop = threading.Event()
+        producer = threading.Thread(target=self._producer, args=(q, stop), name="opd-producer", daemon=True)
+        producer.start()
+        last = {}
+        try:
+            for step in range(self.start_step, cfg.run.steps):
+                t_wait = time.perf_counter()
+                data = q.get()
+                if isinstance(data, BaseException):
+                    raise data
+                wait_s = time.perf_counter() - t_wait
+                t_step = time.perf_counter()
+                m = self._train_step(data)
+                sync_s = self._sync_weights(step + 1)
+                with self._version_cv:
+                    self._version_cv.notify_all()
+                step_s = time.perf_counter() - t_step + wait_s
+                rew = [s.reward for s in data.samples]
+                m.update(data.timings)
+                m.update({"step": step + 1, "wait_rollout_teacher_s": wait_s, "weight_sync_s": sync_s, "step_s": step_s,
+                          "teacher_wait_frac": min(1.0, data.timings["teacher_tail_s"] / step_s) if step_s else 0.0,
+                          "reward": float(np.mean(rew)) if rew else 0.0,
+                          "tokens": data.counters["response_tokens"],
+                          "tokens_per_s": data.counters["response_tokens"] / step_s if step_s else 0.0,
+                          "wire_bytes_per_token": data.counters["wire_bytes"] / max(1, data.counters["response_tokens"]),
+                          "tool_token_ratio": data.counters["tool_tokens"] / max(1, data.counters["response_tokens"]),
+                          "turns": data.counters["turns"], "policy_lag": step - min(
+                              (s.policy_version for s in data.samples), default=step)})
+                if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
+                    m["eval_accuracy"] = self.evaluate()
+                self.log.step(m)
+                last = m
+                if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.run.steps:
+                    self.save_checkpoint(step + 1)
+                if self.on_step:
+                    self.on_step(step + 1, m)
+        finally:
+            stop.set()
+            with self._version_cv:
+                self._version_cv.notify_all()
+        if cfg.run.steps > self.start_step:
+            self.save_checkpoint(cfg.run.steps)
+        if cfg.run.export_hf and self.rank == 0:
+            self.export_hf(self.out / "hf")
+        self.log.close()
+        return last
+
+    # ---- evaluation -------------------------------------------------------------------------------
+    def evaluate(self, n: int | None = None) -> float:
+        """Greedy accuracy of the current weights on held-out prompts, through the rollout engine."""
+        from rollout.types import SamplingParams
+
+        prompts = self.data.eval[: n or self.cfg.run.eval_prompts]
+        if not prompts:
+            return float("nan")
+        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens)
+
+        async def go():
+            got = []
+            async for ro in self.rollout.generate([p.prompt_ids for p in prompts], params):
+                text = self.tokenizer.decode(ro.response_ids, skip_special_tokens=True)
+                got.append(self.data.reward(text, prompts[ro.prompt_index]))
+            return got
+
+        scores = asyncio.run(go())
+        return float(np.mean(scores))
+
+    # ---- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, step: int) -> Path:
+        """Atomic: written to a temporary directory, renamed into place, then `latest` updated."""
+        root = self.out / "checkpoints"
+        root.mkdir(parents=True, exist_ok=True)
+        tmp, final = root / f".tmp-step{step}", root / f"step{step}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.engine.save(str(tmp), "ckpt", {"opd_step": step})
+        if self.rank == 0:
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": self.cfg.to_dict()}, indent=1))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            latest_tmp = root / ".latest.tmp"
+            latest_tmp.write_text(final.name)
+            os.replace(latest_tmp, root / "latest")
+            keep = sorted((p for p in root.glob("step*")), key=lambda p: int(p.name[4:]))
+            for old in keep[: -max(1, self.cfg.run.keep_checkpoints)]:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def _load_latest(self) -> int:
+        root = self.out / "checkpoints"
+        latest = root / "latest"
+        if not latest.exists():
+            log.info("--resume: no checkpoint under %s; starting from step 0", root)
+            return 0
+        ck = root / latest.read_text().strip()
+        client = self.engine.load(str(ck), "ckpt")
+        step = int(client.get("opd_step", json.loads((ck / "trainer_state.json").read_text())["step"]))
+        log.info("resumed from %s at step %d", ck, step)
+        return step
+
+    def export_hf(self, path: Path) -> Path:
+        """A Hugging Face directory (safetensors + tokenizer) that transformers and SGLang load."""
+        sd = self.engine.full_state_dict()
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        student = self.engine.module.student
+        student.save_pretrained(str(tmp), state_dict=sd, safe_serialization=True)
+        self.tokenizer.save_pretrained(str(tmp))
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+        return path
+
+    def close(self) -> None:
+        for eng in (self.rollout, self.warm_rollout):
+            if eng is not None and hasattr(eng, "close"):
+                eng.close()
+        if self.teacher is not None:
+            self.teacher.close()
+
+
+def _to(mb, dev):
+    if dev.type == "cpu":
+        return mb
+    import dataclasses
+
+    kw = {}
+    for f in dataclasses.fields(mb):
+        v = getattr(mb, f.name)
+        kw[f.name] = v.to(dev) if torch.is_tensor(v) else (v.to(dev) if v is not None and f.name == "stats" else v)
+    return type(mb)(**kw)

@@ -1,0 +1,155 @@
+"""The trainer through real parts: a teacher server (in-process gRPC on 127.0.0.1 or a separate
+process), DeepSpeed ZeRO with the CPU optimizer, the local rollout engine."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from student_trainer.config import ConfigError, load_config
+from tests.teacher_helpers import running_server
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from opd.tiny import build_model
+
+    root = tmp_path_factory.mktemp("trainer")
+    teacher = build_model(root / "teacher", "test", seed=1)
+    student = build_model(root / "student", "test", seed=2, tokenizer_dir=teacher)
+    return str(teacher), str(student)
+
+
+def _cfg(student, url, out, *extra):
+    return load_config(None, [f"model.student={student}", "model.dtype=fp32", "data.task=arithmetic",
+                              f"teacher.url={url}", f"run.out_dir={out}", "rollout.max_new_tokens=12",
+                              "data.prompts_per_step=4", "rollout.n=2", "optim.lr=3e-3", "run.plot=false",
+                              "run.export_hf=false", "run.progress=false", "teacher.max_backoff_s=0.5", *extra])
+
+
+def _params(trainer):
+    return {k: v.clone() for k, v in trainer.engine.full_state_dict().items()}
+
+
+@pytest.mark.parametrize("args,message", [
+    (["loss.divergnce=x"], "unknown config key loss.divergnce; valid keys of [loss]"),
+    (["losss.divergence=x"], "unknown config section [losss]"),
+    (["optim.zero_stage=4"], "optim.zero_stage: 4 is not one of 2, 3"),
+    (["rollout.n=two"], "rollout.n: 'two' is not a valid int"),
+    (["loss.token_keep_ratio=0"], "loss.token_keep_ratio: 0.0 must be in (0, 1]"),
+    (["loss.objective=dpo"], "loss.objective: 'dpo' is not one of opd, grpo, opd+grpo, sft"),
+])
+def test_bad_config_names_the_key(args, message):
+    base = ["model.student=/x", "data.task=arithmetic", "teacher.url=127.0.0.1:1"]
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, base + args)
+    assert message in str(ei.value)
+
+
+def test_bad_config_file_and_cli_exit_code(tmp_path):
+    bad = tmp_path / "c.json"
+    bad.write_text('{"loss": {"divergence": "reverse_kl",}}')
+    with pytest.raises(ConfigError, match="invalid JSON at line 1"):
+        load_config(str(bad))
+    r = subprocess.run([sys.executable, "-m", "opd", "train", "--config", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and "config error" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "opd", "train", "--model.student=/x", "--data.task=arithmetic",
+                        "--teacher-url", "127.0.0.1:1", "--optim.lr=-1", "--print-config"], capture_output=True, text=True)
+    assert r.returncode == 2 and "optim.lr: -1.0 must be > 0" in r.stderr
+
+
+def test_loss_falls_and_resume_is_exact(models, tmp_path):
+    from student_trainer.trainer import Trainer
+
+    teacher, student = models
+    with running_server(teacher) as (_, url):
+        # uninterrupted: 6 steps
+        a = Trainer(_cfg(student, url, tmp_path / "a", "run.steps=6"))
+        hist = []
+        a.on_step = lambda step, m: hist.append(m["loss"])
+        a.run()
+        full = _params(a)
+        a.close()
+        assert hist[-1] < hist[0], f"loss did not fall: {hist}"
+        rows = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+        for key in ("loss/reverse_kl", "loss/entropy", "teacher_tail_s", "rollout_s", "train_s",
+                    "wire_bytes_per_token", "tokens_per_s", "teacher_wait_frac"):
+            assert key in rows[-1]
+
+        # interrupted after step 3 (checkpoint every 3), then resumed
+        class Stop(Exception):
+            pass
+
+        def boom(step, m):
+            if step == 3:
+                raise Stop
+
+        b = Trainer(_cfg(student, url, tmp_path / "b", "run.steps=6", "run.save_every=3"), on_step=boom)
+        with pytest.raises(Stop):
+            b.run()
+        at_stop, lr_at_stop = _params(b), b.engine.lr
+        b.close()
+        assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step3"
+        c = Trainer(_cfg(student, url, tmp_path / "b", "run.steps=6", "run.save_every=3"), resume=True)
+        assert c.start_step == 3 and c.engine.lr == lr_at_stop
+        loaded = _params(c)
+        for k in at_stop:  # the checkpoint restores the interrupted state bit for bit
+            torch.testing.assert_close(loaded[k], at_stop[k], rtol=0, atol=0, msg=f"{k} not restored exactly")
+        c.run()
+        resumed = _params(c)
+        c.close()
+    # The continued run follows the uninterrupted one. Not bit for bit: the teacher server and the
+    # rollout engine batch whatever is queued, and batch composition moves fp32 results by ~1e-7.
+    for k in full:
+        torch.testing.assert_close(resumed[k], full[k], rtol=0, atol=1e-4, msg=f"{k} differs after resume")
+    rows = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+
+
+def _start_teacher(model, port=0):
+    proc = subprocess.Popen([sys.executable, "-m", "opd", "teacher", "--model", model, "--port", str(port),
+                             "--dtype", "fp32"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    for line in proc.stdout:
+        if "serving" in line and "on 127.0.0.1:" in line:
+            threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+            return proc, int(line.rsplit(":", 1)[1])
+    raise RuntimeError("teacher did not start")
+
+
+def test_teacher_restart_mid_run_loses_no_step(models, tmp_path):
+    from student_trainer.trainer import Trainer
+
+    teacher, student = models
+    proc, port = _start_teacher(teacher)
+    restarted = {}
+
+    def on_step(step, m):
+        if step == 2:  # the teacher dies; a new one comes up on the same port a little later
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+
+            def later():
+                time.sleep(2.0)
+                restarted["proc"] = _start_teacher(teacher, port)[0]
+
+            threading.Thread(target=later, daemon=True).start()
+
+    tr = Trainer(_cfg(student, f"127.0.0.1:{port}", tmp_path / "r", "run.steps=5"), on_step=on_step)
+    try:
+        tr.run()
+        retries = tr.teacher.retries
+    finally:
+        tr.close()
+        if "proc" in restarted:
+            restarted["proc"].kill()
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert retries > 0
