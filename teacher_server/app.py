@@ -30,6 +30,10 @@ class TeacherConfig:
     max_queue_tokens: int = 1 << 20
     allow_full: bool = True
     random_weights_seed: int | None = None
+    prefix_sharing: bool = True           # score samples of one prompt against one prompt forward
+    prefix_min_tokens: int = 16           # shortest common prefix worth sharing
+    cache_mb: int = 0                     # in-memory statistics cache (0 = off)
+    cache_dir: str | None = None          # on-disk statistics store (content-addressed files)
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -45,12 +49,20 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
         tok_fp, tok_len, template, pad = "", 0, "", None
     vocab = int(model.get_output_embeddings().weight.shape[0])
     max_len = cfg.max_sequence_length or int(getattr(model.config, "max_position_embeddings", 4096))
+    mhash = model_hash(cfg.model, cfg.random_weights_seed)
+    cache = None
+    if cfg.cache_mb > 0 or cfg.cache_dir:
+        from teacher_server.cache import StatsCache
+
+        cache = StatsCache(cfg.cache_mb << 20, cfg.cache_dir)
     engine = ScoringEngine(model, device=cfg.device, max_batch_tokens=cfg.max_batch_tokens,
-                           chunk_size=cfg.chunk_size, max_queue_tokens=cfg.max_queue_tokens, pad_id=pad or 0)
+                           chunk_size=cfg.chunk_size, max_queue_tokens=cfg.max_queue_tokens, pad_id=pad or 0,
+                           prefix_sharing=cfg.prefix_sharing, prefix_min_tokens=cfg.prefix_min_tokens,
+                           cache=cache, model_id=f"{mhash}:{cfg.dtype}")
     limits = Limits(vocab_size=vocab, max_sequence_length=max_len, max_top_k=min(cfg.max_top_k, vocab),
                     max_extra_ids=cfg.max_extra_ids, allow_full=cfg.allow_full)
     info = pb.TeacherInfo(
-        model_name=Path(cfg.model).name, model_hash=model_hash(cfg.model, cfg.random_weights_seed),
+        model_name=Path(cfg.model).name, model_hash=mhash,
         vocab_size=vocab, tokenizer_size=tok_len, tokenizer_fingerprint=tok_fp, max_sequence_length=max_len,
         max_top_k=limits.max_top_k, dtype=str(model.dtype).replace("torch.", ""), server_version=__version__,
         chat_template=template, max_extra_ids=cfg.max_extra_ids, max_batch_tokens=engine.max_batch_tokens,

@@ -29,6 +29,13 @@ def add_arguments(p):
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM/SIGINT, time in-flight calls get to finish")
     p.add_argument("--random-weights-seed", type=int, default=None,
                    help="benchmarks: build the model from config.json with random weights instead of loading them")
+    p.add_argument("--no-prefix-sharing", action="store_true",
+                   help="forward every sequence in full, even when several share a prompt prefix")
+    p.add_argument("--prefix-min-tokens", type=int, default=16, help="shortest common prefix worth sharing")
+    p.add_argument("--cache-mb", type=int, default=0,
+                   help="in-memory statistics cache in MiB (0 = off): re-scoring a sequence costs a lookup")
+    p.add_argument("--cache-dir", default=None,
+                   help="directory of an on-disk statistics store shared across restarts (content-addressed files)")
     p.add_argument("--auth-token", default=os.environ.get("OPD_TEACHER_TOKEN"),
                    help="require 'authorization: Bearer TOKEN' metadata (default: $OPD_TEACHER_TOKEN; none = open)")
     p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
@@ -51,7 +58,9 @@ def main(args) -> int:
     cfg = TeacherConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens,
                         chunk_size=args.chunk_size, max_top_k=args.max_top_k, max_extra_ids=args.max_extra_ids,
                         max_sequence_length=args.max_sequence_length, max_queue_tokens=args.max_queue_tokens,
-                        allow_full=not args.no_full, random_weights_seed=args.random_weights_seed, server=server_cfg)
+                        allow_full=not args.no_full, random_weights_seed=args.random_weights_seed, server=server_cfg,
+                        prefix_sharing=not args.no_prefix_sharing, prefix_min_tokens=args.prefix_min_tokens,
+                        cache_mb=args.cache_mb, cache_dir=args.cache_dir)
     metrics = None
     if args.metrics_port is not None:
         from teacher_server.metrics import TeacherMetrics

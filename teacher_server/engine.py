@@ -9,6 +9,15 @@ length join while (longest length x count) stays within `max_batch_tokens`. Sequ
 padded to the longest in the batch, so grouping by length keeps padding small; the padding
 count is reported (`padded_tokens`). Right padding never changes a real token's result (causal
 attention, positions start at 0 for every row).
+
+Prompt-prefix sharing (`prefix.py`, on by default): sequences of one batch that share a prefix of
+>= `prefix_min_tokens` tokens (n samples of a prompt, multi-turn histories) run the prefix once
+and only their continuations against its KV cache; the opener of a batch pulls sequences with
+its first tokens in first. Results equal the unshared path (tests/test_teacher_prefix.py).
+
+Statistics cache (`cache.py`, off unless `cache` is given): keyed by the teacher's model id, the
+token ids, the span and every option that changes the result; a hit is delivered at `submit` /
+`score` without queueing (`_batch_sequences` = 0). Counters: `stats.cache_*`.
 """
 
 from __future__ import annotations
@@ -23,6 +32,8 @@ import numpy as np
 import torch
 
 from teacher_server import head as H
+from teacher_server import prefix as PX
+from teacher_server.cache import StatsCache, item_key
 
 log = logging.getLogger("opd.teacher")
 
@@ -45,6 +56,7 @@ class ScoreItem:
     deliver: Callable[["ScoreItem", dict | BaseException], None] | None = None
     is_cancelled: Callable[[], bool] = lambda: False
     enqueued_at: float = field(default_factory=time.monotonic)
+    cache_key: str | None = None
 
     @property
     def num_positions(self) -> int:
@@ -64,11 +76,19 @@ class EngineStats:
     padded_tokens: int = 0
     busy_seconds: float = 0.0
     cancelled: int = 0
+    forward_tokens: int = 0           # token positions the body actually ran (incl. padding)
+    shared_prefix_tokens: int = 0     # tokens NOT recomputed thanks to prompt-prefix sharing
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_bytes: int = 0              # bytes held by the in-memory statistics cache
+    cache_entries: int = 0
 
 
 class ScoringEngine:
     def __init__(self, model, *, device: str | torch.device = "cpu", max_batch_tokens: int = 16384,
-                 chunk_size: int = 1024, max_queue_tokens: int = 1 << 20, pad_id: int = 0):
+                 chunk_size: int = 1024, max_queue_tokens: int = 1 << 20, pad_id: int = 0,
+                 prefix_sharing: bool = True, prefix_min_tokens: int = 16,
+                 cache: StatsCache | None = None, model_id: str = ""):
         self.model = model
         self.device = torch.device(device)
         self.body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -78,6 +98,10 @@ class ScoringEngine:
         self.chunk_size = chunk_size
         self.max_queue_tokens = max_queue_tokens
         self.pad_id = pad_id
+        self.prefix_sharing = prefix_sharing
+        self.prefix_min_tokens = prefix_min_tokens
+        self.cache = cache            # statistics cache (None = off); may be swapped at run time
+        self.model_id = model_id      # identity of the teacher in cache keys (model hash + dtype)
         self.stats = EngineStats()
         self._pending: list[ScoreItem] = []
         self._pending_tokens = 0
@@ -86,8 +110,33 @@ class ScoringEngine:
         self._thread: threading.Thread | None = None
 
     # ---- queue --------------------------------------------------------------------------------
+    def _cached(self, item: ScoreItem) -> dict | None:
+        cache = self.cache
+        if cache is None:
+            item.cache_key = None
+            return None
+        item.cache_key = item_key(self.model_id, item)
+        res = cache.get(item.cache_key)
+        self._sync_cache_stats()
+        if res is not None:
+            res["_server_seconds"] = 0.0
+            res["_batch_sequences"] = 0   # 0 = served from the statistics cache
+        return res
+
+    def _sync_cache_stats(self) -> None:
+        c = self.cache.counters if self.cache is not None else None
+        if c is not None:
+            s = self.stats
+            s.cache_hits, s.cache_misses, s.cache_bytes, s.cache_entries = c.hits, c.misses, c.bytes, c.entries
+
     def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
-        """Queue an item; waits up to `wait_s` for room, then raises QueueFull."""
+        """Queue an item; waits up to `wait_s` for room, then raises QueueFull. An item whose
+        statistics are cached is delivered at once, on the caller's thread."""
+        res = self._cached(item)
+        if res is not None:
+            if item.deliver is not None:
+                item.deliver(item, res)
+            return
         deadline = time.monotonic() + wait_s
         with self._cv:
             while self._pending_tokens + item.cost > self.max_queue_tokens and self._pending:
@@ -108,7 +157,13 @@ class ScoringEngine:
     def _take_batch(self) -> list[ScoreItem]:
         """Called with the lock held and a non-empty queue."""
         first = self._pending[0]
-        others = sorted(self._pending[1:], key=lambda it: abs(it.cost - first.cost))
+        if self.prefix_sharing:  # sequences sharing the opener's first tokens join first
+            head = first.token_ids[: self.prefix_min_tokens]
+            others = sorted(self._pending[1:], key=lambda it: (
+                not (len(it.token_ids) > len(head) and np.array_equal(it.token_ids[: len(head)], head)),
+                abs(it.cost - first.cost)))
+        else:
+            others = sorted(self._pending[1:], key=lambda it: abs(it.cost - first.cost))
         batch, longest = [first], first.cost
         for it in others:
             new_longest = max(longest, it.cost)
@@ -156,10 +211,19 @@ class ScoringEngine:
                 if it.deliver is not None:
                     it.deliver(it, res)
 
-    def score(self, items: list[ScoreItem]) -> list[dict]:
-        """Score items synchronously on the caller's thread (batched like the worker does)."""
+    def score(self, items: list[ScoreItem], use_cache: bool = True) -> list[dict]:
+        """Score items synchronously on the caller's thread (batched like the worker does).
+        use_cache=False neither reads nor fills the statistics cache (warm-up, benchmarks)."""
         out: dict[int, dict] = {}
-        pending = list(items)
+        pending = []
+        for it in items:
+            res = self._cached(it) if use_cache else None
+            if not use_cache:
+                it.cache_key = None
+            if res is None:
+                pending.append(it)
+            else:
+                out[id(it)] = res
         while pending:
             with self._cv:
                 saved, self._pending = self._pending, pending
@@ -176,22 +240,11 @@ class ScoringEngine:
         t0 = time.perf_counter()
         dev = self.device
         lengths = [len(it.token_ids) for it in batch]
-        longest = max(lengths)
-        ids = torch.full((len(batch), longest), self.pad_id, dtype=torch.long)
-        for b, it in enumerate(batch):
-            ids[b, : lengths[b]] = torch.from_numpy(it.token_ids)
-        ids = ids.to(dev, non_blocking=True)
-        mask = None
-        if min(lengths) != longest:
-            mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long().to(dev)
-        hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        hidden_rows = self._hidden_rows(batch)
 
-        # Gather the rows that predict scored tokens: row for target j sits at position j - 1.
-        flat_pos, targets, temps, row_k, extra = [], [], [], [], []
+        targets, temps, row_k, extra = [], [], [], []
         max_m = max((it.extra_ids.shape[1] for it in batch if it.extra_ids is not None), default=0)
         for b, it in enumerate(batch):
-            pos = torch.arange(it.target_start - 1, it.target_end - 1)
-            flat_pos.append(pos + b * longest)
             targets.append(torch.from_numpy(it.token_ids[it.target_start:it.target_end]))
             temps.append(torch.full((it.num_positions,), float(it.temperature)))
             row_k.append(torch.full((it.num_positions,), it.top_k, dtype=torch.long))
@@ -200,7 +253,7 @@ class ScoringEngine:
                 if it.extra_ids is not None:
                     e[:, : it.extra_ids.shape[1]] = torch.from_numpy(it.extra_ids)
                 extra.append(e)
-        rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, torch.cat(flat_pos).to(dev))
+        rows = hidden_rows[0] if len(hidden_rows) == 1 else torch.cat(hidden_rows)
         stats = frozenset().union(*(it.stats for it in batch))
         req = H.HeadRequest(
             hidden=rows, targets=torch.cat(targets).to(dev), temperature=torch.cat(temps).to(dev),
@@ -237,6 +290,46 @@ class ScoringEngine:
         s.batches += 1
         s.tokens += sum(lengths)
         s.scored_positions += r0
-        s.padded_tokens += longest * len(batch) - sum(lengths)
         s.busy_seconds += dt
+        if self.cache is not None:
+            for it, one in zip(batch, results):
+                if it.cache_key is not None:
+                    self.cache.put(it.cache_key, one)
+            self._sync_cache_stats()
         return results
+
+    def _hidden_rows(self, batch: list[ScoreItem]) -> list[torch.Tensor]:
+        """Final hidden states at each item's scored rows ([num_positions, H] per item), from one
+        padded forward of the unshared sequences and one shared-prefix forward of the groups."""
+        dev, s = self.device, self.stats
+        seqs = [it.token_ids for it in batch]
+        if self.prefix_sharing and len(batch) > 1:
+            groups = PX.plan_groups(seqs, self.prefix_min_tokens)
+        else:
+            groups = [(0, [i]) for i in range(len(batch))]
+        out: list[torch.Tensor | None] = [None] * len(batch)
+        plain = [m[0] for p, m in groups if p == 0]
+        if len(plain) < len(batch):
+            shared, cnt = PX.shared_forward(self.body, seqs, groups, dev, self.pad_id)
+            s.forward_tokens += cnt["forward_tokens"]
+            s.padded_tokens += cnt["padded_tokens"]
+            s.shared_prefix_tokens += cnt["shared_prefix_tokens"]
+            for i, (ph, ch, p) in shared.items():
+                out[i] = PX.rows_for(ph, ch, p, batch[i].target_start, batch[i].target_end)
+        if plain:
+            lengths = [len(seqs[i]) for i in plain]
+            longest = max(lengths)
+            ids = torch.full((len(plain), longest), self.pad_id, dtype=torch.long)
+            for b, i in enumerate(plain):
+                ids[b, : lengths[b]] = torch.from_numpy(seqs[i])
+            ids = ids.to(dev, non_blocking=True)
+            mask = None
+            if min(lengths) != longest:
+                mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long().to(dev)
+            hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+            s.forward_tokens += longest * len(plain)
+            s.padded_tokens += longest * len(plain) - sum(lengths)
+            for b, i in enumerate(plain):
+                it = batch[i]
+                out[i] = hidden[b, it.target_start - 1: it.target_end - 1]
+        return out  # type: ignore[return-value]

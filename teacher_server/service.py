@@ -248,7 +248,7 @@ class TeacherServer:
         ids = (np.arange(16) % max(2, vocab - 1)).astype(np.int64)
         item = ScoreItem("warmup", ids, 1, 16, top_k=min(8, self.servicer.limits.max_top_k),
                          stats=frozenset({H.SAMPLED, H.TOPK, H.TAIL}))
-        self.engine.score([item])
+        self.engine.score([item], use_cache=False)  # a real forward, even with a warm cache
         self.set_serving(True)
 
     def stop(self, grace: float | None = None) -> None:
