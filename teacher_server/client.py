@@ -9,6 +9,8 @@ Several endpoints ("h1:50051,h2:50051") are used round-robin per call; a call th
 UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED (or a replica that is NOT_SERVING) is retried,
 with exponential backoff, on the next endpoint, resending only the sequences not yet answered.
 Invalid requests are never retried: they raise `TeacherRequestError` with the server's message.
+A `dns:///NAME:PORT` target (e.g. a Kubernetes headless Service) is resolved by gRPC itself and its
+calls are spread over all the addresses of NAME with gRPC's round_robin load balancing.
 """
 
 from __future__ import annotations
@@ -130,6 +132,8 @@ class _Endpoint:
     def __init__(self, target: str, credentials, token: str | None):
         self.target = target
         opts = CHANNEL_OPTIONS + [("grpc.enable_retries", 0)]
+        if target.startswith("dns:"):  # gRPC resolves the name; calls spread over all its addresses
+            opts.append(("grpc.lb_policy_name", "round_robin"))
         self.channel = (grpc.secure_channel(target, credentials, options=opts) if credentials
                         else grpc.insecure_channel(target, options=opts))
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
