@@ -16,6 +16,7 @@ class ModelCfg:
     student: str = ""                 # HF directory of the student
     dtype: str = "bf16"               # bf16 | fp32
     gradient_checkpointing: bool = False
+    random_init: bool = False         # benchmarks: random weights from the directory's config.json
 
 
 @dataclass(frozen=True)

@@ -100,7 +100,7 @@ class Trainer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.student)
         dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-        student = AutoModelForCausalLM.from_pretrained(cfg.model.student, dtype=dtype)
+        student = _load_causal_lm(cfg.model.student, dtype, cfg.model.random_init)
         if cfg.model.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         student.config.use_cache = False
@@ -169,11 +169,15 @@ class Trainer:
             from rollout.sglang_client import SGLangEngine
 
             return SGLangEngine(r.urls.split(","))
+        from transformers import AutoTokenizer
+
         from rollout.local_engine import LocalEngine
 
         dev = self.cfg.run.device
-        return LocalEngine.from_pretrained(model_dir, device=dev, dtype=torch.float32 if dev == "cpu" else torch.bfloat16,
-                                           max_batch_size=r.max_batch_size)
+        dtype = torch.float32 if dev == "cpu" else torch.bfloat16
+        random_init = self.cfg.model.random_init and model_dir == self.cfg.model.student  # weights come by sync
+        model = _load_causal_lm(model_dir, dtype, random_init).to(dev)
+        return LocalEngine(model, AutoTokenizer.from_pretrained(model_dir), max_batch_size=r.max_batch_size)
 
     # ---- weights to the rollout engine ----------------------------------------------------------
     def _sync_weights(self, version: int) -> float:
@@ -452,6 +456,14 @@ class Trainer:
                 eng.close()
         if self.teacher is not None:
             self.teacher.close()
+
+
+def _load_causal_lm(path: str, dtype, random_init: bool = False):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if random_init:
+        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 
 def _to(mb, dev):

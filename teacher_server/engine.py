@@ -260,6 +260,10 @@ class ScoringEngine:
             top_k=max(it.top_k for it in batch), row_k=torch.cat(row_k).to(dev),
             extra_ids=torch.cat(extra).to(dev) if max_m else None, stats=stats)
         res = H.head_statistics(req, self.weight, self.chunk_size, self.softcap)
+        uniform_k = "topk_ids" in res and len({it.top_k for it in batch}) == 1
+        if uniform_k:  # sort ids ascending on the device (for delta coding): no host-side argsort
+            res["topk_ids"], order = res["topk_ids"].sort(dim=1)
+            res["topk_vals"] = res["topk_vals"].gather(1, order)
         res = {k: v.cpu().numpy() for k, v in res.items()}  # one device->host copy per statistic
 
         results, r0 = [], 0
@@ -276,9 +280,12 @@ class ScoringEngine:
             if H.TOPK in it.stats and it.top_k > 0:
                 vals = res["topk_vals"][r0:r1, : it.top_k]
                 tid = res["topk_ids"][r0:r1, : it.top_k]
-                order = np.argsort(tid, axis=1, kind="stable")  # ids ascending, for delta coding
-                one["topk_ids"] = np.take_along_axis(tid, order, 1)
-                one["topk_logprobs"] = np.take_along_axis(vals, order, 1)
+                if uniform_k:
+                    one["topk_ids"], one["topk_logprobs"] = tid, vals
+                else:
+                    order = np.argsort(tid, axis=1, kind="stable")  # ids ascending, for delta coding
+                    one["topk_ids"] = np.take_along_axis(tid, order, 1)
+                    one["topk_logprobs"] = np.take_along_axis(vals, order, 1)
             results.append(one)
             r0 = r1
         dt = time.perf_counter() - t0

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 SAMPLED, TOPK, TAIL, LSE, ENTROPY, EXTRA, FULL = "sampled", "topk", "tail", "lse", "entropy", "extra", "full"
+TAIL_EXACT_BELOW = 1e-3  # tails smaller than this take the exact complement log-sum-exp
 
 
 @dataclass
@@ -60,13 +61,23 @@ def head_statistics(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 10
             out["topk_vals"].append(vals)
             out["topk_ids"].append(ids)
             if TAIL in req.stats:
-                # log of the mass outside each row's own top-k: an exact log-sum-exp over the
-                # complement (1 - sum(top-k probs) would cancel catastrophically).
+                # log of the mass outside each row's own top-k. Cheap path: log(1 - sum p_topk)
+                # in float64 from fp32 log-probs (relative error <= ~1e-7 / tail). Rows whose tail
+                # is below TAIL_EXACT_BELOW would cancel badly: they take the exact log-sum-exp over
+                # the complement instead (one more pass over their logits only).
                 k_row = req.row_k[s:e] if req.row_k is not None else torch.full((e - s,), req.top_k, device=dev)
                 cols = torch.arange(req.top_k, device=dev)[None, :]
-                masked_ids = torch.where(cols < k_row[:, None], ids, ids[:, :1])
-                logp.scatter_(1, masked_ids, float("-inf"))
-                out[TAIL].append(torch.logsumexp(logp, dim=-1))
+                in_k = cols < k_row[:, None]
+                covered = torch.where(in_k, vals.double().exp(), torch.zeros((), dtype=torch.float64, device=dev)).sum(-1)
+                tail = torch.log1p(-covered.clamp(max=1.0)).float()
+                small = covered > 1.0 - TAIL_EXACT_BELOW
+                if bool(small.any()):
+                    rows_s = torch.nonzero(small).squeeze(1)
+                    sub = logp.index_select(0, rows_s)
+                    masked_ids = torch.where(in_k[rows_s], ids[rows_s], ids[rows_s, :1])
+                    sub.scatter_(1, masked_ids, float("-inf"))
+                    tail[rows_s] = torch.logsumexp(sub, dim=-1)
+                out[TAIL].append(tail)
         elif TAIL in req.stats:
             out[TAIL].append(torch.zeros(e - s, device=dev))  # top_k = 0: everything is tail
     return {k: torch.cat(v) for k, v in out.items() if v}

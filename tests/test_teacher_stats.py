@@ -104,3 +104,27 @@ def test_topk_equal_to_vocab_leaves_no_tail(server, tiny_model_dir):
     ref = reference_logprobs(tiny_model_dir, ids)[:-1]
     rest = np.log(np.exp(np.sort(ref, 1)[:, :-256]).sum(1))
     np.testing.assert_allclose(got.tail_logmass, rest, atol=1e-5)
+
+
+def test_tail_is_exact_for_tiny_and_large_tails():
+    """Both tail paths (log1p of the covered mass, and the exact complement log-sum-exp for
+    tails below TAIL_EXACT_BELOW) against float64, on logits built to have tails of 1e-12..0.9."""
+    import torch
+
+    from teacher_server import head as H
+
+    g = torch.Generator().manual_seed(0)
+    V, k, rows = 300, 8, 40
+    logits = torch.randn(rows, V, generator=g, dtype=torch.float64)
+    boost = torch.linspace(0, 40, rows, dtype=torch.float64)[:, None]   # larger boost -> smaller tail
+    logits[:, :k] += boost
+    W = torch.eye(V, dtype=torch.float32)
+    req = H.HeadRequest(hidden=logits.float(), targets=torch.zeros(rows, dtype=torch.long),
+                        temperature=torch.ones(rows), top_k=k, row_k=None, extra_ids=None,
+                        stats=frozenset({H.TAIL, H.TOPK}))
+    got = H.head_statistics(req, W, chunk_size=7)[H.TAIL].double()
+    lp = torch.log_softmax(logits.float().double(), -1)
+    top = lp.topk(k, -1).indices
+    ref = torch.logsumexp(lp.scatter(1, top, float("-inf")), -1)
+    assert ref.min() < -20 and ref.max() > -1   # both regimes are covered
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
