@@ -10,6 +10,9 @@ GPU (defaults: 16,384 tokens, vocab 151,936, hidden 2048 and 4096, bf16, top-64)
 CPU smoke:
     python bench/bench_losses.py --tokens 512 --vocab 4096 --hidden 128 --device cpu
 
+``--grad-modes analytic,autograd`` adds rows for the autograd-per-chunk reference path
+(``student_trainer.losses.distill.GRAD_MODE``) in the same run, for a before/after on one card.
+
 Peak extra memory = torch.cuda.max_memory_allocated() during the call minus the memory allocated
 after the inputs exist (n/a on CPU). Times are medians over --iters after one warm-up.
 """
@@ -19,9 +22,13 @@ import argparse
 import statistics
 import time
 
+import importlib
+
 import torch
 
 from student_trainer.losses import DistillLossConfig, TeacherStats, distill_loss
+
+distill_mod = importlib.import_module("student_trainer.losses.distill")
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -82,6 +89,15 @@ def measure(fn, inputs, device, iters):
         return "OOM", "OOM"
 
 
+def _with_mode(mode, fn):
+    old = distill_mod.GRAD_MODE
+    distill_mod.GRAD_MODE = mode
+    try:
+        return fn()
+    finally:
+        distill_mod.GRAD_MODE = old
+
+
 def liger_row(hidden, weight):
     try:
         from liger_kernel.transformers import LigerFusedLinearJSD
@@ -90,7 +106,7 @@ def liger_row(hidden, weight):
     jsd = LigerFusedLinearJSD(jsd_beta=0.5)
     t_hidden = hidden.detach().clone()
     t_weight = weight.detach().clone()
-    return lambda: jsd(hidden, weight, t_hidden, t_weight)
+    return lambda: jsd(hidden, weight, t_hidden, t_weight, None)
 
 
 def fmt(x, digits=3):
@@ -109,10 +125,11 @@ def main(argv=None):
     p.add_argument("--hidden", default="2048,4096", help="comma-separated list")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--topk", type=int, default=64)
-    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--chunk", type=int, default=512)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--divergences", default="forward_kl,reverse_kl,jsd,skew_reverse_kl,tv,k3,pg,sft")
     p.add_argument("--no-metrics", action="store_true", help="skip entropy/overlap metrics in the pass")
+    p.add_argument("--grad-modes", default="analytic", help="comma-separated: analytic,autograd")
     a = p.parse_args(argv)
     dtype = DTYPES[a.dtype]
     print(f"device={a.device} tokens={a.tokens} vocab={a.vocab} dtype={a.dtype} topk={a.topk} chunk={a.chunk}")
@@ -124,12 +141,16 @@ def main(argv=None):
         lig = liger_row(hidden, weight)
         if lig is not None:
             rows.append(("Liger fused linear JSD", lig))
-        for name in a.divergences.split(","):
-            support = "topk" if name == "forward_kl" else "auto"
-            cfg = DistillLossConfig(divergence=name, chunk_size=a.chunk, support=support, metrics=not a.no_metrics)
-            rows.append((f"fused {name} ({'top-k' if support == 'topk' else 'union'}+tail)" if name not in
-                         ("k3", "pg", "sft") else f"fused {name}",
-                         lambda cfg=cfg: distill_loss(hidden, weight, targets, stats, None, cfg)[0]))
+        for mode in a.grad_modes.split(","):
+            suffix = "" if mode == "analytic" else f" [{mode}]"
+            for name in a.divergences.split(","):
+                support = "topk" if name == "forward_kl" else "auto"
+                cfg = DistillLossConfig(divergence=name, chunk_size=a.chunk, support=support,
+                                        metrics=not a.no_metrics)
+                label = (f"fused {name} ({'top-k' if support == 'topk' else 'union'}+tail)" if name not in
+                         ("k3", "pg", "sft") else f"fused {name}") + suffix
+                rows.append((label, lambda cfg=cfg, mode=mode: _with_mode(
+                    mode, lambda: distill_loss(hidden, weight, targets, stats, None, cfg)[0])))
         res = {}
         for label, fn in rows:
             res[label] = measure(fn, [hidden, weight], a.device, a.iters)

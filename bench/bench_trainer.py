@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -55,6 +56,9 @@ def main() -> int:
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if args.device.startswith("cuda") else "cpu")
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from opd.tiny import build_tokenizer
     from student_trainer.config import load_config
     from student_trainer.trainer import Trainer
@@ -74,6 +78,9 @@ def main() -> int:
         sys.stderr.write("[teacher] " + line)
         if "serving" in line and "on 127.0.0.1:" in line:
             port = int(line.rsplit(":", 1)[1])
+            # keep draining its output, or a full pipe blocks the server
+            threading.Thread(target=lambda: [sys.stderr.write("[teacher] " + x) for x in teacher.stdout],
+                             daemon=True).start()
             break
     if port is None:
         raise SystemExit("teacher did not start")
@@ -88,7 +95,9 @@ def main() -> int:
             "optim.micro_batch_tokens=16384", "optim.zero_stage=2", "optim.offload_optimizer=true",
             f"run.steps={args.steps}", f"run.device={args.device}", f"run.out_dir={root / 'run'}",
             "run.export_hf=false", "run.plot=false", "run.progress=true", "run.tensorboard=false"])
+        t_init = time.time()
         tr = Trainer(cfg, on_step=lambda s, m: rows.append(m))
+        print(f"trainer ready in {time.time() - t_init:.0f}s", file=sys.stderr, flush=True)
         t0 = time.time()
         tr.run()
         wall = time.time() - t0

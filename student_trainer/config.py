@@ -59,6 +59,7 @@ class TeacherCfg:
     max_backoff_s: float = 10.0
     allow_tokenizer_mismatch: bool = False
     concurrency: int = 4              # scoring calls in flight while rollouts stream in
+    batch_sequences: int = 16         # finished rollouts sent per scoring call (whole groups at least)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,7 @@ class Engine:
 
     def __init__(self, module: torch.nn.Module, optim, dtype: str, total_steps: int, device: str = "cpu"):
         if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device))
+            torch.cuda.set_device(torch.device(device).index or 0)
         else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         ensure_dist_env()

@@ -109,6 +109,8 @@ class Trainer:
         self.data = self._data_source()
         from student_trainer.ds_engine import Engine
 
+        log.info("student %s loaded (vocab %d); starting DeepSpeed", cfg.model.student, self.vocab)
+
         self.engine = Engine(StudentWithLoss(student), cfg.optim, cfg.model.dtype, cfg.run.steps, cfg.run.device)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
@@ -120,6 +122,7 @@ class Trainer:
                              if cfg.warmup.steps > 0 and cfg.warmup.teacher_model else None)
         self.version = self.start_step
         self._sync_weights(self.start_step)
+        log.info("DeepSpeed ZeRO-%d and the %s rollout engine ready", cfg.optim.zero_stage, cfg.rollout.engine)
         self.log = RunLog(self.out, cfg, resume=resume, enabled=self.rank == 0)
         self._version_cv = threading.Condition()
 
@@ -234,7 +237,7 @@ class Trainer:
                 samples.append(s)
                 if self.teacher is not None:
                     pending.append(s)
-                    if len(pending) >= max(1, cfg.rollout.n):
+                    if len(pending) >= max(cfg.rollout.n, cfg.teacher.batch_sequences):
                         futures.append(pool.submit(score, pending))
                         pending = []
             if self.teacher is not None and pending:
@@ -243,6 +246,7 @@ class Trainer:
 
         asyncio.run(collect())
         t_gen = gen_done[0]
+        log.debug("step %d: %d rollouts in %.1fs", step, len(samples), t_gen - t0)
         wire, last = 0, t_gen
         for f in futures:
             b, t_end = f.result()

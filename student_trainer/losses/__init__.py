@@ -6,7 +6,8 @@ tensor exists in forward or backward. Start with ``distill_loss`` and ``DistillL
 Modules: ``stats`` (TeacherStats), ``fused_head`` (chunked custom autograd over the lm-head),
 ``divergences`` (KLs, JSD, skew KLs, TV on top-k / union / full supports with a tail bucket),
 ``estimators`` (k1/k2/k3, policy-gradient OPD, PPO/GRPO, SFT), ``reductions`` (global token
-mean), ``weighting`` (TIP selection, reward and PACED weights), ``schedules``, ``distill``.
+mean), ``weighting`` (TIP selection, reward and PACED weights), ``schedules``, ``distill``,
+``analytic`` (closed-form per-chunk gradients used by ``distill_loss``).
 """
 from .distill import ALL_TERMS, DistillLossConfig, distill_loss, sft_loss
 from .divergences import (FULL_DIVERGENCES, coarse_logprobs, forward_kl, jsd, reverse_kl,

@@ -5,6 +5,11 @@ rows with weight > 0 (before the head: excluded rows cost no compute) -> one chu
 ``fused_head_loss`` whose per-chunk loss is ``sum_terms w_term * term(z_chunk, stats_chunk)``,
 differentiated locally per chunk -> scalar loss + metrics.
 
+Per-chunk gradient: in closed form from one in-place softmax (``analytic.py``) for the top-k and
+union supports and every term; the ``"full"`` support (exact mode, small vocabularies) uses
+autograd on the detached chunk (``fused_head.autograd_chunk_fn``). ``GRAD_MODE = "autograd"``
+forces the autograd path everywhere (the tests' reference).
+
 A micro-batch with no kept rows still returns a loss attached to ``hidden`` and ``weight``
 (value 0, zero gradients), so every data-parallel rank runs the same backward collectives.
 
@@ -17,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .analytic import make_analytic_chunk_fn
 from .divergences import FULL_DIVERGENCES, coarse_logprobs, resolve_support
 from .estimators import ESTIMATORS, opd_advantages, policy_gradient_loss, sampled_logprob
 from .fused_head import autograd_chunk_fn, fused_head_loss, map_chunks
@@ -24,6 +30,7 @@ from .reductions import REDUCTIONS, row_coefficients
 from .stats import TeacherStats
 
 SAMPLED_TERMS = ("k1", "k2", "k3", "pg", "ppo", "sft")
+GRAD_MODE = "analytic"  # "analytic" (closed form where available) | "autograd" (reference)
 ALL_TERMS = tuple(FULL_DIVERGENCES) + SAMPLED_TERMS
 
 
@@ -162,8 +169,17 @@ def distill_loss(
                 met = _chunk_metrics(z.detach(), st, lT, lS, logp_y, metric_names)
         return loss, met
 
+    if GRAD_MODE not in ("analytic", "autograd"):
+        raise ValueError(f"distill.GRAD_MODE must be 'analytic' or 'autograd', got {GRAD_MODE!r}")
+    if GRAD_MODE == "analytic" and support != "full":
+        chunk_fn = make_analytic_chunk_fn(
+            terms=terms, cfg=cfg, stats=stats, support=support, targets=tgt, sft_targets=sft_tgt,
+            t_sampled=t_sampled, pg_adv=pg_adv, old_logp=old_logp, adv_in=adv_in,
+            metric_names=metric_names, out_dtype=weight_V_H.dtype)
+    else:
+        chunk_fn = autograd_chunk_fn(row_loss)
     total, loss_rows, met_rows = fused_head_loss(
-        h, weight_V_H, coef, autograd_chunk_fn(row_loss), chunk_size=cfg.chunk_size,
+        h, weight_V_H, coef, chunk_fn, chunk_size=cfg.chunk_size,
         temperature=cfg.temperature, fp32_weight_grad=cfg.fp32_weight_grad)
 
     with torch.no_grad():

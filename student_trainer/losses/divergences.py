@@ -78,6 +78,30 @@ def resolve_support(stats: TeacherStats, support: str) -> str:
     return support
 
 
+def support_categories(stats: TeacherStats, support: str, dtype: torch.dtype):
+    """The support of a chunk as ids and teacher log-probs: ``(ids_C_U, lT_C_U1, valid_C_U | None)``.
+
+    ``support`` is ``"topk"`` or ``"union"``. ``ids`` lists the teacher top-k first (then, for
+    union, the student top-M); ``lT`` has one more column, the teacher's rest bucket;
+    ``valid`` marks the categories counted (a student id already in the teacher top-k is a
+    duplicate: lT = -inf there and the student side is set to NEG).
+    """
+    ids = stats.topk_ids
+    lT = stats.topk_logprobs.to(dtype)
+    tail = stats.tail_logmass.to(dtype)
+    valid = None
+    if support == "union":
+        dup = _dup_mask(stats.s_topk_ids, ids)
+        extra = stats.extra_logprobs.to(dtype).masked_fill(dup, -math.inf)
+        p_tail = tail.exp()
+        p_rest = torch.maximum(p_tail - extra.exp().sum(-1), REST_REL_FLOOR * p_tail)
+        tail = p_rest.log()  # -inf when the teacher's tail is exactly 0
+        valid = torch.cat([torch.ones_like(ids, dtype=torch.bool), ~dup], dim=-1)
+        ids = torch.cat([ids, stats.s_topk_ids], dim=-1)
+        lT = torch.cat([lT, extra], dim=-1)
+    return ids, torch.cat([lT, tail.unsqueeze(-1)], -1), valid
+
+
 def coarse_logprobs(z_C_V: torch.Tensor, stats: TeacherStats, support: str):
     """Teacher and student log-probs over the support categories (+ rest bucket): ``(lT, lS)``.
 
@@ -88,25 +112,12 @@ def coarse_logprobs(z_C_V: torch.Tensor, stats: TeacherStats, support: str):
     lse_C = torch.logsumexp(z_C_V, dim=-1)
     if support == "full":
         return stats.full_logprobs.to(dt), z_C_V - lse_C.unsqueeze(-1)
-    ids = stats.topk_ids
-    lT = stats.topk_logprobs.to(dt)
-    tail = stats.tail_logmass.to(dt)
-    if support == "union":
-        dup = _dup_mask(stats.s_topk_ids, ids)
-        extra = stats.extra_logprobs.to(dt).masked_fill(dup, -math.inf)
-        p_tail = tail.exp()
-        p_rest = torch.maximum(p_tail - extra.exp().sum(-1), REST_REL_FLOOR * p_tail)
-        tail = p_rest.log()  # -inf when the teacher's tail is exactly 0
-        valid = torch.cat([torch.ones_like(ids, dtype=torch.bool), ~dup], dim=-1)
-        ids = torch.cat([ids, stats.s_topk_ids], dim=-1)
-        lT = torch.cat([lT, extra], dim=-1)
-    else:
-        valid = None
+    ids, lT, valid = support_categories(stats, support, dt)
     lS = z_C_V.gather(-1, ids) - lse_C.unsqueeze(-1)
     if valid is not None:
         lS = torch.where(valid, lS, torch.full_like(lS, NEG))
     lS_rest = torch.logsumexp(z_C_V.scatter(-1, ids, NEG), dim=-1) - lse_C
-    return torch.cat([lT, tail.unsqueeze(-1)], -1), torch.cat([lS, lS_rest.unsqueeze(-1)], -1)
+    return lT, torch.cat([lS, lS_rest.unsqueeze(-1)], -1)
 
 
 def _plogp_ratio(lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
@@ -168,3 +179,24 @@ FULL_DIVERGENCES = {
     "skew_reverse_kl": lambda lT, lS, cfg: skew_reverse_kl(lT, lS, cfg.skew_alpha),
     "tv": lambda lT, lS, cfg: total_variation(lT, lS),
 }
+
+
+# ---- closed-form gradients with respect to the student's category log-probs --------------------
+# Each returns (loss_C, dloss/dlS_C_U1), matching autograd through the functions above exactly
+# (clamp_min passes the gradient where lq >= LOG_FLOOR; categories with p = 0 get 0).
+
+def forward_kl_with_grad(lT: torch.Tensor, lS: torch.Tensor):
+    pT = lT.exp()
+    lT_safe = torch.where(pT > 0, lT, torch.zeros_like(lT))
+    val = (pT * (lT_safe - lS.clamp_min(LOG_FLOOR))).sum(-1)
+    return val, -pT * (lS >= LOG_FLOOR)
+
+
+def reverse_kl_with_grad(lT: torch.Tensor, lS: torch.Tensor):
+    pS = lS.exp()
+    r = torch.where(pS > 0, lS, torch.zeros_like(lS)) - lT.clamp_min(LOG_FLOOR)
+    return (pS * r).sum(-1), pS * (r + 1.0)
+
+
+ANALYTIC_CATEGORY_GRADS = {"forward_kl": forward_kl_with_grad, "reverse_kl": reverse_kl_with_grad}
+

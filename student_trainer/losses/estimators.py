@@ -87,6 +87,31 @@ def policy_gradient_loss(
     return -torch.minimum(ratio * adv, ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv)
 
 
+# ---- closed-form d(loss)/d(log pS(y)) for the fused head's analytic path ----------------------
+
+ESTIMATOR_GRADS = {
+    "k1": lambda logp_s, logp_t: torch.ones_like(logp_s),
+    "k2": lambda logp_s, logp_t: logp_s - logp_t,
+    "k3": lambda logp_s, logp_t: -torch.expm1(logp_t - logp_s),
+}
+
+
+def policy_gradient_loss_with_grad(logp_C, adv_C, old_logp_C=None, clip_eps: float = 0.2):
+    """``(policy_gradient_loss, its derivative w.r.t. logp_C)``, as autograd computes it.
+
+    Clipped form: d/dlogp = -ratio * A where the unclipped branch is the minimum (ties, i.e.
+    ratio inside the clip range, included: autograd splits a tie half-half and both halves are
+    -ratio * A there), else 0.
+    """
+    adv = adv_C.detach()
+    if old_logp_C is None:
+        return -adv * logp_C, -adv
+    ratio = torch.exp(logp_C - old_logp_C.detach())
+    u = ratio * adv
+    c = ratio.clamp(1.0 - clip_eps, 1.0 + clip_eps) * adv
+    return -torch.minimum(u, c), torch.where(u <= c, -u, torch.zeros_like(u))
+
+
 def grpo_advantages(
     rewards_B: torch.Tensor,
     group_size: int | None = None,

@@ -9,11 +9,20 @@ fp32 intermediates until backward (the seed's defect 2).
 
 ``fused_head_loss`` runs the head chunk by chunk INSIDE one ``torch.autograd.Function.forward``:
 for rows ``[s, e)`` it computes ``z_C_V = (h_C_H @ W_V_H.T) / T`` in fp32, asks a per-chunk loss
-function for the per-row losses and ``dL/dz_C_V`` (``L = sum_r coef_r * loss_r``), and at once turns
-that into ``grad_h_C_H = dz @ W / T`` and ``grad_W_V_H += dz.T @ h / T``. Only ``grad_h_N_H`` and
-``grad_W_V_H`` (same sizes as the inputs) are kept; ``backward`` merely scales them by the scalar
-``grad_output``. Peak extra memory: O(C x V) for the chunk plus O(V x H) for the fp32 weight-grad
-accumulator (``fp32_weight_grad=False`` accumulates in the weight's dtype instead).
+function for the per-row losses and ``dL/dz_C_V`` (``L = sum_r coef_r * loss_r``; it is handed
+``coef / T`` so its dz is already d/d(logits)), and at once turns that into ``grad_h_C_H = dz @ W``
+and ``grad_W_V_H += dz.T @ h``. Only ``grad_h_N_H`` and ``grad_W_V_H`` (same sizes as the inputs)
+are kept; ``backward`` merely scales them, in place, by the scalar ``grad_output`` and hands them
+over (so a call supports one backward: no ``retain_graph`` double backward).
+
+Peak extra memory (N rows, bf16 weights, fp32 accumulation): grad_h [N, H] + the fp32 grad_W
+accumulator [V, H] (accumulated in place by cuBLAS with an fp32 C matrix, or in vocabulary blocks:
+never a second [V, H] temporary) + the chunk (the closed-form chunk functions in ``distill`` keep
+one fp32 [C, V] buffer -- logits, then softmax, in place -- plus the [C, V] gradient in the
+weight's dtype). At the end of forward the accumulator is cast to the weight's dtype and freed, so
+the peak is max(4VH + 6CV, 6VH) bytes + grad_h: at N = 16k, V = 151,936, H = 2048, C = 512 that is
+about 1.8 GiB (1.16 GiB fp32 accumulator + 0.58 GiB bf16 result + 0.06 GiB grad_h).
+``fp32_weight_grad=False`` accumulates in the weight's dtype instead (2VH, less exact).
 
 Because the loss is a weighted sum over rows with coefficients fixed before the call (see
 ``reductions.row_coefficients``), the gradient is exactly linear in ``grad_output``, which is why
@@ -52,11 +61,62 @@ def _mm_out_fp32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.
 
 
 def chunk_logits(hidden_C_H: torch.Tensor, weight_V_H: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Student logits of a chunk divided by the temperature, in the compute dtype."""
+    """Student logits of a chunk divided by the temperature, in the compute dtype (a fresh tensor)."""
     z = _mm_out_fp32(hidden_C_H, weight_V_H.t(), compute_dtype(hidden_C_H))
     if temperature != 1.0:
-        z = z / temperature
+        z.div_(temperature)  # z is fresh: no second [C, V] buffer
     return z
+
+
+_ADDMM_FP32_OK: dict = {}
+_WGRAD_BLOCK_ELEMS = 1 << 24  # fallback accumulation: [block, H] fp32 temporaries of <= 64 MiB
+
+
+def _cuda_addmm_fp32_ok(device) -> bool:
+    """Whether ``torch.addmm(acc_fp32, a_bf16, b_bf16, out_dtype=fp32, out=acc_fp32)`` works here.
+
+    Checked once per device on a small problem (older torch versions reject an fp32 ``self``
+    with half-precision operands, or lack ``out_dtype``).
+    """
+    key = str(device)
+    if key not in _ADDMM_FP32_OK:
+        ok = False
+        try:
+            g = torch.Generator(device=device).manual_seed(0)
+            a = torch.randn(32, 16, device=device, generator=g).to(torch.bfloat16)
+            b = torch.randn(16, 24, device=device, generator=g).to(torch.bfloat16)
+            acc = torch.randn(32, 24, device=device, generator=g)
+            ref = acc + a.float() @ b.float()
+            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            ok = bool(torch.allclose(acc, ref, atol=1e-3, rtol=1e-3))
+        except (TypeError, RuntimeError):
+            ok = False
+        _ADDMM_FP32_OK[key] = ok
+    return _ADDMM_FP32_OK[key]
+
+
+def accumulate_weight_grad_(acc_V_H: torch.Tensor, dz_C_V: torch.Tensor, h_C_H: torch.Tensor) -> None:
+    """``acc += dz.T @ h`` in ``acc``'s dtype without a [V, H] temporary.
+
+    Same dtypes: one in-place addmm. fp32 accumulator with bf16/fp16 operands: on CUDA one
+    cuBLAS call with fp32 C (``out_dtype``), else vocabulary blocks whose fp32 partial products
+    ([block, H]) are added in place.
+    """
+    if acc_V_H.dtype == dz_C_V.dtype:
+        acc_V_H.addmm_(dz_C_V.t(), h_C_H)
+        return
+    if acc_V_H.is_cuda and _cuda_addmm_fp32_ok(acc_V_H.device):
+        torch.addmm(acc_V_H, dz_C_V.t(), h_C_H, out_dtype=acc_V_H.dtype, out=acc_V_H)
+        return
+    v, hdim = acc_V_H.shape
+    block = max(1, _WGRAD_BLOCK_ELEMS // max(1, hdim))
+    h32 = None if acc_V_H.is_cuda else h_C_H.to(acc_V_H.dtype)
+    for v0 in range(0, v, block):
+        d = dz_C_V[:, v0:v0 + block].t()
+        if h32 is not None:  # CPU: exact fp32 products (no bf16 rounding of the partial sums)
+            acc_V_H[v0:v0 + block].addmm_(d.to(acc_V_H.dtype), h32)
+        else:
+            acc_V_H[v0:v0 + block] += _mm_out_fp32(d, h_C_H, acc_V_H.dtype)
 
 
 def autograd_chunk_fn(row_loss: Callable[[torch.Tensor, slice], tuple]) -> ChunkFn:
@@ -64,6 +124,7 @@ def autograd_chunk_fn(row_loss: Callable[[torch.Tensor, slice], tuple]) -> Chunk
 
     The chunk's logits are detached, differentiated locally with ``torch.autograd.grad`` and the
     graph is freed before the next chunk, so only one chunk's intermediates are ever alive.
+    This is the generic path (and the reference for the closed-form one in ``distill``).
     """
 
     def chunk_fn(z: torch.Tensor, rows: slice, coef: torch.Tensor):
@@ -87,32 +148,38 @@ class _FusedHeadLoss(torch.autograd.Function):
         if need_w:
             gw_dtype = cdt if fp32_weight_grad else weight.dtype
             grad_w = torch.zeros(weight.shape, dtype=gw_dtype, device=weight.device)
+        # chunk_fn differentiates sum_r coef_g_r loss_r w.r.t. z = logits / T: with coef / T
+        # its dz is already the gradient w.r.t. the raw logits (no extra [C, V] division).
+        coef_c = coef.to(cdt)
+        coef_g = coef / temperature
         total = torch.zeros((), dtype=cdt, device=hidden.device)
         losses, metrics = [], []
         for s in range(0, n, chunk_size):
             rows = slice(s, min(s + chunk_size, n))
             h = hidden[rows]
             z = chunk_logits(h, weight, temperature)
-            loss_c, dz, met = chunk_fn(z, rows, coef[rows])
-            del z
-            total += (loss_c * coef[rows].to(cdt)).sum()
+            loss_c, dz, met = chunk_fn(z, rows, coef_g[rows])
+            del z  # the closed-form chunk_fn reuses z's storage; the autograd one frees it here
+            total += (loss_c * coef_c[rows]).sum()
             losses.append(loss_c)
             if met is not None:
                 metrics.append(met)
             if need_h or need_w:
-                if temperature != 1.0:
-                    dz = dz / temperature  # chain rule through z = logits / T
-                dz = dz.to(weight.dtype)
+                if dz.dtype != weight.dtype:
+                    dz = dz.to(weight.dtype)
                 if need_h:
-                    grad_h[rows] = dz @ weight
-                if need_w:
-                    if grad_w.dtype == weight.dtype:
-                        grad_w.addmm_(dz.t(), h)
+                    if grad_h.dtype == weight.dtype:
+                        torch.mm(dz, weight, out=grad_h[rows])
                     else:
-                        grad_w += _mm_out_fp32(dz.t(), h, grad_w.dtype)
+                        grad_h[rows] = dz @ weight
+                if need_w:
+                    accumulate_weight_grad_(grad_w, dz, h)
             del dz
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
+        if grad_w is not None and grad_w.dtype != weight.dtype:
+            # Cast now: between forward and backward only the weight-dtype copy is held, and the
+            # fp32 accumulator is freed before anything else is allocated.
+            grad_w = grad_w.to(weight.dtype)
+        ctx.grads = (grad_h, grad_w)
         loss_rows = torch.cat(losses) if losses else hidden.new_zeros(0, dtype=cdt)
         met_rows = torch.cat(metrics) if metrics else hidden.new_zeros(n, 0, dtype=cdt)
         ctx.mark_non_differentiable(loss_rows, met_rows)
@@ -120,17 +187,16 @@ class _FusedHeadLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_total, _grad_rows, _grad_met):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = gw = None
+        if ctx.grads is None:
+            raise RuntimeError("fused_head_loss: backward ran twice through the same call (retain_graph); "
+                               "its gradients are handed over in place and can be used only once")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None  # drop our references: autograd can adopt the tensors as .grad, no copy
         if grad_h is not None:
-            gh = grad_h * grad_total.to(grad_h.dtype)
+            grad_h.mul_(grad_total.to(grad_h.dtype))
         if grad_w is not None:
-            g = grad_total.to(grad_w.dtype)
-            if grad_w.dtype == ctx.weight_dtype:
-                gw = grad_w * g
-            else:  # cast first, scale the fresh copy in place: no second fp32 [V, H] buffer
-                gw = grad_w.to(ctx.weight_dtype).mul_(g.to(ctx.weight_dtype))
-        return gh, gw, None, None, None, None, None
+            grad_w.mul_(grad_total.to(grad_w.dtype))
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def fused_head_loss(
