@@ -12,7 +12,6 @@ import sys
 # name -> (module, one-line help). Modules are imported lazily so `opd --help` stays instant.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "teacher": ("teacher_server.cli", "serve teacher statistics over gRPC from a Hugging Face model"),
-    "score": ("teacher_server.score_cli", "score token sequences against a running teacher server and print the statistics"),
     "train": ("student_trainer.cli", "on-policy distillation of a student against a remote teacher server"),
     "demo": ("opd.demo", "the whole pipeline on a tiny built-in model, on CPU, in minutes"),
     "rollout-server": ("rollout.server", "serve the local rollout engine over SGLang's HTTP API subset"),
