@@ -218,6 +218,19 @@ class TeacherClient:
         except grpc.RpcError:
             return False
 
+    def _back_off(self, exc, ep: _Endpoint, delay: float, what: str) -> None:
+        """Raise what must not be retried; otherwise mark `ep` down for `delay` and sleep it."""
+        code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            raise TeacherRequestError(exc.details()) from None
+        if code not in RETRYABLE:
+            raise exc
+        ep.down_until = time.monotonic() + delay
+        self.retries += 1
+        detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+        log.warning("teacher %s: %s (%s); %s in %.1fs", ep.target, code.name, detail, what, delay)
+        time.sleep(delay)
+
     def _with_retries(self, fn):
         delay, last = self.backoff_s, None
         for attempt in range(self.max_retries + 1):
@@ -227,17 +240,8 @@ class TeacherClient:
                     raise _NotServing(ep.target)
                 return fn(ep)
             except (grpc.RpcError, _NotServing) as exc:
-                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise TeacherRequestError(exc.details()) from None
-                if code not in RETRYABLE:
-                    raise
                 last = exc
-                ep.down_until = time.monotonic() + delay
-                self.retries += 1
-                log.warning("teacher %s: %s (%s); retry %d/%d in %.1fs", ep.target, code.name,
-                            getattr(exc, "details", lambda: "")(), attempt + 1, self.max_retries, delay)
-                time.sleep(delay)
+                self._back_off(exc, ep, delay, f"retry {attempt + 1}/{self.max_retries}")
                 delay = min(delay * 2, self.max_backoff_s)
         raise TeacherUnavailableError(f"teacher unavailable after {self.max_retries} retries over "
                                       f"{[e.target for e in self.endpoints]}: {last}")
@@ -285,18 +289,9 @@ class TeacherClient:
                     raise _NotServing(f"{ep.target} closed the stream with {len(pending)} sequences unanswered")
                 return
             except (grpc.RpcError, _NotServing) as exc:
-                code = exc.code() if isinstance(exc, grpc.RpcError) else grpc.StatusCode.UNAVAILABLE
-                if code == grpc.StatusCode.INVALID_ARGUMENT:
-                    raise TeacherRequestError(exc.details()) from None
-                if code not in RETRYABLE:
-                    raise
                 if isinstance(exc, grpc.RpcError) and len(pending) < before:
                     delay = self.backoff_s  # the attempt made progress: back off from the start again
-                ep.down_until = time.monotonic() + delay
-                self.retries += 1
-                log.warning("teacher %s: %s; %d sequences left; retry %d/%d in %.1fs", ep.target, code.name,
-                            len(pending), attempt + 1, self.max_retries, delay)
-                time.sleep(delay)
+                self._back_off(exc, ep, delay, f"{len(pending)} sequences left; retry {attempt + 1}/{self.max_retries}")
                 delay = min(delay * 2, self.max_backoff_s)
         raise TeacherUnavailableError(f"teacher unavailable after {self.max_retries} retries; "
                                       f"{len(pending)} sequences unanswered")
