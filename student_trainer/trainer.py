@@ -76,8 +76,8 @@ class StepData:
 
 def _loss_terms(cfg: TrainConfig, step: int, warm: bool) -> tuple:
     lc = cfg.loss
-    if warm:
-        return (("forward_kl", 1.0),)
+    if warm:  # teacher-generated rollouts: forward KL, or plain NLL of the teacher's samples for sft
+        return (("sft", 1.0),) if lc.objective == "sft" else (("forward_kl", 1.0),)
     if lc.objective == "grpo":
         return (("ppo", 1.0),)
     if lc.objective == "sft":
@@ -157,12 +157,14 @@ class Trainer:
         return client
 
     def _data_source(self):
-        from student_trainer.data import arithmetic_source, file_source
+        from student_trainer.data import BUILTIN_TASKS, arithmetic_source, file_source, task_source
 
         d = self.cfg.data
         if d.task:
+            if d.task not in BUILTIN_TASKS:
+                raise ConfigError(f"data.task: {d.task!r} is not a built-in task (built in: {', '.join(BUILTIN_TASKS)})")
             if d.task != "arithmetic":
-                raise ConfigError(f"data.task: {d.task!r} is not a built-in task (built in: arithmetic)")
+                return task_source(self.tokenizer, d.task, seed=d.seed)
             return arithmetic_source(self.tokenizer, seed=d.seed)
         return file_source(d, self.tokenizer, self.cfg.loss.reward_fn or "math")
 
@@ -191,6 +193,8 @@ class Trainer:
         else:
             path = Path(r.sync_dir or self.out / "weights_sync")
             self.export_hf(path)
+            if self.world > 1:
+                torch.distributed.barrier()  # written by rank 0 before any engine reads it
             coro = self.rollout.update_weights_from_disk(str(path), version)
             asyncio.run(coro)
         self.version = version
@@ -384,8 +388,8 @@ class Trainer:
                 self._version_cv.notify_all()
         if cfg.run.steps > self.start_step:
             self.save_checkpoint(cfg.run.steps)
-        if cfg.run.export_hf and self.rank == 0:
-            self.export_hf(self.out / "hf")
+        if cfg.run.export_hf:
+            self.export_hf(self.out / "hf")  # every rank gathers (ZeRO-3); rank 0 writes
         self.log.close()
         return last
 
@@ -415,8 +419,13 @@ class Trainer:
         root = self.out / "checkpoints"
         root.mkdir(parents=True, exist_ok=True)
         tmp, final = root / f".tmp-step{step}", root / f"step{step}"
-        shutil.rmtree(tmp, ignore_errors=True)
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.world > 1:
+            torch.distributed.barrier()
         self.engine.save(str(tmp), "ckpt", {"opd_step": step})
+        if self.world > 1:
+            torch.distributed.barrier()  # every rank's shards are written before the rename
         if self.rank == 0:
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "config": self.cfg.to_dict()}, indent=1))
             shutil.rmtree(final, ignore_errors=True)
@@ -444,6 +453,8 @@ class Trainer:
     def export_hf(self, path: Path) -> Path:
         """A Hugging Face directory (safetensors + tokenizer) that transformers and SGLang load."""
         sd = self.engine.full_state_dict()
+        if self.rank != 0:
+            return Path(path)
         path = Path(path)
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)

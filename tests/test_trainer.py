@@ -153,3 +153,25 @@ def test_teacher_restart_mid_run_loses_no_step(models, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
     assert retries > 0
+
+
+def test_two_processes_with_torchrun_share_one_teacher(models, tmp_path):
+    """torchrun, 2 ranks (gloo on CPU): each rank rolls out its own prompts; gradients are
+    all-reduced, so both ranks report the same gradient norm; rank 0 writes the checkpoints."""
+    teacher, student = models
+    with running_server(teacher) as (_, url):
+        env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        r = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd", "train",
+             "--teacher-url", url, f"--model.student={student}", "--model.dtype=fp32", "--data.task=arithmetic",
+             "--data.prompts_per_step=2", "--rollout.n=2", "--rollout.max_new_tokens=8", "--run.steps=2",
+             "--run.save_every=1", f"--run.out_dir={tmp_path / 'mp'}", "--run.plot=false", "--run.progress=false",
+             "--log-level", "WARNING"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    finals = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    assert len(finals) == 2 and finals[0]["step"] == finals[1]["step"] == 2
+    assert finals[0]["grad_norm"] == pytest.approx(finals[1]["grad_norm"], rel=1e-6)
+    assert (tmp_path / "mp" / "checkpoints" / "latest").read_text() == "step2"
+    assert (tmp_path / "mp" / "hf" / "model.safetensors").exists()
