@@ -157,14 +157,12 @@ class Trainer:
         return client
 
     def _data_source(self):
-        from student_trainer.data import BUILTIN_TASKS, arithmetic_source, file_source, task_source
+        from student_trainer.data import arithmetic_source, file_source
 
         d = self.cfg.data
         if d.task:
-            if d.task not in BUILTIN_TASKS:
-                raise ConfigError(f"data.task: {d.task!r} is not a built-in task (built in: {', '.join(BUILTIN_TASKS)})")
             if d.task != "arithmetic":
-                return task_source(self.tokenizer, d.task, seed=d.seed)
+                raise ConfigError(f"data.task: {d.task!r} is not a built-in task (built in: arithmetic)")
             return arithmetic_source(self.tokenizer, seed=d.seed)
         return file_source(d, self.tokenizer, self.cfg.loss.reward_fn or "math")
 
@@ -366,7 +364,10 @@ class Trainer:
                 rew = [s.reward for s in data.samples]
                 m.update(data.timings)
                 m.update({"step": step + 1, "wait_rollout_teacher_s": wait_s, "weight_sync_s": sync_s, "step_s": step_s,
-                          "teacher_wait_frac": min(1.0, data.timings["teacher_tail_s"] / step_s) if step_s else 0.0,
+                          # the trainer waits on the teacher for the part of its wait that came after
+                          # generation ended (with staleness 1 most of it hides behind training)
+                          "teacher_wait_s": min(wait_s, data.timings["teacher_tail_s"]),
+                          "teacher_wait_frac": min(wait_s, data.timings["teacher_tail_s"]) / step_s if step_s else 0.0,
                           "reward": float(np.mean(rew)) if rew else 0.0,
                           "tokens": data.counters["response_tokens"],
                           "tokens_per_s": data.counters["response_tokens"] / step_s if step_s else 0.0,

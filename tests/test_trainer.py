@@ -175,3 +175,18 @@ def test_two_processes_with_torchrun_share_one_teacher(models, tmp_path):
     assert finals[0]["grad_norm"] == pytest.approx(finals[1]["grad_norm"], rel=1e-6)
     assert (tmp_path / "mp" / "checkpoints" / "latest").read_text() == "step2"
     assert (tmp_path / "mp" / "hf" / "model.safetensors").exists()
+
+
+def test_staleness_one_overlaps_and_lags_at_most_one_step(models, tmp_path):
+    from student_trainer.trainer import Trainer
+
+    teacher, student = models
+    with running_server(teacher) as (_, url):
+        tr = Trainer(_cfg(student, url, tmp_path / "s1", "run.steps=4", "rollout.staleness=1"))
+        tr.run()
+        tr.close()
+    rows = [json.loads(x) for x in (tmp_path / "s1" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]
+    assert all(r["policy_lag"] in (0, 1) for r in rows)
+    assert any(r["policy_lag"] == 1 for r in rows[1:])  # rollouts really ran one step ahead
+    assert all(0.0 <= r["teacher_wait_frac"] <= 1.0 for r in rows)
