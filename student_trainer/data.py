@@ -73,3 +73,21 @@ def file_source(data_cfg, tokenizer, reward_name: str = "math") -> PromptSource:
     train = [p for i, p in enumerate(prompts) if i not in held_set]
     return PromptSource(train, [prompts[i] for i in held], lambda text, p: fn(text, p.answer), seed=data_cfg.seed,
                         shuffle=data_cfg.shuffle)
+
+
+def task_source(tokenizer, task: str, seed: int = 0, n_train: int = 4096, n_eval: int = 128) -> PromptSource:
+    """A built-in synthetic task of `opd.tasks` ("sort", "reverse", ...), graded by its own grader."""
+    from opd import demo_task as T
+    from opd.tasks import get_task
+
+    t = get_task(task)
+
+    def mk(ex):
+        return Prompt(T.prompt_ids(tokenizer, ex), str(ex.answer), task, {})
+
+    train = [mk(e) for e in t.make_examples("train", n_train, seed=seed)]
+    ev = [mk(e) for e in t.make_examples("eval", n_eval, seed=seed)]
+    return PromptSource(train, ev, lambda text, p: t.grade(text, {"answer": p.answer}), seed=seed)
+
+
+BUILTIN_TASKS = ("arithmetic", "sort", "reverse")

@@ -105,8 +105,8 @@ class Trainer:
             student.gradient_checkpointing_enable()
         student.config.use_cache = False
         self.vocab = int(student.get_output_embeddings().weight.shape[0])
+        self.data = self._data_source()  # bad data settings fail before any network wait
         self.teacher = self._connect_teacher() if cfg.teacher.url and cfg.loss.objective not in ("grpo", "sft") else None
-        self.data = self._data_source()
         from student_trainer.ds_engine import Engine
 
         log.info("student %s loaded (vocab %d); starting DeepSpeed", cfg.model.student, self.vocab)
@@ -157,12 +157,14 @@ class Trainer:
         return client
 
     def _data_source(self):
-        from student_trainer.data import arithmetic_source, file_source
+        from student_trainer.data import BUILTIN_TASKS, arithmetic_source, file_source, task_source
 
         d = self.cfg.data
         if d.task:
+            if d.task not in BUILTIN_TASKS:
+                raise ConfigError(f"data.task: {d.task!r} is not a built-in task (built in: {', '.join(BUILTIN_TASKS)})")
             if d.task != "arithmetic":
-                raise ConfigError(f"data.task: {d.task!r} is not a built-in task (built in: arithmetic)")
+                return task_source(self.tokenizer, d.task, seed=d.seed)
             return arithmetic_source(self.tokenizer, seed=d.seed)
         return file_source(d, self.tokenizer, self.cfg.loss.reward_fn or "math")
 
