@@ -255,12 +255,6 @@ def run_one(job: dict) -> dict:
 # driver
 
 
-def _start_teacher_server(model_dir: Path, log_path: Path):
-    from opd.demo import _start_teacher
-
-    return _start_teacher(model_dir, log_path)
-
-
 def _fmt(xs: list[float], digits: int = 3) -> str:
     if not xs:
         return "-"
@@ -409,7 +403,9 @@ def main(argv=None) -> int:
                                "max_new_tokens": mnt}
         print(f"[quality] {task_name}: teacher {teachers[task_name]['accuracy']:.3f}, "
               f"student before {teachers[task_name]['student_before']:.3f}", flush=True)
-        proc, url = _start_teacher_server(teacher, out / f"teacher_{task_name}.log")
+        from opd.demo import start_teacher_process
+
+        proc, url = start_teacher_process(teacher, out / f"teacher_{task_name}.log")
         try:
             # expected steps: the budget over sequences per step at about half the max length
             exp_steps = max(2, conf["token_budget"] // (conf["samples_per_step"] * max(1, mnt // 2)))

@@ -43,7 +43,8 @@ def add_arguments(p):
     p.add_argument("--teacher-steps", type=int, default=300, help="SFT steps for the demo teacher (first run only)")
 
 
-def _start_teacher(model_dir: Path, log_path: Path):
+def start_teacher_process(model_dir: Path, log_path: Path):
+    """Start `opd teacher` on `model_dir` as its own process; returns (process, "127.0.0.1:PORT")."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     logf = open(log_path, "w")
     proc = subprocess.Popen([sys.executable, "-m", "opd", "teacher", "--model", str(model_dir), "--port", "0",
@@ -79,7 +80,7 @@ def main(args) -> int:
     before = demo_prep.evaluate_accuracy(str(student_dir), None, evals)
     say(f"teacher accuracy {teacher_acc:.3f}; student before {before:.3f} ({len(evals)} held-out problems, greedy)")
 
-    proc, url = _start_teacher(teacher_dir, out / "teacher_server.log")
+    proc, url = start_teacher_process(teacher_dir, out / "teacher_server.log")
     say(f"teacher server (separate process, pid {proc.pid}) serving on {url}")
     try:
         cfg = load_config(None, [
