@@ -105,8 +105,6 @@ def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None)
 
 def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
     """Train (first call) or load (cached) a tiny teacher for `spec.task` with demo_prep's SFT helper."""
-    import torch
-
     from opd import demo_prep
     from opd.tasks import get_task
 
@@ -122,29 +120,13 @@ def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
     evals = task.make_examples("eval", spec.eval_size, seed=spec.seed)
     t0 = time.time()
     log(f"teacher[{spec.task}]: training {spec.size} for {spec.steps} steps x {spec.batch_size}")
-    torch.manual_seed(spec.seed)
-    demo_prep.sft_train(model, tok, train, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
-                        warmup_steps=spec.warmup_steps, log=log, log_every=100)
-    acc = task_accuracy(model, tok, task, evals)
-    rounds = 0
-    while acc < spec.min_accuracy and rounds < spec.extra_rounds:
-        rounds += 1
-        log(f"teacher[{spec.task}]: accuracy {acc:.3f} < {spec.min_accuracy}; {spec.steps // 2} more steps")
-        more = task.make_examples("train", (spec.steps // 2) * spec.batch_size, seed=spec.seed,
-                                  sample_seed=spec.seed + 2000 + rounds)
-        demo_prep.sft_train(model, tok, more, steps=spec.steps // 2, batch_size=spec.batch_size, lr=spec.lr / 3,
-                            warmup_steps=1, log=log, log_every=100)
-        acc = task_accuracy(model, tok, task, evals)
-    if acc < spec.min_accuracy:
-        raise RuntimeError(f"teacher[{spec.task}] reached only {acc:.3f} (< {spec.min_accuracy})")
-    log(f"teacher[{spec.task}]: accuracy {acc:.3f} after {time.time() - t0:.0f}s")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    demo_prep._write_info(tmp, {"role": "teacher", "task": spec.task, "settings": asdict(spec), "accuracy": acc,
-                                "eval_size": len(evals), "train_seconds": round(time.time() - t0, 1)})
-    demo_prep._publish(tmp, out)
-    return out
+    acc, seconds = demo_prep.train_to_accuracy(
+        model, tok, spec, train, lambda m: task_accuracy(m, tok, task, evals),
+        lambda n, r: task.make_examples("train", n, seed=spec.seed, sample_seed=spec.seed + 2000 + r),
+        name=f"teacher[{spec.task}]", log=log, t0=t0, log_every=100)
+    return demo_prep.save_model(out, model, tok, {"role": "teacher", "task": spec.task, "settings": asdict(spec),
+                                                  "accuracy": acc, "eval_size": len(evals),
+                                                  "train_seconds": round(seconds, 1)})
 
 
 def format_rate(model_dir: str, task, n: int) -> float:

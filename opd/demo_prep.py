@@ -240,6 +240,44 @@ def read_info(model_dir: str | os.PathLike) -> dict:
     return json.loads(p.read_text()) if p.exists() else {}
 
 
+def train_to_accuracy(model, tok, s, train, evaluate: Callable, more_examples: Callable, *, name: str,
+                      log: Callable[[str], None] | None, t0: float, log_every: int = 50) -> tuple[float, float]:
+    """SFT on `train` for `s.steps`; then, while `evaluate(model)` < `s.min_accuracy`, up to
+    `s.extra_rounds` rounds of `s.steps // 2` more steps at lr/3 on `more_examples(n, round)`.
+    Returns (accuracy, seconds since t0); RuntimeError when the accuracy is still too low."""
+    import torch
+
+    torch.manual_seed(s.seed)
+    sft_train(model, tok, train, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
+              warmup_steps=s.warmup_steps, log=log, log_every=log_every)
+    acc = evaluate(model)
+    rounds = 0
+    while acc < s.min_accuracy and rounds < s.extra_rounds:
+        rounds += 1
+        if log:
+            log(f"{name}: eval accuracy {acc:.3f} < {s.min_accuracy}; training {s.steps // 2} more steps")
+        sft_train(model, tok, more_examples((s.steps // 2) * s.batch_size, rounds), steps=s.steps // 2,
+                  batch_size=s.batch_size, lr=s.lr / 3, warmup_steps=1, log=log, log_every=log_every)
+        acc = evaluate(model)
+    seconds = time.time() - t0
+    if acc < s.min_accuracy:
+        raise RuntimeError(f"{name} reached only {acc:.3f} accuracy (< {s.min_accuracy})")
+    if log:
+        log(f"{name}: eval accuracy {acc:.3f} after {seconds:.0f}s")
+    return acc, seconds
+
+
+def save_model(out: Path, model, tok, info: dict) -> Path:
+    """Write model + tokenizer + info record to a temporary directory, then rename it to `out`."""
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tok.save_pretrained(str(tmp))
+    _write_info(tmp, info)
+    _publish(tmp, out)
+    return out
+
+
 def prepare_teacher(cache_dir: str | os.PathLike, settings: TeacherSettings | None = None, *,
                     log: Callable[[str], None] | None = _log_default, **overrides) -> Path:
     """Train (first run) or load (cached) the demo teacher; returns its HF directory.
@@ -247,8 +285,6 @@ def prepare_teacher(cache_dir: str | os.PathLike, settings: TeacherSettings | No
     `overrides` replace fields of `settings` (e.g. steps=200). Raises RuntimeError when the
     teacher cannot reach `min_accuracy`.
     """
-    import torch
-
     s = TeacherSettings(**{**asdict(settings or TeacherSettings()), **overrides})
     cache_dir = Path(cache_dir)
     out = cache_dir / _key("teacher", s)
@@ -268,32 +304,13 @@ def prepare_teacher(cache_dir: str | os.PathLike, settings: TeacherSettings | No
         n_params = sum(p.numel() for p in model.parameters())
         log(f"teacher: training {s.size} ({n_params / 1e6:.2f}M params) on {s.digits}-digit addition, "
             f"{s.steps} steps x {s.batch_size}")
-    torch.manual_seed(s.seed)
-    sft_train(model, tok, train, steps=s.steps, batch_size=s.batch_size, lr=s.lr,
-              warmup_steps=s.warmup_steps, log=log)
-    acc = evaluate_accuracy(model, tok, evals)
-    rounds = 0
-    while acc < s.min_accuracy and rounds < s.extra_rounds:
-        rounds += 1
-        if log:
-            log(f"teacher: eval accuracy {acc:.3f} < {s.min_accuracy}; training {s.steps // 2} more steps")
-        more = demo_task.make_examples("train", (s.steps // 2) * s.batch_size, seed=s.seed, digits=s.digits,
-                                       style=s.style, sample_seed=s.seed + 2000 + rounds)
-        sft_train(model, tok, more, steps=s.steps // 2, batch_size=s.batch_size, lr=s.lr / 3,
-                  warmup_steps=1, log=log)
-        acc = evaluate_accuracy(model, tok, evals)
-    seconds = time.time() - t0
-    if acc < s.min_accuracy:
-        raise RuntimeError(f"demo teacher reached only {acc:.3f} accuracy (< {s.min_accuracy})")
-    if log:
-        log(f"teacher: eval accuracy {acc:.3f} after {seconds:.0f}s")
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tok.save_pretrained(str(tmp))
-    _write_info(tmp, {"role": "teacher", "settings": asdict(s), "accuracy": acc,
-                      "eval_size": len(evals), "train_seconds": round(seconds, 1)})
-    _publish(tmp, out)
+    acc, seconds = train_to_accuracy(
+        model, tok, s, train, lambda m: evaluate_accuracy(m, tok, evals),
+        lambda n, r: demo_task.make_examples("train", n, seed=s.seed, digits=s.digits, style=s.style,
+                                             sample_seed=s.seed + 2000 + r),
+        name="demo teacher", log=log, t0=t0)
+    save_model(out, model, tok, {"role": "teacher", "settings": asdict(s), "accuracy": acc,
+                                 "eval_size": len(evals), "train_seconds": round(seconds, 1)})
     return out
 
 
