@@ -180,3 +180,39 @@ def test_analytic_chunk_allocates_one_logits_buffer(monkeypatch, wdtype):
     per_chunk = 1 if wdtype == torch.float32 else 3
     assert len(big) == per_chunk * (n // chunk), big
     assert {"entropy", "topk_overlap", "s_mass_on_t_topk", "k3_reverse_kl"} <= set(met)
+
+
+def test_student_topk_from_block_maxima_is_exact(monkeypatch):
+    """Top-k among the k blocks with the largest maxima (+ partial last block + support) == torch.topk."""
+    analytic = importlib.import_module("student_trainer.losses.analytic")
+    fk = importlib.import_module("student_trainer.losses.fused_kernels")
+    monkeypatch.setattr(fk, "SUB", 8)
+    g = torch.Generator().manual_seed(7)
+    c, v, k, n_u = 12, 203, 5, 7  # 25 full blocks of 8 and a partial one of 3
+    for trial in range(4):
+        z = torch.randn(c, v, generator=g, dtype=torch.float64) * 3
+        if trial == 1:
+            z[:, -3:] += 20.0  # the top-k in the partial last block
+        if trial == 2:
+            z[:, 40:48] += 20.0  # the whole top-k in one block
+        ids = torch.stack([torch.randperm(v, generator=g)[:n_u] for _ in range(c)])
+        ids[:, :2] = torch.topk(z, 2, -1).indices  # the two largest are on the support
+        zu = z.gather(-1, ids)
+        zm = z.scatter(-1, ids, -math.inf)
+        ref = torch.topk(z, k, -1).indices.sort(-1).values
+        for bmax in (analytic._block_max(zm), None):
+            got = analytic.student_topk(zm, bmax, zu, ids, k).sort(-1).values
+            assert torch.equal(got, ref), trial
+        # without a support: candidates from the blocks only
+        assert torch.equal(analytic.student_topk(z, analytic._block_max(z), None, None, k).sort(-1).values, ref)
+
+
+@pytest.mark.parametrize("support", ["topk", "union"])
+def test_analytic_metrics_with_block_topk(monkeypatch, support):
+    """topk_overlap via block-maxima candidates (blocks of 4 columns) == autograd reference."""
+    fk = importlib.import_module("student_trainer.losses.fused_kernels")
+    monkeypatch.setattr(fk, "SUB", 4)
+    hidden, weight, targets, stats = _problem(support, n=13, v=97, k=6, m=5)
+    a = _compare(hidden, weight, targets, stats, None,
+                 DistillLossConfig(divergence="reverse_kl", support=support, chunk_size=5))
+    assert 0 < a[3]["topk_overlap"] < 1

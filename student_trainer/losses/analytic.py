@@ -19,18 +19,27 @@ and autograd on the small [C, U+1] category tensor for JSD / skew KLs / TV; the 
 forms (``estimators.ESTIMATOR_GRADS``, ``policy_gradient_loss_with_grad``; sft: d = -1).
 So dz is one dense scaled copy of the softmax plus at most U + 2 corrected columns per row.
 
-Implementation (one fp32 [C, V] buffer + the [C, V] result in the weight's dtype):
-gather z at the sparse columns; ``e = exp(z - max)`` in place; R from the same buffer (zero the
-support columns, sum, put them back: no cancellation in 1 - sum p_U); metrics from e (entropy in
-column blocks); then ``dz = e * alpha`` written straight into the weight's dtype and the sparse
-columns overwritten with their exact fp32 values (duplicated columns get the same value; each is
-computed from scratch, never as "dense value + correction", since G_rest / R is huge when the
-rest bucket is nearly empty).
+Implementation (one fp32 [C, V] buffer + the [C, V] result in the weight's dtype, which the CUDA
+kernels write into the same buffer): gather z at the sparse columns, then set the support
+columns to -inf in place, so that everything dense is "off the support": R is a plain sum (no
+cancellation in 1 - sum p_U) and the support's exact values come from the gathered columns.
+Dense statistics per row: the max, ``S = sum exp(z - m)``, ``A = sum exp(z - m) (z - m)``
+(entropy) and, for the top-k overlap metric, the max of every ``fused_kernels.SUB``-column block
+(the student's top-k is then a top-k over the k best blocks, not a radix select over the whole
+vocabulary: ``student_topk``). On CUDA ``fused_kernels.row_stats`` does this in one read of z
+and ``fused_kernels.write_dz`` writes ``dz = exp(z - lse) * alpha`` in one more sweep; the eager
+path (CPU, fallback) computes ``e = exp(z - m)`` in place and ``dz = e * alpha`` into the weight's
+dtype. The sparse columns of dz are then overwritten with their exact fp32 values (duplicated
+columns get the same value; each is computed from scratch, never as "dense value + correction",
+since G_rest / R is huge when the rest bucket is nearly empty).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
+from . import fused_kernels
 from .divergences import ANALYTIC_CATEGORY_GRADS, FULL_DIVERGENCES, NEG, support_categories
 from .estimators import ESTIMATOR_GRADS, ESTIMATORS, policy_gradient_loss_with_grad
 
@@ -48,15 +57,67 @@ def _category_grad(name, lT, lS, cfg):
     return val.detach(), g
 
 
-def _entropy_from_exp(e_C_V, log_ssum_C, ssum_C):
-    """H = log S - sum(e log e) / S for e = exp(z - max), S = sum e; column blocks bound temps."""
+def _xlogx_sum(e_C_V):
+    """sum_j e_j log e_j per row (0 log 0 = 0), in column blocks of bounded temporaries."""
     c, v = e_C_V.shape
     block = max(1, ENTROPY_BLOCK_ELEMS // max(1, c))
     acc = torch.zeros(c, dtype=e_C_V.dtype, device=e_C_V.device)
     for v0 in range(0, v, block):
         eb = e_C_V[:, v0:v0 + block]
         acc += torch.xlogy(eb, eb).sum(-1)
-    return log_ssum_C - acc / ssum_C
+    return acc
+
+
+def _block_max(z_C_V):
+    """Max of every ``fused_kernels.SUB``-column block, [C, ceil(V / SUB)] (the last may be partial)."""
+    sub = fused_kernels.SUB
+    c, v = z_C_V.shape
+    f = v // sub
+    parts = [z_C_V[:, :f * sub].unflatten(-1, (f, sub)).amax(-1)] if f else []
+    if v > f * sub:
+        parts.append(z_C_V[:, f * sub:].amax(-1, keepdim=True))
+    return torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+
+
+def student_topk(z_C_V, bmax_C_B, zu_C_U, ids_C_U, k):
+    """The student's top-k ids per row, [C, k] (unordered), of logits whose support columns are -inf.
+
+    ``zu_C_U`` / ``ids_C_U``: the support columns' exact values (-inf for duplicates) and ids, or
+    None. With block maxima (``_block_max`` / the row-stats kernel) the candidates are the
+    ``SUB``-column blocks with the k largest maxima -- every top-k element off the support lies in
+    one of them (each block holding one has a maximum >= the k-th value, and there are at most k
+    such blocks) -- plus the partial last block and the support columns: a [C, k SUB] top-k instead
+    of one over the vocabulary. Without block maxima: a top-k of the whole row.
+    """
+    c, v = z_C_V.shape
+    sub = fused_kernels.SUB
+    f = v // sub
+    parts = []
+    if bmax_C_B is not None and f >= k:
+        top_b = torch.topk(bmax_C_B[:, :f], k, dim=-1).indices  # full blocks only
+        blocks = z_C_V[:, :f * sub].unflatten(-1, (f, sub))
+        parts.append(blocks.gather(1, top_b.unsqueeze(-1).expand(c, k, sub)).flatten(1))
+        parts.append(z_C_V[:, f * sub:])  # the partial last block, always a candidate
+        n_dense = k * sub + (v - f * sub)
+    else:
+        top_b = None
+        cand_v, cand_i = torch.topk(z_C_V, min(k, v), dim=-1)
+        parts.append(cand_v)
+        n_dense = cand_v.shape[1]
+    if zu_C_U is not None:
+        parts.append(zu_C_U)
+    allv = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+    pos = torch.topk(allv, k, dim=-1).indices
+    if top_b is not None:
+        in_blocks = pos < k * sub
+        pb = pos.clamp_max(k * sub - 1)
+        dense_ids = torch.where(in_blocks, top_b.gather(1, pb // sub) * sub + pb % sub, f * sub + (pos - k * sub))
+    else:
+        dense_ids = cand_i.gather(1, pos.clamp_max(n_dense - 1))
+    if zu_C_U is None:
+        return dense_ids
+    sup_ids = ids_C_U.gather(1, (pos - n_dense).clamp(0, ids_C_U.shape[1] - 1))
+    return torch.where(pos < n_dense, dense_ids, sup_ids)
 
 
 def make_analytic_chunk_fn(*, terms, cfg, stats, support, targets, sft_targets, t_sampled, pg_adv,
@@ -95,28 +156,54 @@ def make_analytic_chunk_fn(*, terms, cfg, stats, support, targets, sft_targets, 
         cols = torch.cat(cols, -1) if len(cols) > 1 else cols[0]
         z_cols = z.gather(-1, cols)
 
-        # -- softmax, in place: e = exp(z - m); R_e = sum of e off the support
-        m = z.amax(-1)
-        e = z.sub_(m.unsqueeze(-1)).exp_()
-        del z
-        e_cols = e.gather(-1, cols)
+        # -- dense statistics off the support: the support columns are set to -inf in place (their
+        # exact values are in z_cols), so R (the rest bucket) is a plain sum, never 1 - sum p_U.
+        ids = cols[:, :n_u] if n_u else None
         if n_u:
-            ids = cols[:, :n_u]
-            e_u = e_cols[:, :n_u]
-            e.scatter_(-1, ids, 0.0)
-            r_e = e.sum(-1)
-            e.scatter_(-1, ids, e_u)
-            e_u_valid = e_u if valid is None else e_u.masked_fill(~valid, 0.0)
+            z.scatter_(-1, ids, -math.inf)
+        use_k = fused_kernels.available(z)
+        want_ent = "entropy" in metric_names
+        k_top = st.topk_ids.shape[-1] if "topk_overlap" in metric_names else 0
+        zu_v = None
+        if n_u:
+            zu_v = z_cols[:, :n_u] if valid is None else z_cols[:, :n_u].masked_fill(~valid, -math.inf)
+        if use_k:  # one read of z: max, sum exp, entropy sum and block maxima
+            m_rest, s_rest, a_rest, bmax = fused_kernels.row_stats(z, want_ent, k_top > 0)
+        else:
+            bmax = _block_max(z) if k_top and z.shape[1] // fused_kernels.SUB >= k_top else None
+            m_rest = z.amax(-1) if bmax is None else bmax.amax(-1)
+        m_rs = torch.where(m_rest > -math.inf, m_rest, torch.zeros_like(m_rest))
+        s_top = student_topk(z, bmax, zu_v, ids, k_top) if k_top else None  # before z is overwritten
+        e = None
+        if not use_k:  # eager: e = exp(z - m_rest) in place (0 on the support)
+            e = z.sub_(m_rs.unsqueeze(-1)).exp_()
+            s_rest = e.sum(-1)
+            a_rest = _xlogx_sum(e) if want_ent else None
+        e_src = z if use_k else None
+        del z
+        # combine with the exact support values; everything below is relative to the row max m
+        m = torch.maximum(m_rest, zu_v.amax(-1)) if n_u else m_rs
+        c_rest = torch.exp(m_rest - m)  # 0 when the whole row is on the support
+        e_cols = torch.exp(z_cols - m.unsqueeze(-1))
+        if n_u:
+            r_e = s_rest * c_rest
+            e_u_valid = e_cols[:, :n_u] if valid is None else e_cols[:, :n_u].masked_fill(~valid, 0.0)
             ssum = r_e + e_u_valid.sum(-1)
         else:
             r_e = None
-            ssum = e.sum(-1)
+            ssum = s_rest
         log_ssum = ssum.log()
         lse = m + log_ssum
         s_cols = z_cols - lse.unsqueeze(-1)  # exact student log-probs at the sparse columns
         p_cols = e_cols / ssum.unsqueeze(-1)
+        entropy = None
+        if want_ent:  # H = log S - sum_j e_j (z_j - m) / S, e = exp(z - m)
+            ez = torch.where(s_rest > 0, c_rest * (a_rest + (m_rs - m) * s_rest), torch.zeros_like(s_rest))
+            if n_u:
+                ez = ez + (e_u_valid * (z_cols[:, :n_u] - m.unsqueeze(-1)).masked_fill(e_u_valid == 0, 0.0)).sum(-1)
+            entropy = log_ssum - ez / ssum
 
-        loss = torch.zeros(c, dtype=dt, device=e.device)
+        loss = torch.zeros(c, dtype=dt, device=z_cols.device)
         # -- divergence terms over the categories
         G = None
         lS = None
@@ -156,7 +243,7 @@ def make_analytic_chunk_fn(*, terms, cfg, stats, support, targets, sft_targets, 
         # -- metrics, from the same softmax
         met = None
         if metric_names:
-            met = _metrics(e, ssum, log_ssum, p_cols, st, lT, lS, logp_y, metric_names)
+            met = _metrics(entropy, s_top, p_cols, st, lT, lS, logp_y, metric_names)
 
         # -- dz = e * alpha (dense) with exact values at the sparse columns
         Gc = G * cg.unsqueeze(-1) if G is not None else None
@@ -188,10 +275,13 @@ def make_analytic_chunk_fn(*, terms, cfg, stats, support, targets, sft_targets, 
             if valid is not None:
                 du = du.masked_fill(~valid, 0.0)
             ex_u = p_cols[:, :n_u] * (-gtot).unsqueeze(-1) + du
-        alpha = (dense / ssum).unsqueeze(-1)
-        out = e if out_dtype == dt else torch.empty(e.shape, dtype=out_dtype, device=e.device)
-        torch.mul(e, alpha, out=out)
-        del e
+        if use_k:  # dz = exp(z - lse) * dense, one sweep, in the weight's dtype (in place if enabled)
+            out = fused_kernels.write_dz(e_src, lse, dense, out_dtype)
+        else:  # e = exp(z - m_rest): p = e * exp(m_rest - lse)
+            scale = torch.where(s_rest > 0, dense * torch.exp(m_rs - lse), torch.zeros_like(dense))
+            out = e if out_dtype == dt else torch.empty(e.shape, dtype=out_dtype, device=e.device)
+            torch.mul(e, scale.unsqueeze(-1), out=out)
+        del e, e_src
         if n_u > n_k:
             out.scatter_(-1, cols[:, n_k:n_u], ex_u[:, n_k:].to(out_dtype))
         if n_u:
@@ -215,20 +305,18 @@ def make_analytic_chunk_fn(*, terms, cfg, stats, support, targets, sft_targets, 
     return chunk_fn
 
 
-def _metrics(e, ssum, log_ssum, p_cols, st, lT, lS, logp_y, names):
+def _metrics(entropy, s_top, p_cols, st, lT, lS, logp_y, names):
     cols = []
     for name in names:
         if name == "entropy":
-            cols.append(_entropy_from_exp(e, log_ssum, ssum))
+            cols.append(entropy)
         elif name in ("forward_kl", "reverse_kl"):
             cols.append(FULL_DIVERGENCES[name](lT, lS, None))
         elif name == "s_mass_on_t_topk":
             cols.append(p_cols[:, :st.topk_ids.shape[-1]].sum(-1))
         elif name == "topk_overlap":
-            k = st.topk_ids.shape[-1]
-            s_top = torch.topk(e, k, dim=-1, sorted=False).indices
             hit = (s_top.unsqueeze(-1) == st.topk_ids.unsqueeze(-2)).any(-1)
-            cols.append(hit.to(e.dtype).mean(-1))
+            cols.append(hit.to(p_cols.dtype).mean(-1))
         elif name == "k3_reverse_kl":
-            cols.append(ESTIMATORS["k3"](logp_y, st.sampled_logprob.to(e.dtype)))
+            cols.append(ESTIMATORS["k3"](logp_y, st.sampled_logprob.to(p_cols.dtype)))
     return torch.stack(cols, -1)

@@ -6,7 +6,8 @@ rows with weight > 0 (before the head: excluded rows cost no compute) -> one chu
 differentiated locally per chunk -> scalar loss + metrics.
 
 Per-chunk gradient: in closed form from one in-place softmax (``analytic.py``) for the top-k and
-union supports and every term; the ``"full"`` support (exact mode, small vocabularies) uses
+union supports and every term (on CUDA the dense [C, V] work is two Triton sweeps,
+``fused_kernels.py``; switch: ``OPD_LOSS_KERNELS=auto|triton|eager``); the ``"full"`` support (exact mode, small vocabularies) uses
 autograd on the detached chunk (``fused_head.autograd_chunk_fn``). ``GRAD_MODE = "autograd"``
 forces the autograd path everywhere (the tests' reference).
 

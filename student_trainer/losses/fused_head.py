@@ -17,12 +17,21 @@ over (so a call supports one backward: no ``retain_graph`` double backward).
 
 Peak extra memory (N rows, bf16 weights, fp32 accumulation): grad_h [N, H] + the fp32 grad_W
 accumulator [V, H] (accumulated in place by cuBLAS with an fp32 C matrix, or in vocabulary blocks:
-never a second [V, H] temporary) + the chunk (the closed-form chunk functions in ``distill`` keep
-one fp32 [C, V] buffer -- logits, then softmax, in place -- plus the [C, V] gradient in the
-weight's dtype). At the end of forward the accumulator is cast to the weight's dtype and freed, so
-the peak is max(4VH + 6CV, 6VH) bytes + grad_h: at N = 16k, V = 151,936, H = 2048, C = 512 that is
-about 1.8 GiB (1.16 GiB fp32 accumulator + 0.58 GiB bf16 result + 0.06 GiB grad_h).
-``fp32_weight_grad=False`` accumulates in the weight's dtype instead (2VH, less exact).
+never a second [V, H] temporary) + the chunk. The closed-form chunk functions in ``analytic``
+keep one fp32 [C, V] buffer (logits, then the softmax numerators, in place); on CUDA the Triton
+kernels of ``fused_kernels`` read it twice and write dz in the weight's dtype INTO the same
+storage (first half of each fp32 row), so a chunk costs 4CV bytes; the eager path (CPU, or CUDA
+without Triton) adds the [C, V] gradient in the weight's dtype (6CV). At the end of forward the
+accumulator is cast to the weight's dtype and freed, so the peak is max(4VH + 4CV, 6VH) bytes +
+grad_h (eager: 6CV instead of 4CV). At N = 16k, V = 151,936, H = 2048, C = 1024 that is about
+1.80 GiB (1.16 GiB fp32 accumulator + 0.58 GiB chunk, then 0.58 GiB bf16 result, + 0.06 GiB
+grad_h; eager: 2.09 GiB, C = 512 gives 1.80 GiB). At H = 4096 the fp32 accumulator alone is
+2.3 GiB (peak about 3.6 GiB at the cast); ``fp32_weight_grad=False`` accumulates in the weight's dtype
+instead (2VH, less exact: 1.16 GiB + the chunk + grad_h, about 1.9 GiB, at H = 4096).
+
+Time: per chunk three matmuls (logits, dz @ W, dz.T @ h) and, with the kernels, two sweeps over
+the fp32 logits; the weight-gradient matmul re-reads and re-writes the fp32 accumulator per chunk
+(8VH bytes), so it is memory-bound below C ~ 1000 on an H100: larger chunks are faster.
 
 Because the loss is a weighted sum over rows with coefficients fixed before the call (see
 ``reductions.row_coefficients``), the gradient is exactly linear in ``grad_output``, which is why
@@ -62,7 +71,13 @@ def _mm_out_fp32(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.
 
 def chunk_logits(hidden_C_H: torch.Tensor, weight_V_H: torch.Tensor, temperature: float) -> torch.Tensor:
     """Student logits of a chunk divided by the temperature, in the compute dtype (a fresh tensor)."""
-    z = _mm_out_fp32(hidden_C_H, weight_V_H.t(), compute_dtype(hidden_C_H))
+    cdt = compute_dtype(hidden_C_H)
+    if temperature != 1.0 and hidden_C_H.is_cuda and hidden_C_H.dtype != cdt \
+            and _cuda_addmm_fp32_ok(hidden_C_H.device, scaled=True):
+        # 1/T applied in the matmul's epilogue: no extra pass over the [C, V] logits
+        z = torch.empty(hidden_C_H.shape[0], weight_V_H.shape[0], dtype=cdt, device=hidden_C_H.device)
+        return torch.addmm(z, hidden_C_H, weight_V_H.t(), beta=0, alpha=1.0 / temperature, out_dtype=cdt, out=z)
+    z = _mm_out_fp32(hidden_C_H, weight_V_H.t(), cdt)
     if temperature != 1.0:
         z.div_(temperature)  # z is fresh: no second [C, V] buffer
     return z
@@ -72,22 +87,28 @@ _ADDMM_FP32_OK: dict = {}
 _WGRAD_BLOCK_ELEMS = 1 << 24  # fallback accumulation: [block, H] fp32 temporaries of <= 64 MiB
 
 
-def _cuda_addmm_fp32_ok(device) -> bool:
+def _cuda_addmm_fp32_ok(device, scaled: bool = False) -> bool:
     """Whether ``torch.addmm(acc_fp32, a_bf16, b_bf16, out_dtype=fp32, out=acc_fp32)`` works here.
 
-    Checked once per device on a small problem (older torch versions reject an fp32 ``self``
-    with half-precision operands, or lack ``out_dtype``).
+    ``scaled``: the form ``beta=0, alpha=1/T`` into an uninitialised fp32 output (NaN there must
+    not propagate). Checked once per device on a small problem (older torch versions reject an
+    fp32 ``self`` with half-precision operands, or lack ``out_dtype``).
     """
-    key = str(device)
+    key = (str(device), scaled)
     if key not in _ADDMM_FP32_OK:
         ok = False
         try:
             g = torch.Generator(device=device).manual_seed(0)
             a = torch.randn(32, 16, device=device, generator=g).to(torch.bfloat16)
             b = torch.randn(16, 24, device=device, generator=g).to(torch.bfloat16)
-            acc = torch.randn(32, 24, device=device, generator=g)
-            ref = acc + a.float() @ b.float()
-            torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+            if scaled:
+                acc = torch.full((32, 24), float("nan"), device=device)
+                ref = (a.float() @ b.float()) * 0.75
+                torch.addmm(acc, a, b, beta=0, alpha=0.75, out_dtype=torch.float32, out=acc)
+            else:
+                acc = torch.randn(32, 24, device=device, generator=g)
+                ref = acc + a.float() @ b.float()
+                torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
             ok = bool(torch.allclose(acc, ref, atol=1e-3, rtol=1e-3))
         except (TypeError, RuntimeError):
             ok = False

@@ -1,0 +1,202 @@
+"""Triton kernels for the memory-bound part of the closed-form chunk loss (``analytic.py``).
+
+Per chunk the closed-form loss needs, over the fp32 logits ``z_C_V`` (support columns already
+set to -inf, so everything here is "off the support"):
+
+* ``row_stats``: ONE read of z giving, per row, the max ``m``, ``S = sum exp(z - m)``,
+  ``A = sum exp(z - m) (z - m)`` (entropy) and the max of every 128-column block (the
+  student's top-k is then found among the top-k blocks: no radix select over the vocabulary);
+* ``write_dz``: ONE more read of z and one write of ``dz = exp(z - shift_r) * scale_r`` in the
+  weight's dtype -- optionally in place, into the first half of each fp32 row of z's own storage
+  (``dz`` is then a strided view, row stride 2V bf16 elements), so a chunk needs one fp32
+  [C, V] buffer and no second [C, V] allocation.
+
+The eager torch path (``analytic.py``) does the same arithmetic in about ten separate passes.
+Both kernels run one program per row and sweep the vocabulary in tiles of ``BLOCK`` columns.
+
+In-place dz: program r writes only row r's bytes ``[0, 2V)``, tile i's output lands on fp32
+columns ``[i B/2, (i+1) B/2)``, which lie in tiles <= i, all already read; a CTA barrier after
+each tile's loads (and ``num_stages=1``: no prefetch reordering) makes sure every warp has read
+tile i before any warp overwrites part of it.
+
+``available(t)`` says whether the kernels may run for a tensor (CUDA, triton importable, the
+switch ``KERNELS`` not "eager", and a one-off self-test on a small problem passed); a failure to
+compile or a wrong self-test result logs one warning and leaves the eager path in charge.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# "auto": Triton on CUDA when it works, else eager | "triton": same, but a failure raises | "eager"
+KERNELS = os.environ.get("OPD_LOSS_KERNELS", "auto")
+DZ_INPLACE = os.environ.get("OPD_LOSS_DZ_INPLACE", "1") != "0"
+SUB = 128         # columns per block maximum (student top-k candidates)
+BLOCK = 2048      # columns per tile (a multiple of SUB)
+NUM_WARPS = 8
+
+try:  # pragma: no cover - depends on the installation
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except Exception:  # noqa: BLE001
+    triton = tl = None
+    HAVE_TRITON = False
+
+_STATE: dict = {}  # device -> bool (self-test passed)
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _row_stats_kernel(z_ptr, stride_z, V, m_ptr, s_ptr, a_ptr, bmax_ptr, stride_b, NB,
+                          BLOCK: tl.constexpr, SUB: tl.constexpr, WANT_A: tl.constexpr,
+                          WANT_BMAX: tl.constexpr):
+        row = tl.program_id(0)
+        zrow = z_ptr + row.to(tl.int64) * stride_z
+        offs = tl.arange(0, BLOCK)
+        neg_inf = float("-inf")
+        m = tl.max(tl.full([BLOCK], neg_inf, tl.float32), axis=0)  # running max (a scalar)
+        s_vec = tl.zeros([BLOCK], dtype=tl.float32)  # per-lane sum exp(z - m)
+        a_vec = tl.zeros([BLOCK], dtype=tl.float32)  # per-lane sum exp(z - m) (z - m)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            x = tl.load(zrow + idx, mask=idx < V, other=neg_inf).to(tl.float32)
+            if WANT_BMAX:
+                bm = tl.max(tl.reshape(x, [BLOCK // SUB, SUB]), axis=1)
+                bidx = start // SUB + tl.arange(0, BLOCK // SUB)
+                tl.store(bmax_ptr + row.to(tl.int64) * stride_b + bidx, bm, mask=bidx < NB)
+                tile_max = tl.max(bm, axis=0)
+            else:
+                tile_max = tl.max(x, axis=0)
+            m_new = tl.maximum(m, tile_max)
+            m_safe = tl.where(m_new > neg_inf, m_new, 0.0)  # all -inf so far: shift by 0
+            alpha = tl.exp(m - m_safe)                      # m = -inf -> 0
+            e = tl.exp(x - m_safe)                          # x = -inf -> 0
+            if WANT_A:
+                dm = tl.where(m > neg_inf, m - m_safe, 0.0)
+                a_vec = alpha * (a_vec + dm * s_vec) + tl.where(e > 0, e * (x - m_safe), 0.0)
+            s_vec = alpha * s_vec + e
+            m = m_new
+        tl.store(m_ptr + row, m)
+        tl.store(s_ptr + row, tl.sum(s_vec, axis=0))
+        if WANT_A:
+            tl.store(a_ptr + row, tl.sum(a_vec, axis=0))
+
+    @triton.jit
+    def _write_dz_kernel(z_ptr, stride_z, out_ptr, stride_o, V, shift_ptr, scale_ptr,
+                         BLOCK: tl.constexpr, INPLACE: tl.constexpr):
+        row = tl.program_id(0)
+        zrow = z_ptr + row.to(tl.int64) * stride_z
+        orow = out_ptr + row.to(tl.int64) * stride_o
+        shift = tl.load(shift_ptr + row)
+        scale = tl.load(scale_ptr + row)
+        offs = tl.arange(0, BLOCK)
+        for start in range(0, V, BLOCK):
+            idx = start + offs
+            msk = idx < V
+            x = tl.load(zrow + idx, mask=msk, other=float("-inf")).to(tl.float32)
+            y = (tl.exp(x - shift) * scale).to(out_ptr.dtype.element_ty)
+            if INPLACE:
+                tl.debug_barrier()  # every warp has read this tile before any part is overwritten
+            tl.store(orow + idx, y, mask=msk)
+
+
+def row_stats(z_C_V: torch.Tensor, want_a: bool, want_bmax: bool):
+    """``(m_C, S_C, A_C | None, bmax_C_NB | None)`` of fp32 logits (see the module docstring)."""
+    c, v = z_C_V.shape
+    assert z_C_V.dtype == torch.float32 and z_C_V.stride(1) == 1
+    dev = z_C_V.device
+    m = torch.empty(c, dtype=torch.float32, device=dev)
+    s = torch.empty(c, dtype=torch.float32, device=dev)
+    a = torch.empty(c, dtype=torch.float32, device=dev) if want_a else s
+    nb = triton.cdiv(v, SUB)
+    bmax = torch.empty(c, nb, dtype=torch.float32, device=dev) if want_bmax else s
+    if c:
+        _row_stats_kernel[(c,)](z_C_V, z_C_V.stride(0), v, m, s, a, bmax, nb if want_bmax else 0, nb,
+                                BLOCK=BLOCK, SUB=SUB, WANT_A=want_a, WANT_BMAX=want_bmax,
+                                num_warps=NUM_WARPS)
+    return m, s, (a if want_a else None), (bmax if want_bmax else None)
+
+
+def write_dz(z_C_V: torch.Tensor, shift_C: torch.Tensor, scale_C: torch.Tensor, out_dtype: torch.dtype,
+             inplace: bool | None = None) -> torch.Tensor:
+    """``exp(z - shift) * scale`` in ``out_dtype``; in place (a strided view of z's storage) if asked.
+
+    After an in-place call z's contents are destroyed.
+    """
+    c, v = z_C_V.shape
+    inplace = DZ_INPLACE if inplace is None else inplace
+    if out_dtype == z_C_V.dtype:
+        out = z_C_V if inplace else torch.empty_like(z_C_V)
+    elif inplace and z_C_V.element_size() == 2 * torch.empty((), dtype=out_dtype).element_size() \
+            and z_C_V.is_contiguous():
+        out = z_C_V.view(out_dtype)[:, :v]  # [C, 2V] view -> first half of each row
+    else:
+        inplace = False
+        out = torch.empty(c, v, dtype=out_dtype, device=z_C_V.device)
+    if c:
+        _write_dz_kernel[(c,)](z_C_V, z_C_V.stride(0), out, out.stride(0), v,
+                               shift_C.to(torch.float32).contiguous(), scale_C.to(torch.float32).contiguous(),
+                               BLOCK=BLOCK, INPLACE=bool(inplace and out.data_ptr() == z_C_V.data_ptr()
+                                                         and out.dtype != z_C_V.dtype),
+                               num_warps=NUM_WARPS, num_stages=1)
+    return out
+
+
+def _self_test(device) -> bool:
+    g = torch.Generator(device=device).manual_seed(0)
+    c, v = 5, 3 * BLOCK + 77
+    z = torch.randn(c, v, device=device, generator=g) * 3
+    z[1, :SUB + 5] = float("-inf")
+    z[2] = float("-inf")
+    m, s, a, bmax = row_stats(z, True, True)
+    zf = z.double()
+    m_ref = zf.amax(-1)
+    ms = torch.where(torch.isfinite(m_ref), m_ref, torch.zeros_like(m_ref))
+    e = torch.exp(zf - ms[:, None])
+    s_ref = e.sum(-1)
+    a_ref = torch.where(e > 0, e * (zf - ms[:, None]), torch.zeros_like(e)).sum(-1)
+    pad = torch.full((c, bmax.shape[1] * SUB - v), float("-inf"), device=device, dtype=torch.float64)
+    b_ref = torch.cat([zf, pad], -1).view(c, -1, SUB).amax(-1)
+    ok = bool(torch.equal(m.double(), m_ref) and torch.equal(bmax.double(), b_ref)
+              and torch.allclose(s.double(), s_ref, rtol=1e-5, atol=1e-6)
+              and torch.allclose(a.double(), a_ref, rtol=1e-5, atol=1e-5))
+    shift, scale = torch.randn(c, device=device, generator=g), torch.randn(c, device=device, generator=g)
+    ref = (torch.exp(zf - shift.double()[:, None]) * scale.double()[:, None])
+    for dt in (torch.bfloat16, torch.float32):
+        for inplace in (False, True):
+            out = write_dz(z.clone(), shift, scale, dt, inplace)
+            ok = ok and bool(torch.allclose(out.double(), ref, rtol=1e-2 if dt == torch.bfloat16 else 1e-5,
+                                            atol=1e-6))
+    return ok
+
+
+def available(t: torch.Tensor) -> bool:
+    """Whether the kernels run for the fp32 chunk logits ``t`` (see the module docstring)."""
+    if KERNELS == "eager" or t.dtype != torch.float32:
+        return False
+    if not t.is_cuda and not (KERNELS == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+        return False  # CPU: eager, except under Triton's interpreter when asked for (tests)
+    if not HAVE_TRITON:
+        if KERNELS == "triton":
+            raise RuntimeError("OPD_LOSS_KERNELS=triton but triton does not import")
+        return False
+    key = str(t.device)
+    if key not in _STATE:
+        try:
+            ok = _self_test(t.device)
+            if not ok:
+                raise RuntimeError("fused loss kernels: self-test mismatch")
+        except Exception as exc:  # noqa: BLE001
+            if KERNELS == "triton":
+                raise
+            log.warning("fused loss kernels unavailable on %s (%s); using the eager torch path", key, exc)
+            ok = False
+        _STATE[key] = ok
+    return _STATE[key]
