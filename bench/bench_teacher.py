@@ -12,10 +12,22 @@ starts the teacher server IN-PROCESS on 127.0.0.1 and measures in one run:
       and compression;
   (d) prompt-prefix sharing: P prompts x n samples (score the responses; tokens/s counted over
       prompt + response tokens of every sequence), sharing on and off;
-  (e) a repeated batch served from the statistics cache.
-Prints markdown tables; --out writes everything as JSON.
+  (e) a repeated batch served from the statistics cache;
+  (L) levers, engine level (no gRPC), 8 x 2048, device-synchronised body / head split: eager body +
+      old head, eager body + new head, + compiled head, + compiled body (compile times reported);
+  (d_eager) prefix sharing on / off with the eager body (before anything is compiled);
+  (u) uneven lengths (--uneven-seqs sequences, lengths uniform in [seq_len/8, seq_len]):
+      split_uneven on / off, engine level;
+  (c) also gives a per-component split of one 8 x 2048 call: body, head, device->host copy + result
+      slicing, encode (server, incl. protobuf serialisation), decode (client, incl. parsing), and
+      the rest (gRPC transport, queueing, threads);
+  (p) a teacher server in its OWN process (`python -m opd teacher`, started at the beginning so its
+      build and compile overlap the in-process sections; default options = compile auto): end to
+      end 8 x 2048, two clients at once (sustained), and prefix sharing through gRPC.
+Prints markdown tables; --out writes everything as JSON. --skip drops sections
+(a, b, L, d_eager, d, u, c, wire, e, p).
 
-GPU (H100, ~3-5 min incl. ~1 min model build):
+GPU (H100, ~5-6 min incl. ~1 min model build and the compiles):
     PYTHONPATH=. python bench/bench_teacher.py --device cuda --out bench_teacher.json
 CPU smoke test:
     PYTHONPATH=. python bench/bench_teacher.py --shape tiny --device cpu --out /tmp/bt.json
@@ -72,7 +84,12 @@ def parse_args(argv=None):
     p.add_argument("--prefix-reps", type=int, default=1, help="timed repetitions of the prefix-shared case")
     p.add_argument("--chunk", type=int, default=2048, help="head chunk rows (baseline and server)")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
-    p.add_argument("--skip", default="", help="comma list of sections to skip: a,b,c,d,e,wire")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: a,b,L,d_eager,d,u,c,wire,e,p")
+    p.add_argument("--uneven-seqs", type=int, default=16, help="sequences of the uneven-length section (u)")
+    p.add_argument("--compile-backend", default=None,
+                   help="torch.compile backend for the compiled rows (default: inductor on CUDA, eager on CPU)")
+    p.add_argument("--proc-late", action="store_true",
+                   help="start the separate-process server only when section p runs (no overlap with the others)")
     a = p.parse_args(argv)
     sizes = SIZES["tiny" if a.shape == "tiny" else "full"]
     for k, v in sizes.items():
@@ -97,8 +114,10 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from teacher_server.app import TeacherConfig, build_server
     from teacher_server.cache import StatsCache
-    from teacher_server.client import ScoreSettings, TeacherClient
-    from teacher_server.service import ServerConfig
+    from teacher_server.client import ScoreSettings, TeacherClient, TeacherStats
+    from teacher_server.engine import ScoreItem
+    from teacher_server.service import ServerConfig, encode_result
+    from teacher_server.wire import pb
 
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
@@ -112,8 +131,9 @@ def main(argv=None) -> int:
         if cuda:
             torch.cuda.synchronize(dev)
 
-    def timed(fn, reps):
-        fn()  # warm-up
+    def timed(fn, reps, warm=True):
+        if warm:
+            fn()  # warm-up
         sync()
         ts = []
         for _ in range(reps):
@@ -157,20 +177,27 @@ def main(argv=None) -> int:
 
     section("a", matmul)
 
-    # ---- the server (builds the random-weight model on the device) ----------------------------
+    # ---- the model config; the separate-process server starts now (its build overlaps ours) ----
     tmp = tempfile.mkdtemp(prefix="opd-bench-")
     cfg = Qwen3Config(**SHAPES[args.shape], tie_word_embeddings=False, pad_token_id=0,
                       bos_token_id=None, eos_token_id=None)
     cfg.save_pretrained(tmp)
+    backend = args.compile_backend or ("inductor" if cuda else "eager")
+    proc_state = None
+    if "p" not in skip and not args.proc_late:
+        proc_state = start_server_process(args, tmp)
+
+    # ---- the in-process server (builds the random-weight model on the device) -----------------
     t = time.perf_counter()
     srv = build_server(TeacherConfig(model=tmp, dtype=args.dtype, device=args.device, random_weights_seed=0,
                                      max_batch_tokens=args.max_batch_tokens, chunk_size=args.chunk,
                                      max_top_k=max(256, args.top_k), max_queue_tokens=1 << 22,
                                      server=ServerConfig(port=0, max_inflight_per_call=1024)))
+    eng = srv.engine
+    eng.compile, eng.compile_backend = "off", backend   # the lever rows switch it on later
     srv.start()
     srv.warm_up_and_serve()
     R["build_seconds"] = time.perf_counter() - t
-    eng = srv.engine
     model = eng.model
     n_params = sum(p.numel() for p in model.parameters())
     n_embed = model.get_input_embeddings().weight.numel()
@@ -185,6 +212,28 @@ def main(argv=None) -> int:
     n_tok = seqs.size
     print(f"model {args.shape}: {n_params / 1e9:.3f}B params, built in {R['build_seconds']:.1f}s on {R['env']['device']}",
           file=sys.stderr, flush=True)
+    STATS3 = frozenset({"sampled", "topk", "tail"})
+    prompts = rng.integers(0, V, size=(args.prompts, args.prompt_len))
+    pseqs = [np.concatenate([prompts[i], rng.integers(0, V, size=args.response_len)])
+             for i in range(args.prompts) for _ in range(args.samples)]
+    p_tokens = sum(len(x) for x in pseqs)
+    lo = max(2, args.seq_len // 8)
+    useqs = [rng.integers(0, V, size=int(n)) for n in rng.integers(lo, args.seq_len + 1, size=args.uneven_seqs)]
+
+    def items_of(ss, start=1):
+        return [ScoreItem(f"r{i}", np.asarray(x, dtype=np.int64), start, len(x), top_k=K, stats=STATS3)
+                for i, x in enumerate(ss)]
+
+    def engine_run(make_items, reps, warm=True):
+        """Median wall time of eng.score (no gRPC, no cache) + per-call stats deltas."""
+        eng.timing = True
+        keys = ("body_seconds", "head_seconds", "busy_seconds", "forward_tokens", "padded_tokens", "sub_batches",
+                "batches", "shared_prefix_tokens")
+        s0 = {k: getattr(eng.stats, k) for k in keys}
+        med, ts = timed(lambda: eng.score(make_items(), use_cache=False), reps, warm)
+        d = {k: (getattr(eng.stats, k) - s0[k]) / (reps + int(warm)) for k in keys}
+        eng.timing = False
+        return med, ts, d
 
     # ---- (b) plain forward + chunked top-k ----------------------------------------------------
     def baseline():
@@ -212,13 +261,93 @@ def main(argv=None) -> int:
 
     section("b", baseline)
 
-    def run_client(settings, s=seqs, starts=None):
+    # ---- (L) levers, engine level ---------------------------------------------------------------
+    LEVERS = [("eager body + old head", "off", "reference"), ("eager body + new head", "off", "fast"),
+              ("eager body + new head compiled", "head", "fast"), ("compiled body + compiled new head", "all", "fast")]
+
+    def lever(name, mode, head):
+        eng.compile, eng.head = mode, head
+        t = time.perf_counter()
+        eng.prepare()
+        sync()
+        compile_s = time.perf_counter() - t
+        med, ts, d = engine_run(lambda: items_of(seqs), args.reps)
+        row = {"name": name, "compile": mode, "head": head, "active_body": eng.compiled_body,
+               "active_head": eng.compiled_head, "prepare_seconds": compile_s, "seconds": med, "all_seconds": ts,
+               "tokens_per_s": n_tok / med, "body_ms": 1e3 * d["body_seconds"], "head_ms": 1e3 * d["head_seconds"],
+               "other_ms": 1e3 * (d["busy_seconds"] - d["body_seconds"] - d["head_seconds"])}
+        R.setdefault("levers", []).append(row)
+        print(f"  lever {name}: {row['tokens_per_s']:,.0f} tok/s (body {row['body_ms']:.0f} ms, head "
+              f"{row['head_ms']:.0f} ms; prepare {compile_s:.1f}s)", file=sys.stderr, flush=True)
+
+    def prefix_engine(key):
+        out = {"sequences": len(pseqs), "tokens": p_tokens, "scored_positions": len(pseqs) * args.response_len,
+               "compile": eng.resolved_compile() if eng._prepared else "off"}
+        warm = [pseqs[i * args.samples + j] for i in range(min(2, args.prompts)) for j in range(min(2, args.samples))]
+        for on in (False, True):
+            eng.prefix_sharing = on
+            eng.score(items_of(warm, args.prompt_len), use_cache=False)
+            sync()
+            med, ts, d = engine_run(lambda: items_of(pseqs, args.prompt_len), args.prefix_reps, warm=False)
+            out["on" if on else "off"] = {
+                "seconds": med, "all_seconds": ts, "tokens_per_s": p_tokens / med, "forward_tokens": d["forward_tokens"],
+                "shared_prefix_tokens": d["shared_prefix_tokens"], "body_ms": 1e3 * d["body_seconds"],
+                "head_ms": 1e3 * d["head_seconds"], "batches": d["batches"]}
+            if d["batches"]:  # per batch
+                out["on" if on else "off"]["body_ms"] /= d["batches"]
+                out["on" if on else "off"]["head_ms"] /= d["batches"]
+        eng.prefix_sharing = True
+        out["speedup"] = out["off"]["seconds"] / out["on"]["seconds"]
+        R[key] = out
+        print(f"  prefix ({key}): off {out['off']['tokens_per_s']:,.0f} / on {out['on']['tokens_per_s']:,.0f} tok/s",
+              file=sys.stderr, flush=True)
+
+    def levers_eager():
+        for name, mode, head in LEVERS[:2]:
+            lever(name, mode, head)
+
+    def levers_compiled():
+        for name, mode, head in LEVERS[2:]:
+            lever(name, mode, head)
+
+    section("L", levers_eager)
+    if "d" not in skip:
+        section("d_eager", lambda: (setattr(eng, "compile", "off"), setattr(eng, "head", "fast"), eng.prepare(),
+                                    prefix_engine("prefix_eager")))
+    section("L", levers_compiled)
+    eng.compile, eng.head = "all", "fast"   # the best configuration for the remaining sections
+    try:
+        eng.prepare()
+    except Exception as exc:  # noqa: BLE001
+        R["errors"]["prepare"] = repr(exc)
+    R["serving_compile"] = {"body": eng.compiled_body, "head": eng.compiled_head, "backend": backend}
+
+    # ---- (d) prompt-prefix sharing, engine level, best configuration ----------------------------
+    section("d", lambda: prefix_engine("prefix"))
+
+    # ---- (u) uneven lengths: split into similar-length sub-batches or pad to the longest -------
+    def uneven():
+        tokens = sum(len(x) for x in useqs)
+        out = {"sequences": len(useqs), "tokens": tokens}
+        for split in (False, True):
+            eng.split_uneven = split
+            med, ts, d = engine_run(lambda: items_of(useqs), args.reps)
+            out["split" if split else "padded"] = {
+                "seconds": med, "all_seconds": ts, "tokens_per_s": tokens / med, "forward_tokens": d["forward_tokens"],
+                "padded_tokens": d["padded_tokens"], "sub_batches": d["sub_batches"], "batches": d["batches"],
+                "body_ms": 1e3 * d["body_seconds"], "head_ms": 1e3 * d["head_seconds"]}
+        eng.split_uneven = True
+        R["uneven"] = out
+
+    section("u", uneven)
+
+    def run_client(settings, s=seqs, starts=None, c=None):
         starts = [1] * len(s) if starts is None else starts
         t = time.perf_counter()
-        out = client.score(list(s), starts, settings=settings)
+        out = (c or client).score(list(s), starts, settings=settings)
         return time.perf_counter() - t, out
 
-    # ---- (c) end to end through gRPC ----------------------------------------------------------
+    # ---- (c) end to end through gRPC (in-process server) + per-component split ---------------
     base_settings = ScoreSettings(top_k=K, statistics=("sampled", "topk", "tail"), value_encoding="bf16",
                                   compression="zstd")
 
@@ -233,26 +362,24 @@ def main(argv=None) -> int:
                     "server_busy_seconds": busy, "server_tokens_per_s": n_tok / busy if busy else None,
                     "batches_per_call": (eng.stats.batches - n0) / (args.reps + 2),
                     "bytes_per_token": sum(o.wire_bytes for o in out) / positions}
+        # split of one call: body / head (synchronised), copy-out, encode, decode, rest
+        items = items_of(seqs)
+        _, _, d = engine_run(lambda: items_of(seqs), 1)
+        res = eng.score(items, use_cache=False)
+        opts = base_settings.to_options()
+        t = time.perf_counter()
+        msgs = [encode_result(it, r, opts).SerializeToString() for it, r in zip(items, res)]
+        enc = time.perf_counter() - t
+        t = time.perf_counter()
+        [TeacherStats.from_message(pb.ScoreResult.FromString(m)) for m in msgs]
+        dec = time.perf_counter() - t
+        rest = med - d["busy_seconds"] - enc - dec
+        R["breakdown"] = {"body_ms": 1e3 * d["body_seconds"], "head_ms": 1e3 * d["head_seconds"],
+                          "copy_out_ms": 1e3 * (d["busy_seconds"] - d["body_seconds"] - d["head_seconds"]),
+                          "encode_ms": 1e3 * enc, "decode_ms": 1e3 * dec, "grpc_rest_ms": 1e3 * rest,
+                          "e2e_ms": 1e3 * med}
 
     section("c", e2e)
-
-    def sustained():
-        # Two clients (e.g. two trainers) each send the 8 x 2048 batch `reps` times at once: the
-        # server overlaps one call's encode/transfer with the next call's forward.
-        import threading
-
-        clients = [TeacherClient(url, timeout_s=1800) for _ in range(2)]
-        t = time.perf_counter()
-        threads = [threading.Thread(target=lambda c=c: [c.score(list(seqs), [1] * len(seqs), settings=base_settings)
-                                                        for _ in range(args.reps)]) for c in clients]
-        [th.start() for th in threads]
-        [th.join() for th in threads]
-        dt = time.perf_counter() - t
-        R["sustained"] = {"clients": 2, "calls": 2 * args.reps, "tokens": 2 * args.reps * n_tok, "seconds": dt,
-                          "tokens_per_s": 2 * args.reps * n_tok / dt}
-        [c.close() for c in clients]
-
-    section("sustained", sustained)
 
     def wire():
         rows = []
@@ -267,35 +394,6 @@ def main(argv=None) -> int:
 
     section("wire", wire)
 
-    # ---- (d) prompt-prefix sharing ------------------------------------------------------------
-    def prefix_case():
-        prompts = rng.integers(0, V, size=(args.prompts, args.prompt_len))
-        pseqs = [np.concatenate([prompts[i], rng.integers(0, V, size=args.response_len)])
-                 for i in range(args.prompts) for _ in range(args.samples)]
-        starts = [args.prompt_len] * len(pseqs)
-        tokens = sum(len(x) for x in pseqs)
-        warm = [pseqs[i * args.samples + j] for i in range(min(2, args.prompts)) for j in range(min(2, args.samples))]
-        out = {"sequences": len(pseqs), "tokens": tokens, "scored_positions": len(pseqs) * args.response_len}
-        eng.cache = None
-        for on in (True, False):
-            eng.prefix_sharing = on
-            run_client(base_settings, warm, [args.prompt_len] * len(warm))
-            sync()
-            shared0, fwd0 = eng.stats.shared_prefix_tokens, eng.stats.forward_tokens
-            ts = []
-            for _ in range(args.prefix_reps):
-                dt, _ = run_client(base_settings, pseqs, starts)
-                ts.append(dt)
-            med = statistics.median(ts)
-            out["on" if on else "off"] = {
-                "seconds": med, "all_seconds": ts, "tokens_per_s": tokens / med,
-                "forward_tokens": (eng.stats.forward_tokens - fwd0) / args.prefix_reps,
-                "shared_prefix_tokens": (eng.stats.shared_prefix_tokens - shared0) / args.prefix_reps}
-        eng.prefix_sharing = True
-        R["prefix"] = out
-
-    section("d", prefix_case)
-
     # ---- (e) the statistics cache -------------------------------------------------------------
     def cached():
         eng.cache = StatsCache(8 << 30)
@@ -308,12 +406,117 @@ def main(argv=None) -> int:
         eng.cache = None
 
     section("e", cached)
-
     client.close()
     srv.stop(1)
+
+    # ---- (p) the server in its own process -----------------------------------------------------
+    def own_process():
+        nonlocal proc_state
+        if cuda:  # give the in-process model's memory back first
+            del_model()
+        st = proc_state or start_server_process(args, tmp)
+        proc_state = st
+        if not st["ready"].wait(timeout=1200) or st["port"] is None:
+            raise RuntimeError("server process did not start:\n" + "".join(st["lines"][-30:]))
+        out = {"ready_seconds_after_launch": st["ready_s"], "compile_log": st.get("compile_line"),
+               "overlapped_with_in_process_sections": not args.proc_late}
+        purl = f"127.0.0.1:{st['port']}"
+
+        def busy():
+            from urllib.request import urlopen
+
+            from teacher_server.metrics import parse_text
+            with urlopen(f"http://127.0.0.1:{st['metrics_port']}/metrics", timeout=10) as r:
+                return parse_text(r.read().decode()).get("opd_teacher_engine_busy_seconds_total", 0.0)
+
+        pc = TeacherClient(purl, timeout_s=1800)
+        try:
+            run_client(base_settings, c=pc)  # warm (connection, any lazy compile)
+            b0 = busy()
+            ts = [run_client(base_settings, c=pc)[0] for _ in range(args.reps)]
+            med = statistics.median(ts)
+            b = (busy() - b0) / args.reps
+            out["e2e"] = {"seconds": med, "all_seconds": ts, "tokens_per_s": n_tok / med, "server_busy_seconds": b,
+                          "server_tokens_per_s": n_tok / b if b else None}
+            import threading
+
+            clients = [TeacherClient(purl, timeout_s=1800) for _ in range(2)]
+            t = time.perf_counter()
+            threads = [threading.Thread(target=lambda c=c: [c.score(list(seqs), [1] * len(seqs), settings=base_settings)
+                                                            for _ in range(args.reps)]) for c in clients]
+            [th.start() for th in threads]
+            [th.join() for th in threads]
+            dt = time.perf_counter() - t
+            out["sustained"] = {"clients": 2, "calls": 2 * args.reps, "tokens": 2 * args.reps * n_tok, "seconds": dt,
+                                "tokens_per_s": 2 * args.reps * n_tok / dt}
+            [c.close() for c in clients]
+            if "d" not in skip:
+                starts = [args.prompt_len] * len(pseqs)
+                run_client(base_settings, pseqs[: 2 * args.samples], starts[: 2 * args.samples], c=pc)
+                dt, _ = run_client(base_settings, pseqs, starts, c=pc)
+                out["prefix_on"] = {"seconds": dt, "tokens_per_s": p_tokens / dt}
+        finally:
+            pc.close()
+        R["process"] = out
+
+    def del_model():
+        nonlocal model
+        eng.model = eng.body = eng.weight = None
+        srv.engine = None
+        model = None
+        import gc
+
+        gc.collect()
+        torch.cuda.empty_cache()
+
+    section("p", own_process)
+    if proc_state is not None:
+        proc_state["proc"].terminate()
+        try:
+            proc_state["proc"].wait(60)
+        except Exception:  # noqa: BLE001
+            proc_state["proc"].kill()
     save()
     print(report(R, args))
     return 0 if not R["errors"] else 1
+
+
+def start_server_process(args, model_dir):
+    """`python -m opd teacher` on the bench's config, random weights, its own process; returns a
+    state dict whose 'ready' event fires once it prints its port (i.e. after build + compile)."""
+    import socket
+    import subprocess
+    import threading
+
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        mport = so.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "opd", "teacher", "--model", str(model_dir), "--port", "0", "--device", args.device,
+           "--dtype", args.dtype, "--random-weights-seed", "0", "--max-batch-tokens", str(args.max_batch_tokens),
+           "--chunk-size", str(args.chunk), "--max-top-k", str(max(256, args.top_k)), "--max-queue-tokens",
+           str(1 << 22), "--metrics-port", str(mport), "--log-level", "INFO"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=root)
+    st = {"proc": proc, "port": None, "lines": [], "ready": threading.Event(), "metrics_port": mport, "ready_s": None}
+
+    def reader():
+        for line in proc.stdout:
+            st["lines"] = (st["lines"] + [line])[-200:]
+            if "compile (" in line:
+                st["compile_line"] = line.strip()
+                print("[server process] " + line.strip(), file=sys.stderr, flush=True)
+            if st["port"] is None and "serving" in line and "on 127.0.0.1:" in line:
+                st["port"] = int(line.rsplit(":", 1)[1])
+                st["ready_s"] = time.perf_counter() - t0
+                print(f"[server process] ready after {st['ready_s']:.0f}s", file=sys.stderr, flush=True)
+                st["ready"].set()
+        st["ready"].set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    return st
 
 
 def report(R, args) -> str:
@@ -344,23 +547,61 @@ def report(R, args) -> str:
         srv = f", server busy {e['server_tokens_per_s']:,.0f} tok/s" if e.get("server_tokens_per_s") else ""
         lines.append(f"| end to end (gRPC, bf16 + zstd) | {e['tokens_per_s']:,.0f} | {ratio(e['tokens_per_s'], base)} | "
                      f"{ratio(e['tokens_per_s'], roof)} | {shape}, sampled+top-k+tail, {e['bytes_per_token']:.0f} B/token{srv} |")
-    su = R.get("sustained")
-    if su:
-        lines.append(f"| end to end, 2 clients at once | {su['tokens_per_s']:,.0f} | {ratio(su['tokens_per_s'], base)} | "
-                     f"{ratio(su['tokens_per_s'], roof)} | {su['calls']} calls of {shape} in {su['seconds']:.1f}s |")
-    p = R.get("prefix")
-    if p:
+    pr = R.get("process")
+    if pr:
+        if pr.get("e2e"):
+            x = pr["e2e"]
+            busy = f", server busy {x['server_tokens_per_s']:,.0f} tok/s" if x.get("server_tokens_per_s") else ""
+            lines.append(f"| end to end, server in its own process | {x['tokens_per_s']:,.0f} | {ratio(x['tokens_per_s'], base)} | "
+                         f"{ratio(x['tokens_per_s'], roof)} | {shape}{busy}; ready {pr['ready_seconds_after_launch'] or 0:.0f}s after launch |")
+        if pr.get("sustained"):
+            su = pr["sustained"]
+            lines.append(f"| own process, 2 clients at once | {su['tokens_per_s']:,.0f} | {ratio(su['tokens_per_s'], base)} | "
+                         f"{ratio(su['tokens_per_s'], roof)} | {su['calls']} calls of {shape} in {su['seconds']:.1f}s |")
+        if pr.get("prefix_on"):
+            x = pr["prefix_on"]
+            lines.append(f"| own process, prefix sharing on | {x['tokens_per_s']:,.0f} | {ratio(x['tokens_per_s'], base)} | "
+                         f"{ratio(x['tokens_per_s'], roof)} | {args.prompts} x {args.prompt_len} prompts x {args.samples} x "
+                         f"{args.response_len}, through gRPC |")
+    for key, label in (("prefix_eager", "eager body"), ("prefix", "best config")):
+        p = R.get(key)
+        if not p:
+            continue
         for mode in ("off", "on"):
             if mode in p:
                 m = p[mode]
-                lines.append(f"| prefix sharing {mode} | {m['tokens_per_s']:,.0f} | {ratio(m['tokens_per_s'], base)} | "
+                lines.append(f"| prefix sharing {mode} ({label}, engine) | {m['tokens_per_s']:,.0f} | {ratio(m['tokens_per_s'], base)} | "
                              f"{ratio(m['tokens_per_s'], roof)} | {args.prompts} prompts x {args.prompt_len} x "
                              f"{args.samples} samples x {args.response_len}; body ran {m['forward_tokens']:,.0f} of "
-                             f"{p['tokens']:,} tokens |")
+                             f"{p['tokens']:,} tokens; body {m['body_ms']:.0f} / head {m['head_ms']:.0f} ms per batch x "
+                             f"{m['batches']:.0f} |")
+        lines.append(f"| prefix sharing speed-up ({label}) | | {p['speedup']:.2f}x | | on vs off |")
     c = R.get("cache")
     if c:
         lines.append(f"| repeated batch from the cache | {c['tokens_per_s']:,.0f} | {ratio(c['tokens_per_s'], base)} | "
                      f"{ratio(c['tokens_per_s'], roof)} | {shape}, {c['hits']} hits, {c['bytes_per_token']:.0f} B/token held |")
+    if R.get("levers"):
+        lines += ["", f"Levers, engine level (no gRPC), {shape}, device-synchronised split per call:", "",
+                  "| configuration | tokens/s | vs plain forward | vs roofline | body ms | head ms | other ms | prepare s |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for x in R["levers"]:
+            act = "" if (x["active_body"] or x["compile"] in ("off", "head")) else " (compile FAILED: eager)"
+            lines.append(f"| {x['name']}{act} | {x['tokens_per_s']:,.0f} | {ratio(x['tokens_per_s'], base)} | "
+                         f"{ratio(x['tokens_per_s'], roof)} | {x['body_ms']:.0f} | {x['head_ms']:.0f} | {x['other_ms']:.0f} | "
+                         f"{x['prepare_seconds']:.1f} |")
+    bd = R.get("breakdown")
+    if bd:
+        lines += ["", f"One end-to-end call of {shape} (in-process server, best config), ms: body {bd['body_ms']:.0f}, "
+                  f"head {bd['head_ms']:.0f}, copy-out + slicing {bd['copy_out_ms']:.0f}, encode {bd['encode_ms']:.0f}, "
+                  f"decode {bd['decode_ms']:.0f}, gRPC + threads + rest {bd['grpc_rest_ms']:.0f} (of {bd['e2e_ms']:.0f})."]
+    u = R.get("uneven")
+    if u:
+        lines += ["", f"Uneven lengths ({u['sequences']} sequences, {u['tokens']:,} tokens), engine level:", "",
+                  "| plain path | tokens/s | forwarded tokens | padded | sub-batches | body ms | head ms |", "|---|---|---|---|---|---|---|"]
+        for mode in ("padded", "split"):
+            m = u[mode]
+            lines.append(f"| {mode} | {m['tokens_per_s']:,.0f} | {m['forward_tokens']:,.0f} | {m['padded_tokens']:,.0f} | "
+                         f"{m['sub_batches']:.0f} | {m['body_ms']:.0f} | {m['head_ms']:.0f} |")
     if R.get("wire"):
         lines += ["", "| value encoding | compression | bytes/token | tokens/s end to end |", "|---|---|---|---|"]
         for w in R["wire"]:

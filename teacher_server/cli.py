@@ -36,6 +36,13 @@ def add_arguments(p):
                    help="in-memory statistics cache in MiB (0 = off): re-scoring a sequence costs a lookup")
     p.add_argument("--cache-dir", default=None,
                    help="directory of an on-disk statistics store shared across restarts (content-addressed files)")
+    p.add_argument("--compile", default="auto", choices=["auto", "off", "body", "head", "all"],
+                   help="torch.compile the body and/or the head's row reduction (auto = all on CUDA, off on CPU); "
+                        "compiled and warmed up before the server reports SERVING, eager on failure")
+    p.add_argument("--head", default="fast", choices=["fast", "reference"],
+                   help="statistics head implementation (reference = the former fp32 passes, for comparisons)")
+    p.add_argument("--no-split-uneven", action="store_true",
+                   help="pad a batch of uneven lengths to its longest instead of forwarding similar-length sub-batches")
     p.add_argument("--auth-token", default=os.environ.get("OPD_TEACHER_TOKEN"),
                    help="require 'authorization: Bearer TOKEN' metadata (default: $OPD_TEACHER_TOKEN; none = open)")
     p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
@@ -71,6 +78,8 @@ def main(args) -> int:
     except ValueError as exc:
         print(f"opd teacher: {exc}", file=sys.stderr)
         return 2
+    eng = server.engine
+    eng.compile, eng.head, eng.split_uneven = args.compile, args.head, not args.no_split_uneven
     if metrics is not None:
         metrics.attach(server.engine)
         metrics.serve(args.host, args.metrics_port)
@@ -87,7 +96,10 @@ def main(args) -> int:
     info = server.servicer.info
     print(f"opd teacher: serving {info.model_name} ({info.dtype}, vocab {info.vocab_size}) on "
           f"{args.host}:{server.port}", flush=True)
-    stop.wait()
+    # poll: a signal delivered to one of the server's other threads would not wake a main
+    # thread blocked in a plain wait, and its Python handler would never run
+    while not stop.wait(0.5):
+        pass
     server.stop(args.grace_s)
     print("opd teacher: stopped", flush=True)
     return 0

@@ -15,6 +15,18 @@ Prompt-prefix sharing (`prefix.py`, on by default): sequences of one batch that 
 and only their continuations against its KV cache; the opener of a batch pulls sequences with
 its first tokens in first. Results equal the unshared path (tests/test_teacher_prefix.py).
 
+Speed levers (each an attribute, so the benchmark can flip them on one engine):
+- `compile` ("auto" | "off" | "body" | "head" | "all"; auto = all on CUDA, off elsewhere):
+  regional torch.compile of the body (`model.compile_body`) and of the head's fused row reduction
+  (`head.compiled_row_stats`); compiled and warmed up by `prepare()` (the worker thread runs it
+  before taking work, `score` waits for it), falling back to eager if compilation fails.
+- `head` ("fast" | "reference"): the statistics head (`head.HEADS`).
+- `split_uneven`: the plain (unshared) path forwards a batch of uneven lengths as sub-batches of
+  similar length (sorted, cut where padding would pass `split_max_pad` of a sub-batch holding
+  >= `split_min_tokens` real tokens) instead of padding everything to the longest.
+- `timing`: synchronise the device after the body and after the head so `stats.body_seconds` /
+  `stats.head_seconds` attribute the time (benchmarks; costs a little overlap).
+
 Statistics cache (`cache.py`, off unless `cache` is given): keyed by the teacher's model id, the
 token ids, the span and every option that changes the result; a hit is delivered at `submit` /
 `score` without queueing (`_batch_sequences` = 0). Counters: `stats.cache_*`.
@@ -34,8 +46,12 @@ import torch
 from teacher_server import head as H
 from teacher_server import prefix as PX
 from teacher_server.cache import StatsCache, item_key
+from teacher_server.model import compile_body, uncompile_body
 
 log = logging.getLogger("opd.teacher")
+
+
+COMPILE_MODES = ("auto", "off", "body", "head", "all")
 
 
 class QueueFull(Exception):
@@ -82,13 +98,19 @@ class EngineStats:
     cache_misses: int = 0
     cache_bytes: int = 0              # bytes held by the in-memory statistics cache
     cache_entries: int = 0
+    body_seconds: float = 0.0         # time in the body forward (device-synchronised only with `timing`)
+    head_seconds: float = 0.0         # time in the statistics head (same)
+    sub_batches: int = 0              # body forwards of the plain path (split_uneven may cut a batch)
+    compile_seconds: float = 0.0      # torch.compile + warm-up time spent by `prepare()`
 
 
 class ScoringEngine:
     def __init__(self, model, *, device: str | torch.device = "cpu", max_batch_tokens: int = 16384,
                  chunk_size: int = 1024, max_queue_tokens: int = 1 << 20, pad_id: int = 0,
                  prefix_sharing: bool = True, prefix_min_tokens: int = 16,
-                 cache: StatsCache | None = None, model_id: str = ""):
+                 cache: StatsCache | None = None, model_id: str = "", compile: str = "auto",
+                 compile_backend: str = "inductor", head: str = "fast", split_uneven: bool = True,
+                 split_min_tokens: int = 4096, split_max_pad: float = 0.1, timing: bool = False):
         self.model = model
         self.device = torch.device(device)
         self.body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -102,6 +124,21 @@ class ScoringEngine:
         self.prefix_min_tokens = prefix_min_tokens
         self.cache = cache            # statistics cache (None = off); may be swapped at run time
         self.model_id = model_id      # identity of the teacher in cache keys (model hash + dtype)
+        if compile not in COMPILE_MODES:
+            raise ValueError(f"compile={compile!r}: expected one of {COMPILE_MODES}")
+        if head not in H.HEADS:
+            raise ValueError(f"head={head!r}: expected one of {sorted(H.HEADS)}")
+        self.compile = compile        # requested mode; `prepare()` applies it
+        self.compile_backend = compile_backend
+        self.head = head
+        self.split_uneven = split_uneven
+        self.split_min_tokens = split_min_tokens
+        self.split_max_pad = split_max_pad
+        self.timing = timing
+        self.compiled_body = False    # what is active now
+        self.compiled_head = False
+        self._prepared: str | None = None
+        self._prepare_lock = threading.Lock()
         self.stats = EngineStats()
         self._pending: list[ScoreItem] = []
         self._pending_tokens = 0
@@ -191,6 +228,7 @@ class ScoringEngine:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        self.prepare()
         while True:
             with self._cv:
                 while not self._pending and not self._stop:
@@ -214,6 +252,7 @@ class ScoringEngine:
     def score(self, items: list[ScoreItem], use_cache: bool = True) -> list[dict]:
         """Score items synchronously on the caller's thread (batched like the worker does).
         use_cache=False neither reads nor fills the statistics cache (warm-up, benchmarks)."""
+        self.prepare()
         out: dict[int, dict] = {}
         pending = []
         for it in items:
@@ -234,13 +273,118 @@ class ScoringEngine:
                 out[id(it)] = res
         return [out[id(it)] for it in items]
 
+    # ---- compile / warm-up ---------------------------------------------------------------------
+    def resolved_compile(self) -> str:
+        if self.compile == "auto":
+            return "all" if self.device.type == "cuda" else "off"
+        return self.compile
+
+    def prepare(self) -> None:
+        """Apply the compile mode (idempotent; re-applies after `compile` changed): compile the
+        body / head and warm every graph the server uses (batch 1, batch > 1, padded batch,
+        shared-prefix batch), so the first real request pays no compile. Eager on failure."""
+        mode = self.resolved_compile()
+        if self._prepared == mode:
+            return
+        with self._prepare_lock:
+            if self._prepared == mode:
+                return
+            want_body, want_head = mode in ("body", "all"), mode in ("head", "all")
+            if not want_body and self.compiled_body:
+                uncompile_body(self.body)
+                self.compiled_body = False
+            batches = self._warm_batches()
+            reference = None
+            if (want_body or want_head) and not self.compiled_body:
+                self.compiled_head = False
+                reference = self._run_warm(batches)  # eager results, to check the compiled ones
+            self.compiled_head = want_head
+            if want_body and not self.compiled_body:
+                self.compiled_body = compile_body(self.body, backend=self.compile_backend)
+                if not self.compiled_body:
+                    log.warning("compile: the body has no uniform `layers`; it stays eager")
+            if self.compiled_body or self.compiled_head:
+                t = time.perf_counter()
+                try:
+                    got = self._run_warm(batches)
+                    if reference is not None:
+                        problem = compare_results(reference, got, self.weight.dtype)
+                        if problem:
+                            log.error("compile: compiled results differ from eager (%s); serving eager", problem)
+                            self._disable_compile()
+                except Exception:
+                    log.exception("compile: warm-up failed; falling back to eager")
+                    self._disable_compile()
+                dt = time.perf_counter() - t
+                self.stats.compile_seconds += dt
+                log.info("compile (%s, body %s, head %s): %.1fs", mode, self.compiled_body, self.compiled_head, dt)
+            self._prepared = mode
+
+    def _disable_compile(self) -> None:
+        if self.compiled_body:
+            uncompile_body(self.body)
+        self.compiled_body = self.compiled_head = False
+        self.compile = "off"
+
+    def _warm_batches(self) -> list[list[ScoreItem]]:
+        vocab = int(self.weight.shape[0])
+        rng = np.random.default_rng(0)
+        # odd sizes: a dynamic dim whose warm-up size equals a model dim (hidden 64, head_dim
+        # 128, ...) would be duck-sized onto it and specialised; batch 1 is a graph of its own
+        p = max(37, self.prefix_min_tokens + 7)
+
+        def item(ids, start=1, stats=(H.SAMPLED, H.TOPK, H.TAIL)):
+            return ScoreItem("warmup", np.asarray(ids, dtype=np.int64), start, len(ids), top_k=min(8, vocab),
+                             stats=frozenset(stats))
+
+        def seq(n):
+            return rng.integers(0, vocab, size=n)
+
+        prompt = seq(p)
+        batches = [[item(seq(53))],                                   # batch 1
+                   [item(seq(53)), item(seq(53), stats=(H.SAMPLED, H.TOPK, H.TAIL, H.ENTROPY)),
+                    item(seq(53))],                                   # batch > 1
+                   [item(seq(53)), item(seq(41)), item(seq(29))]]     # padded batch (mask)
+        if self.prefix_sharing:                                       # shared prefix, uneven continuations
+            batches.append([item(np.concatenate([prompt, seq(n)]), p) for n in (23, 19, 23)])
+        return batches
+
+    def _run_warm(self, batches: list[list[ScoreItem]]) -> list[list[dict]]:
+        saved, split = self.stats, self.split_uneven
+        self.stats, self.split_uneven = EngineStats(), False   # (the padded batch must stay one forward)
+        try:
+            out = [self._run_batch(b) for b in batches]
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            return out
+        finally:
+            self.stats, self.split_uneven = saved, split
+
     # ---- compute -----------------------------------------------------------------------------
-    @torch.inference_mode()
     def run_batch(self, batch: list[ScoreItem]) -> list[dict]:
+        try:
+            return self._run_batch(batch)
+        except Exception:
+            if not (self.compiled_body or self.compiled_head) or self._prepared is None:
+                raise
+            log.exception("compiled batch failed; falling back to eager for good")
+            with self._prepare_lock:
+                self._disable_compile()
+                self._prepared = "off"
+            return self._run_batch(batch)
+
+    def _sync(self) -> None:
+        if self.timing and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def _run_batch(self, batch: list[ScoreItem]) -> list[dict]:
         t0 = time.perf_counter()
         dev = self.device
         lengths = [len(it.token_ids) for it in batch]
         hidden_rows = self._hidden_rows(batch)
+        self._sync()
+        t_body = time.perf_counter()
 
         targets, temps, row_k, extra = [], [], [], []
         max_m = max((it.extra_ids.shape[1] for it in batch if it.extra_ids is not None), default=0)
@@ -255,15 +399,20 @@ class ScoringEngine:
                 extra.append(e)
         rows = hidden_rows[0] if len(hidden_rows) == 1 else torch.cat(hidden_rows)
         stats = frozenset().union(*(it.stats for it in batch))
+        uniform_t = all(float(it.temperature) == 1.0 for it in batch)
         req = H.HeadRequest(
-            hidden=rows, targets=torch.cat(targets).to(dev), temperature=torch.cat(temps).to(dev),
+            hidden=rows, targets=torch.cat(targets).to(dev),
+            temperature=None if uniform_t else torch.cat(temps).to(dev),
             top_k=max(it.top_k for it in batch), row_k=torch.cat(row_k).to(dev),
             extra_ids=torch.cat(extra).to(dev) if max_m else None, stats=stats)
-        res = H.head_statistics(req, self.weight, self.chunk_size, self.softcap)
+        res = H.HEADS[self.head](req, self.weight, self.chunk_size, self.softcap, compiled=self.compiled_head,
+                                 compile_backend=self.compile_backend)
         uniform_k = "topk_ids" in res and len({it.top_k for it in batch}) == 1
         if uniform_k:  # sort ids ascending on the device (for delta coding): no host-side argsort
             res["topk_ids"], order = res["topk_ids"].sort(dim=1)
             res["topk_vals"] = res["topk_vals"].gather(1, order)
+        self._sync()
+        t_head = time.perf_counter()
         res = {k: v.cpu().numpy() for k, v in res.items()}  # one device->host copy per statistic
 
         results, r0 = [], 0
@@ -298,6 +447,8 @@ class ScoringEngine:
         s.tokens += sum(lengths)
         s.scored_positions += r0
         s.busy_seconds += dt
+        s.body_seconds += t_body - t0
+        s.head_seconds += t_head - t_body
         if self.cache is not None:
             for it, one in zip(batch, results):
                 if it.cache_key is not None:
@@ -323,20 +474,60 @@ class ScoringEngine:
             s.shared_prefix_tokens += cnt["shared_prefix_tokens"]
             for i, (ph, ch, p) in shared.items():
                 out[i] = PX.rows_for(ph, ch, p, batch[i].target_start, batch[i].target_end)
-        if plain:
-            lengths = [len(seqs[i]) for i in plain]
+        for sub in self._plain_groups(plain, [len(seqs[i]) for i in plain]):
+            s.sub_batches += 1
+            lengths = [len(seqs[i]) for i in sub]
             longest = max(lengths)
-            ids = torch.full((len(plain), longest), self.pad_id, dtype=torch.long)
-            for b, i in enumerate(plain):
+            ids = torch.full((len(sub), longest), self.pad_id, dtype=torch.long)
+            for b, i in enumerate(sub):
                 ids[b, : lengths[b]] = torch.from_numpy(seqs[i])
             ids = ids.to(dev, non_blocking=True)
             mask = None
             if min(lengths) != longest:
                 mask = (torch.arange(longest)[None, :] < torch.tensor(lengths)[:, None]).long().to(dev)
             hidden = self.body(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
-            s.forward_tokens += longest * len(plain)
-            s.padded_tokens += longest * len(plain) - sum(lengths)
-            for b, i in enumerate(plain):
+            s.forward_tokens += longest * len(sub)
+            s.padded_tokens += longest * len(sub) - sum(lengths)
+            for b, i in enumerate(sub):
                 it = batch[i]
                 out[i] = hidden[b, it.target_start - 1: it.target_end - 1]
         return out  # type: ignore[return-value]
+
+    def _plain_groups(self, idx: list[int], lengths: list[int]) -> list[list[int]]:
+        """Sub-batches of the plain path: everything in one padded forward, or (split_uneven)
+        longest first, a new sub-batch once adding the next sequence would make padding more
+        than `split_max_pad` of a sub-batch that already holds `split_min_tokens` real tokens."""
+        if not idx:
+            return []
+        if not self.split_uneven or min(lengths) == max(lengths):
+            return [idx]
+        order = sorted(range(len(idx)), key=lambda b: -lengths[b])
+        groups, cur, real = [], [], 0
+        for b in order:
+            n = lengths[b]
+            if cur:
+                padded = lengths[cur[0]] * (len(cur) + 1)
+                if padded - (real + n) > self.split_max_pad * padded and real >= self.split_min_tokens:
+                    groups.append(cur)
+                    cur, real = [], 0
+            cur.append(b)
+            real += n
+        groups.append(cur)
+        return [[idx[b] for b in g] for g in groups]
+
+
+def compare_results(reference: list[list[dict]], got: list[list[dict]], dtype: torch.dtype) -> str:
+    """'' if the compiled warm-up results match the eager ones within the dtype's rounding, else
+    what differs. Fusion reorders bf16 arithmetic, so log-probs move by ~1e-2; a wrong graph
+    (a layer skipped, a stale shape) moves them by whole units."""
+    tol_max, tol_mean = (1e-3, 1e-4) if dtype == torch.float32 else (0.5, 0.05)
+    for b, (rb, gb) in enumerate(zip(reference, got)):
+        for i, (r, g) in enumerate(zip(rb, gb)):
+            for key in (H.SAMPLED, "topk_logprobs"):
+                if key not in r:
+                    continue
+                d = np.abs(np.asarray(r[key], np.float64) - np.asarray(g[key], np.float64))
+                if d.size and (not np.isfinite(d).all() or d.max() > tol_max or d.mean() > tol_mean):
+                    return (f"warm-up batch {b} item {i} {key}: max |diff| {d.max():.3g}, mean {d.mean():.3g} "
+                            f"(allowed {tol_max:g} / {tol_mean:g})")
+    return ""

@@ -6,13 +6,29 @@ scored positions only).
 
 Semantics: row r describes the distribution of the token AFTER its position given the prefix:
 log p = log_softmax(logits / T) with T the row's temperature (T divides the logits).
+
+Two implementations, equal up to float32 rounding (tests/test_teacher_stats.py):
+- `head_statistics` (the default, "fast"): per chunk, the lm-head matmul output `l` (model dtype,
+  e.g. bf16) is read by (1) top-k on `l` itself (softcap and 1/T are monotone, so the top-k ids of
+  log_softmax(cap(l) / T) are those of `l`; half the bytes of an fp32 top-k), (2) one row
+  reduction giving the log-sum-exp and the entropy together (H = log S1 - S2 / S1 with
+  S1 = sum e^d, S2 = sum e^d d, d = z - max z), fused into one kernel when `compiled=True`
+  (torch.compile, CUDA), a few in-place fp32 passes otherwise. Everything else (sampled, top-k
+  values, extra ids, tail mass) is computed on [chunk x k] gathers only; the full [chunk x vocab]
+  log-probs are built only when FULL is asked for.
+- `head_statistics_reference`: the former path (fp32 upcast, divide, log-sum-exp, subtract, top-k
+  over fp32 log-probs), kept as the benchmark's "old head" row and as a test reference.
 """
 
 from __future__ import annotations
 
+import logging
+import threading
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger("opd.teacher")
 
 SAMPLED, TOPK, TAIL, LSE, ENTROPY, EXTRA, FULL = "sampled", "topk", "tail", "lse", "entropy", "extra", "full"
 TAIL_EXACT_BELOW = 1e-3  # tails smaller than this take the exact complement log-sum-exp
@@ -23,27 +39,154 @@ class HeadRequest:
     """Per-row inputs for one head pass over R rows (rows of many sequences, concatenated)."""
     hidden: torch.Tensor            # [R, H] final hidden states (after the model's last norm)
     targets: torch.Tensor           # [R] int64 next tokens (for SAMPLED)
-    temperature: torch.Tensor       # [R] float32
+    temperature: torch.Tensor | None  # [R] float32; None = every row has T = 1 (no division)
     top_k: int                      # max top-k over the rows (0 = none)
     row_k: torch.Tensor | None      # [R] int64 each row's own k (<= top_k), for the tail mass
     extra_ids: torch.Tensor | None  # [R, M] int64 caller-supplied ids (padded with 0)
     stats: frozenset[str]
 
 
+def _transform(x: torch.Tensor, softcap: float | None, t: torch.Tensor | None) -> torch.Tensor:
+    """z = cap(x) / T in float32 (x: raw logits or a gather of them; t [rows, 1] broadcasts)."""
+    z = x.float()
+    if softcap:
+        z = torch.tanh(z / softcap) * softcap
+    if t is not None:
+        z = z / t
+    return z
+
+
+def _row_stats_fused(l: torch.Tensor, temp: torch.Tensor, softcap: float | None):
+    """Log-sum-exp and entropy of z = cap(l) / T per row; written for torch.compile (one kernel)."""
+    z = _transform(l, softcap, temp)
+    m = z.amax(-1, keepdim=True)
+    d = z - m
+    e = d.exp()
+    s1 = e.sum(-1)
+    s2 = torch.where(e > 0, e * d, torch.zeros((), dtype=e.dtype, device=e.device)).sum(-1)
+    log_s1 = s1.log()
+    return m.squeeze(-1) + log_s1, log_s1 - s2 / s1
+
+
+def _row_stats_eager(l: torch.Tensor, temp: torch.Tensor | None, softcap: float | None, entropy: bool):
+    """Same as `_row_stats_fused` with in-place fp32 passes (CPU, or compile off)."""
+    z = l.float() if l.dtype != torch.float32 else l.clone()
+    if softcap:
+        z.div_(softcap).tanh_().mul_(softcap)
+    if temp is not None:
+        z.div_(temp)
+    m = z.amax(-1, keepdim=True)
+    z.sub_(m)                                   # d = z - max
+    ent = None
+    if entropy:
+        e = z.exp()
+        s1 = e.sum(-1)
+        s2 = e.mul_(z).nan_to_num_(nan=0.0).sum(-1)  # e^d * d (0 * -inf -> 0)
+        log_s1 = s1.log()
+        ent = log_s1 - s2 / s1
+    else:
+        log_s1 = z.exp_().sum(-1).log()
+    return m.squeeze(-1) + log_s1, ent
+
+
+_compiled = {}
+_compile_lock = threading.Lock()
+
+
+def compiled_row_stats(backend: str = "inductor"):
+    """The torch.compile'd fused row reduction (built once per backend; dynamic row count)."""
+    with _compile_lock:
+        fn = _compiled.get(backend)
+        if fn is None:
+            fn = _compiled[backend] = torch.compile(_row_stats_fused, dynamic=True, backend=backend)
+        return fn
+
+
 @torch.inference_mode()
 def head_statistics(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 1024,
-                    softcap: float | None = None) -> dict[str, torch.Tensor]:
+                    softcap: float | None = None, compiled: bool = False,
+                    compile_backend: str = "inductor") -> dict[str, torch.Tensor]:
     """Compute the requested statistics for every row, chunk by chunk. Returns float32 tensors
     (top-k ids int64) on the weight's device; top-k comes sorted by DESCENDING log-prob."""
     rows = req.hidden.shape[0]
     dev = weight.device
+    want_k = req.top_k > 0 and (TOPK in req.stats or TAIL in req.stats)
+    want_ent = ENTROPY in req.stats
+    fused = compiled_row_stats(compile_backend) if compiled else None
+    ones = None
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in (SAMPLED, "topk_vals", "topk_ids", TAIL, LSE, ENTROPY, EXTRA, FULL)}
+    for s in range(0, rows, chunk_size):
+        e = min(rows, s + chunk_size)
+        l = torch.matmul(req.hidden[s:e], weight.t())           # raw logits, model dtype
+        temp = None if req.temperature is None else req.temperature[s:e, None].float()
+        if fused is not None and e - s > 1:  # (one row would specialise the compiled graph: eager)
+            if temp is None:
+                if ones is None or ones.shape[0] < e - s:
+                    ones = torch.ones((chunk_size, 1), device=dev)
+                t_arg = ones[: e - s]
+            else:
+                t_arg = temp
+            lse, ent = fused(l, t_arg, softcap)
+        else:
+            lse, ent = _row_stats_eager(l, temp, softcap, want_ent)
+        if LSE in req.stats:
+            out[LSE].append(lse)
+        if want_ent:
+            out[ENTROPY].append(ent)
+        if SAMPLED in req.stats:
+            out[SAMPLED].append(_transform(l.gather(1, req.targets[s:e, None]), softcap, temp).squeeze(1) - lse)
+        if EXTRA in req.stats and req.extra_ids is not None:
+            out[EXTRA].append(_transform(l.gather(1, req.extra_ids[s:e]), softcap, temp) - lse[:, None])
+        if FULL in req.stats:
+            out[FULL].append(_transform(l, softcap, temp) - lse[:, None])
+        if want_k:
+            raw, ids = torch.topk(l, req.top_k, dim=-1, sorted=True)
+            vals = _transform(raw, softcap, temp) - lse[:, None]
+            out["topk_vals"].append(vals)
+            out["topk_ids"].append(ids)
+            if TAIL in req.stats:
+                out[TAIL].append(_tail(req, s, e, vals, ids, dev,
+                                       lambda r: _transform(l.index_select(0, r), softcap,
+                                                            None if temp is None else temp.index_select(0, r)) - lse[r, None]))
+        elif TAIL in req.stats:
+            out[TAIL].append(torch.zeros(e - s, device=dev))  # top_k = 0: everything is tail
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def _tail(req: HeadRequest, s: int, e: int, vals: torch.Tensor, ids: torch.Tensor, dev, logp_rows) -> torch.Tensor:
+    """log of the mass outside each row's own top-k. Cheap path: log(1 - sum p_topk) in float64
+    from fp32 log-probs (relative error <= ~1e-7 / tail). Rows whose tail is below
+    TAIL_EXACT_BELOW would cancel badly: they take the exact log-sum-exp over the complement
+    instead (`logp_rows(rows)` gives their full log-prob rows)."""
+    k_row = req.row_k[s:e] if req.row_k is not None else torch.full((e - s,), req.top_k, device=dev)
+    cols = torch.arange(req.top_k, device=dev)[None, :]
+    in_k = cols < k_row[:, None]
+    covered = torch.where(in_k, vals.double().exp(), torch.zeros((), dtype=torch.float64, device=dev)).sum(-1)
+    tail = torch.log1p(-covered.clamp(max=1.0)).float()
+    small = covered > 1.0 - TAIL_EXACT_BELOW
+    if bool(small.any()):
+        rows_s = torch.nonzero(small).squeeze(1)
+        sub = logp_rows(rows_s)
+        masked_ids = torch.where(in_k[rows_s], ids[rows_s], ids[rows_s, :1])
+        sub.scatter_(1, masked_ids, float("-inf"))
+        tail[rows_s] = torch.logsumexp(sub, dim=-1)
+    return tail
+
+
+@torch.inference_mode()
+def head_statistics_reference(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 1024,
+                              softcap: float | None = None, **_) -> dict[str, torch.Tensor]:
+    """The former head (full fp32 passes over [chunk x vocab]); same outputs as `head_statistics`."""
+    rows = req.hidden.shape[0]
+    dev = weight.device
+    temperature = req.temperature if req.temperature is not None else torch.ones(rows, device=dev)
     out: dict[str, list[torch.Tensor]] = {k: [] for k in (SAMPLED, "topk_vals", "topk_ids", TAIL, LSE, ENTROPY, EXTRA, FULL)}
     for s in range(0, rows, chunk_size):
         e = min(rows, s + chunk_size)
         logits = torch.matmul(req.hidden[s:e], weight.t()).float()
         if softcap:
             logits = torch.tanh(logits / softcap) * softcap
-        logits.div_(req.temperature[s:e, None])
+        logits.div_(temperature[s:e, None])
         lse = torch.logsumexp(logits, dim=-1)
         logp = logits.sub_(lse[:, None])  # in place: logits are not needed any more
         if LSE in req.stats:
@@ -61,23 +204,10 @@ def head_statistics(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 10
             out["topk_vals"].append(vals)
             out["topk_ids"].append(ids)
             if TAIL in req.stats:
-                # log of the mass outside each row's own top-k. Cheap path: log(1 - sum p_topk)
-                # in float64 from fp32 log-probs (relative error <= ~1e-7 / tail). Rows whose tail
-                # is below TAIL_EXACT_BELOW would cancel badly: they take the exact log-sum-exp over
-                # the complement instead (one more pass over their logits only).
-                k_row = req.row_k[s:e] if req.row_k is not None else torch.full((e - s,), req.top_k, device=dev)
-                cols = torch.arange(req.top_k, device=dev)[None, :]
-                in_k = cols < k_row[:, None]
-                covered = torch.where(in_k, vals.double().exp(), torch.zeros((), dtype=torch.float64, device=dev)).sum(-1)
-                tail = torch.log1p(-covered.clamp(max=1.0)).float()
-                small = covered > 1.0 - TAIL_EXACT_BELOW
-                if bool(small.any()):
-                    rows_s = torch.nonzero(small).squeeze(1)
-                    sub = logp.index_select(0, rows_s)
-                    masked_ids = torch.where(in_k[rows_s], ids[rows_s], ids[rows_s, :1])
-                    sub.scatter_(1, masked_ids, float("-inf"))
-                    tail[rows_s] = torch.logsumexp(sub, dim=-1)
-                out[TAIL].append(tail)
+                out[TAIL].append(_tail(req, s, e, vals, ids, dev, lambda r: logp.index_select(0, r)))
         elif TAIL in req.stats:
             out[TAIL].append(torch.zeros(e - s, device=dev))  # top_k = 0: everything is tail
     return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+HEADS = {"fast": head_statistics, "reference": head_statistics_reference}

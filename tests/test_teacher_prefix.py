@@ -105,3 +105,78 @@ def test_batching_budget_keeps_groups_together(model):
     plain = _engine(model, False, budget=32 * 4).score(_items(seqs, starts))
     for a, b in zip(plain, shared):
         _assert_same(a, b)
+
+
+def test_compiled_body_and_head_equal_eager(model):
+    """compile='all' (here with torch.compile's 'eager' backend, so the CPU test is quick: the same
+    Dynamo capture, wrappers, graph reuse and warm-up as on CUDA, without Inductor) gives the eager
+    engine's results on plain, padded, split and prefix-shared batches; `uncompile_body` restores."""
+    from teacher_server.model import uncompile_body
+
+    rng = np.random.default_rng(11)
+    seqs, starts = _workload(rng)
+    plain = _engine(model, False).score(_items(seqs, starts))
+    eng = ScoringEngine(model, chunk_size=5, max_batch_tokens=100_000, prefix_sharing=True, prefix_min_tokens=4,
+                        compile="all", compile_backend="eager", split_min_tokens=8)
+    try:
+        got = eng.score(_items(seqs, starts))
+        assert eng.compiled_body and eng.compiled_head and eng.stats.compile_seconds > 0
+        assert eng.stats.sequences == len(seqs)            # warm-up batches are not counted
+        assert "forward" in eng.body.layers[0].__dict__
+        for a, b in zip(plain, got):
+            _assert_same(a, b)
+        eng.compile = "off"
+        again = eng.score(_items(seqs, starts))
+        assert not eng.compiled_body and "forward" not in eng.body.layers[0].__dict__
+        for a, b in zip(plain, again):
+            _assert_same(a, b)
+    finally:
+        uncompile_body(eng.body)
+
+
+def test_compiled_results_are_checked_against_eager_at_warm_up(model, monkeypatch):
+    """A compiled body that computes something else (here: a 'compile' that scales the last
+    layer's output) is caught by the warm-up comparison with eager; the engine then serves eager
+    results and says so in its mode."""
+    import teacher_server.engine as E
+
+    hooks = []
+
+    def bad_compile(body, backend="inductor", dynamic=True):
+        hooks.append(body.layers[-1].register_forward_hook(
+            lambda mod, args, out: (out[0] * 1.5,) + tuple(out[1:]) if isinstance(out, tuple) else out * 1.5))
+        body._opd_eager = []
+        return True
+
+    def undo(body):
+        while hooks:
+            hooks.pop().remove()
+        body.__dict__.pop("_opd_eager", None)
+
+    monkeypatch.setattr(E, "compile_body", bad_compile)
+    monkeypatch.setattr(E, "uncompile_body", undo)
+    rng = np.random.default_rng(5)
+    seqs, starts = _workload(rng)
+    plain = _engine(model, False).score(_items(seqs, starts))
+    eng = ScoringEngine(model, chunk_size=5, max_batch_tokens=100_000, prefix_sharing=True, prefix_min_tokens=4,
+                        compile="body", compile_backend="eager")
+    try:
+        got = eng.score(_items(seqs, starts))
+        assert not eng.compiled_body and eng.compile == "off" and not hooks
+        for a, b in zip(plain, got):
+            _assert_same(a, b)
+    finally:
+        undo(eng.body)
+
+
+def test_compare_results_tolerances():
+    import torch
+
+    from teacher_server.engine import compare_results
+
+    ref = [[{"sampled": np.array([-1.0, -2.0]), "topk_logprobs": np.array([[-0.5, -1.5]])}]]
+    near = [[{"sampled": np.array([-1.02, -2.01]), "topk_logprobs": np.array([[-0.51, -1.49]])}]]
+    far = [[{"sampled": np.array([-1.0, -3.0]), "topk_logprobs": np.array([[-0.5, -1.5]])}]]
+    assert compare_results(ref, near, torch.bfloat16) == ""
+    assert "sampled" in compare_results(ref, far, torch.bfloat16)
+    assert "sampled" in compare_results(ref, near, torch.float32)  # fp32 allows 1e-3 only

@@ -128,3 +128,89 @@ def test_tail_is_exact_for_tiny_and_large_tails():
     ref = torch.logsumexp(lp.scatter(1, top, float("-inf")), -1)
     assert ref.min() < -20 and ref.max() > -1   # both regimes are covered
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def _head_case(dtype, softcap, temps, seed=0):
+    import torch
+
+    from teacher_server import head as H
+
+    g = torch.Generator().manual_seed(seed)
+    rows, hid, V, k = 37, 24, 300, 12
+    hidden = torch.randn(rows, hid, generator=g).to(dtype)
+    W = (torch.randn(V, hid, generator=g) * 0.7).to(dtype)
+    W[:, 0] *= torch.linspace(0, 30, V).to(dtype)      # some rows get very peaked (tiny tails)
+    t = None if temps is None else torch.tensor(temps * rows)[:rows].float()
+    row_k = torch.randint(1, k + 1, (rows,), generator=g)
+    req = H.HeadRequest(hidden=hidden, targets=torch.randint(0, V, (rows,), generator=g), temperature=t,
+                        top_k=k, row_k=row_k, extra_ids=torch.randint(0, V, (rows, 5), generator=g),
+                        stats=frozenset({H.SAMPLED, H.TOPK, H.TAIL, H.LSE, H.ENTROPY, H.EXTRA, H.FULL}))
+    return req, W
+
+
+@pytest.mark.parametrize("softcap", [None, 30.0])
+@pytest.mark.parametrize("temps", [None, [1.0], [0.7, 1.3, 1.0]])
+def test_fast_head_equals_reference_head(softcap, temps):
+    """The default head (top-k on raw logits, fused lse + entropy, no division at T = 1) gives
+    the statistics of the former head, chunking included."""
+    import torch
+
+    from teacher_server import head as H
+
+    req, W = _head_case(torch.float32, softcap, temps)
+    for chunk in (7, 1, 1024):  # (same chunking on both sides: the matmul's rounding depends on it)
+        ref = H.head_statistics_reference(req, W, chunk_size=chunk, softcap=softcap)
+        got = H.head_statistics(req, W, chunk_size=chunk, softcap=softcap)
+        assert set(got) == set(ref)
+        for key in ref:
+            if key == "topk_ids":  # ids carry the reference's values (softcap ties may swap order)
+                torch.testing.assert_close(ref[H.FULL].gather(1, got[key]), got["topk_vals"], rtol=1e-5, atol=1e-5)
+                if not softcap:
+                    torch.testing.assert_close(got[key], ref[key], rtol=0, atol=0)
+            elif key == H.TAIL:  # log(1 - covered) is ill-conditioned near its 1e-3 switch: compare masses
+                torch.testing.assert_close(got[key].exp(), ref[key].exp(), rtol=1e-4, atol=1e-7)
+            else:
+                torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=key)
+        assert torch.isfinite(got[H.ENTROPY]).all() and got[H.TAIL].min() < -7  # both tail regimes hit
+
+
+def test_fast_head_bf16_logits_equal_reference():
+    """bf16 model: top-k taken on the bf16 logits equals the top-k of the fp32 log-probs of the same
+    logits (values compared sorted: bf16 ties may come in another order)."""
+    import torch
+
+    from teacher_server import head as H
+
+    req, W = _head_case(torch.bfloat16, None, [0.8])
+    ref = H.head_statistics_reference(req, W, chunk_size=8)
+    got = H.head_statistics(req, W, chunk_size=8)
+    for key in (H.SAMPLED, H.LSE, H.ENTROPY, H.EXTRA, H.FULL, H.TAIL, "topk_vals"):
+        torch.testing.assert_close(got[key], ref[key], rtol=1e-5, atol=1e-5, msg=key)
+    same = (got["topk_ids"] == ref["topk_ids"]).float().mean()
+    assert same > 0.95
+
+
+def test_engine_options_equal_default_path(tiny_model_dir):
+    """head='reference', split_uneven on/off and T != 1 give the default engine's results."""
+    rng = np.random.default_rng(3)
+    seqs = _seqs(rng, [5, 31, 17, 64, 8, 30, 63, 2])
+    starts = [1, 3, 16, 2, 7, 29, 10, 1]
+    model = load_model(tiny_model_dir, "fp32")
+
+    def run(**kw):
+        eng = ScoringEngine(model, chunk_size=6, max_batch_tokens=10_000, **kw)
+        items = _items(seqs, starts)
+        for i, it in enumerate(items):
+            it.temperature = 0.7 if i % 3 == 0 else 1.0
+        return eng, eng.score(items)
+
+    base_eng, base = run()
+    assert base_eng.stats.sub_batches == 1   # split needs >= split_min_tokens real tokens per sub-batch
+    variants = [run(head="reference"), run(split_uneven=False), run(split_min_tokens=20, split_max_pad=0.05)]
+    split_eng = variants[-1][0]
+    assert split_eng.stats.sub_batches > 1 and split_eng.stats.padded_tokens < base_eng.stats.padded_tokens
+    for _, res in variants:
+        for a, b in zip(base, res):
+            for key in ("sampled", "topk_logprobs", "tail", "entropy"):
+                np.testing.assert_allclose(a[key], b[key], atol=2e-5)
+            np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
