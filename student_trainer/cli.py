@@ -47,5 +47,9 @@ def main(args, extra: list[str] | None = None) -> int:
         last = trainer.run()
     finally:
         trainer.close()
+        import torch.distributed as dist
+
+        if dist.is_initialized():  # a live NCCL watchdog thread at exit aborts the process
+            dist.destroy_process_group()
     print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float, str))}), flush=True)
     return 0

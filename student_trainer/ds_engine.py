@@ -14,13 +14,15 @@ import socket
 import torch
 
 
-def ensure_dist_env() -> None:
+def ensure_dist_env(local_rank: int = 0) -> None:
+    """Single process: fill in the torch.distributed variables. DeepSpeed places the model on
+    ``cuda:LOCAL_RANK``, so LOCAL_RANK is the GPU this process trains on."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
 def ds_config(optim, dtype: str, grad_accum: int = 1) -> dict:
@@ -56,11 +58,13 @@ class Engine:
     """A DeepSpeed engine around `module` plus the few operations the trainer needs."""
 
     def __init__(self, module: torch.nn.Module, optim, dtype: str, total_steps: int, device: str = "cpu"):
+        index = 0
         if device.startswith("cuda"):
-            torch.cuda.set_device(torch.device(device).index or 0)
+            index = torch.device(device).index or 0
+            torch.cuda.set_device(index)
         else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        ensure_dist_env()
+        ensure_dist_env(index)
         import deepspeed
 
         self._ds = deepspeed

@@ -91,6 +91,7 @@ def _loss_terms(cfg: TrainConfig, step: int, warm: bool) -> tuple:
 class Trainer:
     def __init__(self, cfg: TrainConfig, *, resume: bool = False, on_step=None):
         self.cfg, self.on_step = cfg, on_step
+        self.device = resolve_train_device(cfg.run.device)
         self.out = Path(cfg.run.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(cfg.run.seed)
@@ -100,7 +101,7 @@ class Trainer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.student)
         dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-        student = _load_causal_lm(cfg.model.student, dtype, cfg.model.random_init)
+        student = _load_causal_lm(cfg.model.student, dtype, cfg.model.random_init, self.device)
         if cfg.model.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         student.config.use_cache = False
@@ -111,7 +112,7 @@ class Trainer:
 
         log.info("student %s loaded (vocab %d); starting DeepSpeed", cfg.model.student, self.vocab)
 
-        self.engine = Engine(StudentWithLoss(student), cfg.optim, cfg.model.dtype, cfg.run.steps, cfg.run.device)
+        self.engine = Engine(StudentWithLoss(student), cfg.optim, cfg.model.dtype, cfg.run.steps, self.device)
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.start_step = 0
@@ -178,10 +179,10 @@ class Trainer:
 
         from rollout.local_engine import LocalEngine
 
-        dev = self.cfg.run.device
+        dev = self.device
         dtype = torch.float32 if dev == "cpu" else torch.bfloat16
         random_init = self.cfg.model.random_init and model_dir == self.cfg.model.student  # weights come by sync
-        model = _load_causal_lm(model_dir, dtype, random_init).to(dev)
+        model = _load_causal_lm(model_dir, dtype, random_init, dev).to(dev)
         return LocalEngine(model, AutoTokenizer.from_pretrained(model_dir), max_batch_size=r.max_batch_size)
 
     # ---- weights to the rollout engine ----------------------------------------------------------
@@ -307,7 +308,7 @@ class Trainer:
                                        gamma=lc.gamma, clip_eps=lc.clip_eps, chunk_size=lc.chunk_size,
                                        reduction=lc.reduction, fp32_weight_grad=True, metrics=True)
         mbs = pack(data.samples, cfg.optim.micro_batch_tokens)
-        dev = torch.device(cfg.run.device)
+        dev = torch.device(self.device)
         kept = [sum(m for s in mb for m in s.response_mask) for mb in mbs]
         if lc.token_keep_ratio < 1.0:
             kept = [math.ceil(k * lc.token_keep_ratio) for k in kept]
@@ -476,11 +477,34 @@ class Trainer:
             self.teacher.close()
 
 
-def _load_causal_lm(path: str, dtype, random_init: bool = False):
+def resolve_train_device(device: str) -> str:
+    """A concrete device: ``cuda`` becomes ``cuda:LOCAL_RANK`` (each process of a torchrun launch
+    takes its own GPU); an explicit ``cuda:N`` is kept (one process on a GPU of your choice)."""
+    if not device.startswith("cuda"):
+        return device
+    if not torch.cuda.is_available():
+        raise ConfigError(f"run.device={device}: CUDA is not available on this machine (allowed here: cpu)")
+    index = torch.device(device).index
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if index is None:
+        index = local
+    elif int(os.environ.get("WORLD_SIZE", "1")) > 1 and index != local:
+        raise ConfigError(f"run.device={device} under a multi-process launch: each process trains on "
+                          f"cuda:LOCAL_RANK (here cuda:{local}); use run.device=cuda")
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"run.device={device}: this machine has {torch.cuda.device_count()} GPU(s) "
+                          f"(allowed: cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return f"cuda:{index}"
+
+
+def _load_causal_lm(path: str, dtype, random_init: bool = False, device: str = "cpu"):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if random_init:
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
+        # random weights are drawn on the target device: drawing billions of them on the CPU
+        # takes minutes, on a GPU a second
+        with torch.device(device):
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
 
 

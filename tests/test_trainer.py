@@ -64,6 +64,22 @@ def test_bad_config_file_and_cli_exit_code(tmp_path):
     assert r.returncode == 2 and "optim.lr: -1.0 must be > 0" in r.stderr
 
 
+def test_train_device_resolution(monkeypatch):
+    from student_trainer.trainer import resolve_train_device
+
+    assert resolve_train_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="run.device=cuda:1: CUDA is not available"):
+            resolve_train_device("cuda:1")
+        return
+    n = torch.cuda.device_count()
+    monkeypatch.setenv("LOCAL_RANK", str(n - 1))
+    monkeypatch.setenv("WORLD_SIZE", str(n))
+    assert resolve_train_device("cuda") == f"cuda:{n - 1}"  # torchrun: the process's own GPU
+    with pytest.raises(ConfigError, match="allowed: cuda:0"):
+        resolve_train_device(f"cuda:{n}")
+
+
 def test_loss_falls_and_resume_is_exact(models, tmp_path):
     from student_trainer.trainer import Trainer
 
