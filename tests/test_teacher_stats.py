@@ -214,3 +214,23 @@ def test_engine_options_equal_default_path(tiny_model_dir):
             for key in ("sampled", "topk_logprobs", "tail", "entropy"):
                 np.testing.assert_allclose(a[key], b[key], atol=2e-5)
             np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+
+
+def test_bf16_encoding_rounds_like_torch():
+    """The wire's fp32 -> bf16 conversion is round-to-nearest-even, bit for bit the same as
+    torch's on random bit patterns and on the edge cases (infinities, the largest finite values,
+    exact ties, signed zeros); NaN becomes the canonical quiet NaN."""
+    import torch
+
+    from teacher_server import codec as C
+
+    rng = np.random.default_rng(1)
+    edges = np.array([0, 0x80000000, 0x7F800000, 0xFF800000, 0x7F7FFFFF, 0xFF7FFFFF, 0x7FC00000, 0xFFFFFFFF,
+                      0x00008000, 0x00018000, 0x3F808000, 0x3F818000, 0x7F7F8000], dtype=np.uint32)
+    u = np.concatenate([rng.integers(0, 2 ** 32, size=200_000, dtype=np.uint64).astype(np.uint32), edges])
+    x = u.view(np.float32)
+    got = C._f32_to_bf16_bits(x)
+    ref = torch.from_numpy(x.copy()).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+    finite = ~np.isnan(x)
+    np.testing.assert_array_equal(got[finite], ref[finite])
+    assert (got[~finite] == 0x7FC0).all()
