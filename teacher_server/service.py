@@ -88,6 +88,23 @@ class ServerConfig:
     grace_s: float = 30.0
 
 
+ENCODE_GROUP = 32  # most ready results of one stream encoded at once
+_ENCODE_POOL: futures.ThreadPoolExecutor | None = None
+_ENCODE_POOL_LOCK = threading.Lock()
+
+
+def _encode_pool() -> futures.ThreadPoolExecutor:
+    """One process-wide pool for result encoding (a few threads: zstd compression is the cost)."""
+    global _ENCODE_POOL
+    with _ENCODE_POOL_LOCK:
+        if _ENCODE_POOL is None:
+            import os
+
+            _ENCODE_POOL = futures.ThreadPoolExecutor(max_workers=max(2, min(8, (os.cpu_count() or 2))),
+                                                      thread_name_prefix="opd-encode")
+        return _ENCODE_POOL
+
+
 class TeacherServicer:
     def __init__(self, engine: ScoringEngine, limits: Limits, info: pb.TeacherInfo, cfg: ServerConfig, metrics=None):
         self.engine, self.limits, self.info, self.cfg = engine, limits, info, cfg
@@ -150,25 +167,42 @@ class TeacherServicer:
 
         threading.Thread(target=read, name="opd-score-reader", daemon=True).start()
         while True:
-            msg = call.results.get()
-            if msg is None:
-                return
-            if msg[0] == "abort":
-                call.cancelled.set()
+            # A batch's results arrive together: take every ready message and encode the items
+            # concurrently (zstd and numpy release the GIL), then answer in arrival order.
+            ready = [call.results.get()]
+            while len(ready) < ENCODE_GROUP:
+                try:
+                    ready.append(call.results.get_nowait())
+                except queue.Empty:
+                    break
+            jobs = {}
+            for msg in ready:
+                if msg is not None and msg[0] != "abort" and not isinstance(msg[1], BaseException):
+                    item, res = msg
+                    opts = opts_by_id.pop(id(item))
+                    jobs[id(item)] = (_encode_pool().submit(encode_result, item, res, opts) if len(ready) > 1
+                                      else encode_result(item, res, opts))
+            for msg in ready:
+                if msg is None:
+                    return
+                if msg[0] == "abort":
+                    call.cancelled.set()
+                    if self.metrics:
+                        self.metrics.error(msg[1].name)
+                    context.abort(msg[1], msg[2])
+                item, res = msg
+                inflight.release()
+                call.finish_one()
+                if isinstance(res, BaseException):
+                    if self.metrics:
+                        self.metrics.error("INTERNAL")
+                    context.abort(grpc.StatusCode.INTERNAL, f"request_id={item.request_id!r}: scoring failed: {res}")
+                out = jobs.pop(id(item))
+                if isinstance(out, futures.Future):
+                    out = out.result()
                 if self.metrics:
-                    self.metrics.error(msg[1].name)
-                context.abort(msg[1], msg[2])
-            item, res = msg
-            inflight.release()
-            call.finish_one()
-            if isinstance(res, BaseException):
-                if self.metrics:
-                    self.metrics.error("INTERNAL")
-                context.abort(grpc.StatusCode.INTERNAL, f"request_id={item.request_id!r}: scoring failed: {res}")
-            out = encode_result(item, res, opts_by_id.pop(id(item)))
-            if self.metrics:
-                self.metrics.scored(item, time.monotonic() - item.enqueued_at, out.ByteSize())
-            yield out
+                    self.metrics.scored(item, time.monotonic() - item.enqueued_at, out.ByteSize())
+                yield out
 
 
 class _TokenAuth(grpc.ServerInterceptor):
