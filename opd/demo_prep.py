@@ -119,17 +119,28 @@ def collate(tokenizer, examples) -> tuple:
     """Right-padded (input_ids, attention_mask, loss_mask) for prompt + response + eos."""
     import torch
 
-    rows = [demo_task.encode_example(tokenizer, ex) for ex in examples]
-    length = max(len(p) + len(r) for p, r in rows)
+    rows = [_encode(tokenizer, ex) for ex in examples]
+    length = max(len(p) + len(r) for p, r, _ in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     att = torch.zeros((len(rows), length), dtype=torch.long)
     loss_mask = torch.zeros((len(rows), length), dtype=torch.bool)
-    for i, (p, r) in enumerate(rows):
+    for i, (p, r, m) in enumerate(rows):
         n = len(p) + len(r)
         ids[i, :n] = torch.tensor(p + r)
         att[i, :n] = 1
-        loss_mask[i, len(p):n] = True
+        if m is None:
+            loss_mask[i, len(p):n] = True
+        else:  # multi-turn examples (opd.tasks.CalcExample): no loss on tool-response tokens
+            loss_mask[i, len(p):n] = torch.tensor(m, dtype=torch.bool)
     return ids, att, loss_mask
+
+
+def _encode(tokenizer, ex) -> tuple[list[int], list[int], list[int] | None]:
+    """(prompt ids, response ids, response loss mask or None = all response tokens)."""
+    if hasattr(ex, "encode"):
+        return ex.encode(tokenizer)
+    p, r = demo_task.encode_example(tokenizer, ex)
+    return p, r, None
 
 
 def _warmup_cosine(steps: int, warmup: int, floor: float = 0.05) -> Callable[[int], float]:
@@ -170,7 +181,7 @@ def sft_train(model, tokenizer, examples, *, steps: int, batch_size: int, lr: fl
 
 def max_new_tokens_for(tokenizer, examples) -> int:
     """Room for the longest target response (+ eos) plus a little slack."""
-    return max(len(demo_task.response_ids(tokenizer, ex)) for ex in examples) + 4
+    return max(len(_encode(tokenizer, ex)[1]) for ex in examples) + 4
 
 
 def generate_responses(model, tokenizer, examples, *, max_new_tokens: int, temperature: float = 0.0,

@@ -90,4 +90,4 @@ def task_source(tokenizer, task: str, seed: int = 0, n_train: int = 4096, n_eval
     return PromptSource(train, ev, lambda text, p: t.grade(text, {"answer": p.answer}), seed=seed)
 
 
-BUILTIN_TASKS = ("arithmetic", "sort", "reverse")
+BUILTIN_TASKS = ("arithmetic", "sort", "reverse", "calc")  # calc needs the tool loop (rollout.agent)

@@ -92,3 +92,125 @@ def test_task_source_prompts_and_rewards():
     assert src.reward(f"Answer: {p.answer}", p) == 1.0
     assert src.reward("Answer: 0", p) == 0.0
     assert "Reverse" in tok.decode(p.prompt_ids)
+
+
+def test_calc_task_trajectory_and_grading():
+    from opd.tiny import build_tokenizer
+
+    pytest.importorskip("transformers")
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from rollout.tools import calculator, parse_tool_calls
+
+    ex = T.CalcExample(347, "*", 28)
+    assert ex.answer == "9716" and ex.question == "Compute 347*28"
+    calls = parse_tool_calls(ex.tool_call)
+    assert len(calls) == 1 and calls[0].name == "calculator" and calls[0].arguments == {"expression": "347*28"}
+    assert calculator(calls[0].arguments["expression"]) == ex.answer
+    g = T.get_task("calc").grade
+    assert g(ex.response, ex) == 1.0
+    assert g("<tool_call>...</tool_call> 9716", ex) == 0.0        # the tool's output alone is not an answer
+    assert g("Answer: -12", {"answer": "-12"}) == 1.0
+    assert T.get_task("calc").tools == ("calculator",) and T.get_task("sort").tools == ()
+    with tempfile.TemporaryDirectory() as d:
+        build_tokenizer(d, vocab_size=512)
+        tok = AutoTokenizer.from_pretrained(d)
+    prompt, resp, mask = ex.encode(tok)
+    assert len(resp) == len(mask) and 0 in mask and mask[0] == 1 and mask[-1] == 1
+    assert resp[-1] == tok.eos_token_id
+    # the tool tokens are exactly what the rollout tool loop appends after the first turn
+    from rollout.chat import ToolTurnFormatter
+
+    first = mask.index(0)
+    tool = ToolTurnFormatter(tok).tool_turn_ids([calculator(ex.expression)])
+    assert resp[first:first + len(tool)] == tool and sum(1 for m in mask if m == 0) == len(tool)
+    assert tok.decode(resp[:first]).startswith("<tool_call>")
+    from opd import demo_prep
+
+    ids, att, lmask = demo_prep.collate(tok, [ex, T.CalcExample(12, "+", 5)])
+    assert int(lmask[0].sum()) == sum(mask)
+    # single-turn examples (the demo's) keep the old layout: loss on every response token
+    from opd import demo_task
+
+    arith = demo_task.make_examples("train", 3, seed=0, style="worked")
+    ids, att, lmask = demo_prep.collate(tok, arith)
+    for i, e in enumerate(arith):
+        p_ids, r_ids = demo_task.encode_example(tok, e)
+        assert ids[i, :len(p_ids) + len(r_ids)].tolist() == p_ids + r_ids
+        assert lmask[i].nonzero().flatten().tolist() == list(range(len(p_ids), len(p_ids) + len(r_ids)))
+    assert demo_prep.max_new_tokens_for(tok, arith) == max(len(demo_task.response_ids(tok, e)) for e in arith) + 4
+
+
+def test_tool_engine_runs_the_calculator_loop():
+    """A scripted 'model' engine: the wrapper calls the tool and appends its output with mask 0."""
+    pytest.importorskip("transformers")
+    import asyncio
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    from opd.tiny import build_tokenizer
+    from opd.tool_engine import ToolEngine
+    from rollout.types import Rollout, SamplingParams
+
+    with tempfile.TemporaryDirectory() as d:
+        build_tokenizer(d, vocab_size=512)
+        tok = AutoTokenizer.from_pretrained(d)
+    ex = T.CalcExample(21, "*", 34)
+    _, resp, mask = ex.encode(tok)
+    first = mask.index(0)
+    second = first + mask[first:].index(1)
+
+    class Scripted:
+        closed = False
+
+        async def generate(self, prompts, params, **kw):
+            ids = prompts[0]
+            out = resp[:first] if len(ids) < 30 else resp[second:]
+            yield Rollout(prompt_ids=list(ids), response_ids=list(out), logprobs=[0.0] * len(out),
+                          response_mask=[1] * len(out), finish_reason="stop", policy_version=0, group_id=0,
+                          prompt_index=0, sample_index=0)
+
+        def close(self):
+            Scripted.closed = True
+
+    eng = ToolEngine(Scripted(), tok)
+
+    async def go():
+        return [r async for r in eng.generate([[1, 2, 3]], SamplingParams(n=1, max_new_tokens=80))]
+
+    (ro,) = asyncio.run(go())
+    assert ro.response_ids == resp and ro.response_mask == mask and ro.num_turns == 2
+    assert ro.tool_calls[0]["output"] == "714"
+    eng.close()  # passed through to the wrapped engine
+    assert Scripted.closed
+
+
+@pytest.mark.timeout(180)
+def test_quality_bench_is_reproducible(tmp_path):
+    """Two runs of a tiny bench configuration with the same seeds give the same numbers."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cache = tmp_path / "cache"
+    base = [sys.executable, str(root / "bench" / "quality.py"), "--tasks", "reverse", "--methods", "rkl,grpo",
+            "--seeds", "0", "--token-budget", "500", "--samples-per-step", "8", "--eval-size", "16",
+            "--evals-per-run", "2", "--teacher-steps", "12", "--teacher-min-accuracy", "0", "--warm-steps", "0",
+            "--threads", "1", "--cache-dir", str(cache)]
+    got = []
+    for k in range(2):
+        out = tmp_path / f"run{k}"
+        r = subprocess.run(base + ["--out", str(out)], cwd=root, capture_output=True, text=True, timeout=170,
+                           env=dict(os.environ, PYTHONHASHSEED="0"))
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        res = json.loads((out / "results.json").read_text())
+        got.append([(x["task"], x["method"], x["seed"], x["accuracy"], x["tokens"], x["steps"], x["curve"])
+                    for x in res["records"]])
+        assert len(got[-1]) == 2
+    assert got[0] == got[1]
