@@ -170,6 +170,17 @@ class Trainer:
         return file_source(d, self.tokenizer, self.cfg.loss.reward_fn or "math")
 
     def _rollout_engine(self, model_dir: str):
+        """The configured engine; for a built-in task that needs tools (``calc``) wrapped in the
+        multi-turn tool loop (model turn -> tool call -> tool output as mask-0 tokens -> ...)."""
+        eng = self._plain_rollout_engine(model_dir)
+        tools = task_tools(self.cfg.data.task)
+        if tools:
+            from opd.tool_engine import ToolEngine
+
+            eng = ToolEngine(eng, self.tokenizer, tools)
+        return eng
+
+    def _plain_rollout_engine(self, model_dir: str):
         r = self.cfg.rollout
         if r.engine == "sglang":
             from rollout.sglang_client import SGLangEngine
@@ -475,6 +486,19 @@ class Trainer:
                 eng.close()
         if self.teacher is not None:
             self.teacher.close()
+
+
+def task_tools(task: str | None) -> tuple:
+    """The tools a built-in task's rollouts must offer (empty for single-turn tasks and files)."""
+    if not task:
+        return ()
+    from student_trainer.data import BUILTIN_TASKS
+
+    if task not in BUILTIN_TASKS or task == "arithmetic":
+        return ()
+    from opd.tasks import get_task
+
+    return tuple(getattr(get_task(task), "tools", ()) or ())
 
 
 def resolve_train_device(device: str) -> str:

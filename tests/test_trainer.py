@@ -80,6 +80,28 @@ def test_train_device_resolution(monkeypatch):
         resolve_train_device(f"cuda:{n}")
 
 
+def test_tool_task_rollouts_run_the_tool_loop(models, tmp_path):
+    """data.task=calc: the trainer's rollout engine is the multi-turn tool loop (a step of GRPO,
+    which needs no teacher, runs through it); single-turn tasks keep the plain engine."""
+    from opd.tool_engine import ToolEngine
+    from student_trainer.trainer import Trainer, task_tools
+
+    assert task_tools("calc") == ("calculator",)
+    assert task_tools("sort") == () and task_tools("arithmetic") == () and task_tools("") == ()
+    _, student = models
+    cfg = load_config(None, [f"model.student={student}", "model.dtype=fp32", "data.task=calc",
+                             "loss.objective=grpo", f"run.out_dir={tmp_path}", "rollout.max_new_tokens=24",
+                             "data.prompts_per_step=2", "rollout.n=2", "run.steps=1", "run.plot=false",
+                             "run.export_hf=false", "run.progress=false"])
+    tr = Trainer(cfg)
+    try:
+        assert isinstance(tr.rollout, ToolEngine)
+        last = tr.run()
+        assert last["step"] == 1 and last["tokens"] > 0 and last["turns"] >= 1.0
+    finally:
+        tr.close()
+
+
 def test_loss_falls_and_resume_is_exact(models, tmp_path):
     from student_trainer.trainer import Trainer
 
