@@ -51,5 +51,8 @@ def main(args, extra: list[str] | None = None) -> int:
 
         if dist.is_initialized():  # a live NCCL watchdog thread at exit aborts the process
             dist.destroy_process_group()
-    print(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float, str))}), flush=True)
+    # one write per line: the ranks of a torchrun launch share stdout, and a line written in one
+    # write (< PIPE_BUF) never interleaves with another rank's
+    sys.stdout.write(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float, str))}) + "\n")
+    sys.stdout.flush()
     return 0
