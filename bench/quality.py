@@ -164,6 +164,25 @@ def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
                                                   "train_seconds": round(seconds, 1)})
 
 
+def _warm_start(cache_dir: Path, spec, train_at_all: bool):
+    """Shared start of the two warm-student preparations: the seed's random-init demo student's
+    path when there is nothing to train, the cached warm student's path when it exists, else
+    (task, tokenizer, model loaded from the init, output directory) to train and save."""
+    from opd import demo_prep
+    from opd.tasks import get_task
+
+    init = demo_prep.prepare_student(cache_dir, seed=1 + spec.seed, vocab_size=spec.vocab_size, log=None)
+    if not train_at_all:
+        return init
+    out = Path(cache_dir) / demo_prep._key(f"warm-{spec.task}", spec)
+    if (out / "opd_demo.json").exists():
+        return out
+    from transformers import AutoModelForCausalLM
+
+    tok = demo_prep._load_tokenizer(init)
+    return get_task(spec.task), tok, AutoModelForCausalLM.from_pretrained(str(init)), out
+
+
 def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print) -> Path:
     """The seed's random-init demo student after `spec.steps` SFT steps (demo_prep.sft_train: AdamW,
     warm-up + cosine) on reference solutions of the task (train split, a sample of its own per seed);
@@ -171,19 +190,11 @@ def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print) -> Path:
     import torch
 
     from opd import demo_prep
-    from opd.tasks import get_task
 
-    init = demo_prep.prepare_student(cache_dir, seed=1 + spec.seed, vocab_size=spec.vocab_size, log=None)
-    if spec.steps <= 0:
-        return init
-    out = Path(cache_dir) / demo_prep._key(f"warm-{spec.task}", spec)
-    if (out / "opd_demo.json").exists():
-        return out
-    from transformers import AutoModelForCausalLM
-
-    task = get_task(spec.task)
-    tok = demo_prep._load_tokenizer(init)
-    model = AutoModelForCausalLM.from_pretrained(str(init))
+    got = _warm_start(cache_dir, spec, train_at_all=spec.steps > 0)
+    if isinstance(got, Path):
+        return got
+    task, tok, model, out = got
     train = task.make_examples("train", spec.steps * spec.batch_size, seed=0, sample_seed=7000 + spec.seed)
     torch.manual_seed(spec.seed)
     demo_prep.sft_train(model, tok, train, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
@@ -202,19 +213,11 @@ def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=pr
     import torch.nn.functional as F
 
     from opd import demo_prep
-    from opd.tasks import get_task
 
-    init = demo_prep.prepare_student(cache_dir, seed=1 + spec.seed, vocab_size=spec.vocab_size, log=None)
-    if spec.target <= 0:
-        return init
-    out = Path(cache_dir) / demo_prep._key(f"warm-{spec.task}", spec)
-    if (out / "opd_demo.json").exists():
-        return out
-    from transformers import AutoModelForCausalLM
-
-    task = get_task(spec.task)
-    tok = demo_prep._load_tokenizer(init)
-    model = AutoModelForCausalLM.from_pretrained(str(init))
+    got = _warm_start(cache_dir, spec, train_at_all=spec.target > 0)
+    if isinstance(got, Path):
+        return got
+    task, tok, model, out = got
     train = task.make_examples("train", spec.max_steps * spec.batch_size, seed=0, sample_seed=7000 + spec.seed)
     probe = task.make_examples("train", spec.probe_size, seed=0, sample_seed=9000 + spec.seed)
     torch.manual_seed(spec.seed)

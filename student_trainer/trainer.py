@@ -490,11 +490,9 @@ class Trainer:
 
 def task_tools(task: str | None) -> tuple:
     """The tools a built-in task's rollouts must offer (empty for single-turn tasks and files)."""
-    if not task:
-        return ()
     from student_trainer.data import BUILTIN_TASKS
 
-    if task not in BUILTIN_TASKS or task == "arithmetic":
+    if task not in BUILTIN_TASKS:
         return ()
     from opd.tasks import get_task
 

@@ -293,6 +293,10 @@ class ScoringEngine:
             if not want_body and self.compiled_body:
                 uncompile_body(self.body)
                 self.compiled_body = False
+            if not (want_body or want_head):
+                self.compiled_head = False
+                self._prepared = mode
+                return
             batches = self._warm_batches()
             reference = None
             if (want_body or want_head) and not self.compiled_body:
