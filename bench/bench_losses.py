@@ -1,4 +1,4 @@
-"""Benchmark the fused-head distillation losses: time of forward+backward and peak extra memory.
+"""Benchmark the fused-head distillation losses: forward+backward time, peak extra memory, accuracy.
 
 Compares every divergence of student_trainer.losses against (a) a naive top-k forward KL that
 materialises the full [tokens x vocab] logits (full log_softmax + gather) and (b) Liger-Kernel's
@@ -9,6 +9,16 @@ Each fused loss is measured in every ``--modes`` entry, as separate rows of one 
 ``triton`` (closed-form chunk loss with the Triton row-stats / dz kernels, the CUDA default),
 ``eager`` (the same closed form in plain torch ops: the CPU path and the CUDA fallback) and
 ``autograd`` (per-chunk autograd, the reference; only for ``--autograd-divergences``).
+In the first mode, forward KL also gets a metrics-off row, a row with the weight gradient
+accumulated in the weight's dtype (``fp32_weight_grad=False``; not for ``--dtype fp32``) and
+rows at the ``--extra-chunks`` chunk sizes.
+
+After the table, an accuracy table for a smaller problem (``--accuracy-tokens``, same vocab and
+hidden sizes): the relative error ||g - g_ref||_F / ||g_ref||_F of the weight and hidden gradients
+of the naive loss (in ``--dtype``) and of the fused forward KL (fp32 and weight-dtype accumulation),
+each against its own loss in float64 (the naive loss by plain autograd, chunked over rows; the
+fused one by the library on float64 inputs), plus the floor: the float64 gradient rounded to
+``--dtype``, the least error of any gradient returned in that dtype.
 
 GPU (defaults: 16,384 tokens, vocab 151,936, hidden 2048 and 4096, bf16, top-64, chunk 1024):
     PYTHONPATH=. python bench/bench_losses.py
@@ -22,6 +32,7 @@ also compiles the Triton kernels).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import statistics
@@ -61,10 +72,13 @@ def make_inputs(n, v, h, k, dtype, device, seed=0):
     return hidden, weight, targets, stats
 
 
-def naive_topk_fkl(hidden, weight, stats):
-    logp = torch.log_softmax((hidden @ weight.T).float(), -1)
-    lT = stats.topk_logprobs
-    return (lT.exp() * (lT - logp.gather(-1, stats.topk_ids))).sum(-1).mean()
+def naive_topk_fkl(hidden, weight, stats, rows=slice(None)):
+    """Top-k forward KL from the full logits (fp32, or float64 for float64 inputs): the sum over
+    ``rows`` of the row terms / N (all rows: the mean)."""
+    z = hidden[rows] @ weight.T
+    logp = torch.log_softmax(z.to(torch.promote_types(z.dtype, torch.float32)), -1)
+    lT = stats.topk_logprobs[rows].to(logp.dtype)
+    return (lT.exp() * (lT - logp.gather(-1, stats.topk_ids[rows]))).sum() / hidden.shape[0]
 
 
 def measure(fn, inputs, device, iters):
@@ -126,10 +140,52 @@ def ratio(a, b):
     return "n/a" if not all(isinstance(x, float) for x in (a, b)) or b == 0 else f"{a / b:.2f}x"
 
 
-def _label(name, support, mode, metrics=True):
+def _label(name, support, mode, metrics=True, acc_dtype=None):
     base = f"fused {name}" + ("" if name in ("k3", "pg", "sft") else
                               f" ({'top-k' if support == 'topk' else 'union'}+tail)")
-    return base + ("" if metrics else ", metrics off") + f" [{mode}]"
+    acc = "" if acc_dtype is None else f", {acc_dtype} weight-grad accumulation"
+    return base + ("" if metrics else ", metrics off") + acc + f" [{mode}]"
+
+
+def _grads(backward, hidden, weight):
+    """(grad_h, grad_W) left by ``backward()``."""
+    hidden.grad = weight.grad = None
+    backward()
+    g = hidden.grad, weight.grad
+    hidden.grad = weight.grad = None
+    return g
+
+
+def _rel_err(g, ref):
+    d = g.double()
+    return float(torch.linalg.vector_norm(d.sub_(ref)) / torch.linalg.vector_norm(ref))
+
+
+def accuracy_rows(n, v, h, k, dtype, dtype_name, device, chunk, mode):
+    """[(label, grad_W rel err, grad_h rel err)] against float64 references (see the docstring)."""
+    hidden, weight, targets, stats = make_inputs(n, v, h, k, dtype, device)
+    h64 = hidden.detach().double().requires_grad_(True)
+    w64 = weight.detach().double().requires_grad_(True)
+    out = []
+
+    def naive64():  # one backward per row chunk: [chunk x vocab] float64 logits at a time
+        for s in range(0, n, chunk):
+            naive_topk_fkl(h64, w64, stats, slice(s, s + chunk)).backward()
+
+    ref_h, ref_w = _grads(naive64, h64, w64)
+    gh, gw = _grads(lambda: naive_topk_fkl(hidden, weight, stats).backward(), hidden, weight)
+    out.append((f"naive top-k forward KL (full logits) [{dtype_name}]", _rel_err(gw, ref_w), _rel_err(gh, ref_h)))
+    base = DistillLossConfig(divergence="forward_kl", support="topk", chunk_size=chunk, metrics=False)
+    ref_h, ref_w = _grads(lambda: distill_loss(h64, w64, targets, stats, None, base)[0].backward(), h64, w64)
+    out.append((f"fused float64 result rounded to {dtype_name} (the floor)",
+                _rel_err(ref_w.to(dtype), ref_w), _rel_err(ref_h.to(dtype), ref_h)))
+    for fp32_acc in (True, False) if dtype != torch.float32 else (True,):
+        cfg = dataclasses.replace(base, fp32_weight_grad=fp32_acc)
+        gh, gw = _grads(lambda: _with_mode(
+            mode, lambda: distill_loss(hidden, weight, targets, stats, None, cfg)[0].backward()), hidden, weight)
+        label = _label("forward_kl", "topk", mode, acc_dtype=None if fp32_acc else dtype_name)
+        out.append((label, _rel_err(gw, ref_w), _rel_err(gh, ref_h)))
+    return out
 
 
 def main(argv=None):
@@ -150,6 +206,8 @@ def main(argv=None):
                    help="divergences also measured with per-chunk autograd (the reference; '' for none)")
     p.add_argument("--extra-chunks", default="512,2048",
                    help="chunk sizes for extra forward_kl rows in the first mode ('' for none)")
+    p.add_argument("--accuracy-tokens", type=int, default=2048,
+                   help="tokens of the gradient-accuracy table's problem (0: no accuracy table)")
     a = p.parse_args(argv)
     dtype = DTYPES[a.dtype]
     cuda = a.device.startswith("cuda")
@@ -166,7 +224,8 @@ def main(argv=None):
     print("| hidden | loss | time s | peak extra GiB | time vs naive | mem vs naive | time vs Liger | mem vs Liger |")
     print("|---|---|---|---|---|---|---|---|")
     t_start = time.perf_counter()
-    for h in [int(x) for x in a.hidden.split(",")]:
+    hiddens = [int(x) for x in a.hidden.split(",")]
+    for h in hiddens:
         hidden, weight, targets, stats = make_inputs(a.tokens, a.vocab, h, a.topk, dtype, a.device)
         rows = [("naive top-k forward KL (full logits)", lambda: naive_topk_fkl(hidden, weight, stats))]
         lig = liger_row(hidden, weight)
@@ -177,17 +236,20 @@ def main(argv=None):
             for name in a.divergences.split(","):
                 if mode == "autograd" and name not in auto_divs:
                     continue
-                variants = [not a.no_metrics]
-                if mode == modes[0] and name == "forward_kl" and not a.no_metrics:
-                    variants.append(False)  # one metrics-off row: the naive baseline computes none
+                support = "topk" if name == "forward_kl" else "auto"
+                base = DistillLossConfig(divergence=name, chunk_size=a.chunk, support=support,
+                                         metrics=not a.no_metrics)
+                variants = [{}]
                 if mode == modes[0] and name == "forward_kl":
-                    variants += [int(c) for c in a.extra_chunks.split(",") if c and int(c) != a.chunk]
+                    if not a.no_metrics:
+                        variants.append({"metrics": False})  # the naive baseline computes no metrics
+                    if dtype != torch.float32:
+                        variants.append({"fp32_weight_grad": False})  # grad_W accumulated in bf16/fp16
+                    variants += [{"chunk_size": int(c)} for c in a.extra_chunks.split(",") if c and int(c) != a.chunk]
                 for var in variants:
-                    metrics = var if isinstance(var, bool) else not a.no_metrics
-                    chunk = a.chunk if isinstance(var, bool) else var
-                    support = "topk" if name == "forward_kl" else "auto"
-                    cfg = DistillLossConfig(divergence=name, chunk_size=chunk, support=support, metrics=metrics)
-                    label = _label(name, support, mode, metrics) + ("" if chunk == a.chunk else f" C={chunk}")
+                    cfg = dataclasses.replace(base, **var)
+                    label = _label(name, support, mode, cfg.metrics, None if cfg.fp32_weight_grad else a.dtype) \
+                        + ("" if cfg.chunk_size == a.chunk else f" C={cfg.chunk_size}")
                     rows.append((label, lambda cfg=cfg, mode=mode: _with_mode(
                         mode, lambda: distill_loss(hidden, weight, targets, stats, None, cfg)[0])))
         res = {}
@@ -199,6 +261,15 @@ def main(argv=None):
             print(f"| {h} | {label} | {fmt(t)} | {fmt(m, 2)} | {ratio(t, naive[0])} | {ratio(m, naive[1])} | "
                   f"{ratio(t, liger[0])} | {ratio(m, liger[1])} |", flush=True)
         hidden = weight = targets = stats = rows = res = None  # free before the next size
+    if a.accuracy_tokens > 0:
+        print(f"\nGradient accuracy at {a.accuracy_tokens} tokens (chunk {a.chunk}): ||g - g_ref||_F / ||g_ref||_F, "
+              "g_ref = the same loss in float64 (naive: autograd; fused: the library on float64 inputs)\n")
+        print("| hidden | loss | grad_W rel err | grad_h rel err |")
+        print("|---|---|---|---|")
+        for h in hiddens:
+            for label, ew, eh in accuracy_rows(a.accuracy_tokens, a.vocab, h, a.topk, dtype, a.dtype, a.device,
+                                               a.chunk, modes[0]):
+                print(f"| {h} | {label} | {ew:.2e} | {eh:.2e} |", flush=True)
     if cuda and "triton" in modes and not any(fused_kernels._STATE.values()):
         print("WARNING: the Triton kernels did not run (self-test failed or triton missing): "
               "the [triton] rows are the eager path")

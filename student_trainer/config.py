@@ -71,6 +71,11 @@ class LossCfg:
     beta: float = 0.5
     chunk_size: int = 1024
     reduction: str = "token_mean"
+    # Accumulate the lm-head weight gradient over the loss chunks in fp32: V x H x 4 bytes
+    # (2.3 GiB at vocab 151,936 x hidden 4096). false accumulates in the weight's dtype (bf16), the
+    # choice Liger-Kernel makes: a 16k-token step then fits under 2 GiB of extra memory at hidden
+    # 4096, at the cost of bf16 rounding at every chunk's addition.
+    fp32_weight_grad: bool = True
     fkl_to_rkl_switch_step: int = -1  # >=0: forward KL before this step, reverse KL after
     fkl_to_rkl_window: int = 0
     rl_weight: float = 0.0            # opd+grpo: weight of the GRPO term

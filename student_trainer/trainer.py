@@ -31,7 +31,7 @@ import torch
 
 from student_trainer import losses as L
 from student_trainer.batching import Sample, build_micro_batch, pack, teacher_arrays
-from student_trainer.config import ConfigError, TrainConfig
+from student_trainer.config import ConfigError, LossCfg, TrainConfig
 from student_trainer.observe import RunLog
 
 log = logging.getLogger("opd.train")
@@ -86,6 +86,12 @@ def _loss_terms(cfg: TrainConfig, step: int, warm: bool) -> tuple:
                if lc.fkl_to_rkl_switch_step >= 0 else lc.divergence)
     rl = lc.rl_weight if lc.objective == "opd+grpo" else 0.0
     return L.ObjectiveMix(distill=distill, rl_weight=rl, sft_weight=lc.sft_weight).terms(step)
+
+
+def _loss_config(lc: LossCfg, terms: tuple) -> L.DistillLossConfig:
+    return L.DistillLossConfig(terms=terms, support=lc.support, temperature=lc.temperature, beta=lc.beta,
+                               gamma=lc.gamma, clip_eps=lc.clip_eps, chunk_size=lc.chunk_size,
+                               reduction=lc.reduction, fp32_weight_grad=lc.fp32_weight_grad, metrics=True)
 
 
 class Trainer:
@@ -315,9 +321,7 @@ class Trainer:
     def _train_step(self, data: StepData) -> dict:
         cfg, lc = self.cfg, self.cfg.loss
         terms = _loss_terms(cfg, data.step, data.counters.get("warmup", False))
-        loss_cfg = L.DistillLossConfig(terms=terms, support=lc.support, temperature=lc.temperature, beta=lc.beta,
-                                       gamma=lc.gamma, clip_eps=lc.clip_eps, chunk_size=lc.chunk_size,
-                                       reduction=lc.reduction, fp32_weight_grad=True, metrics=True)
+        loss_cfg = _loss_config(lc, terms)
         mbs = pack(data.samples, cfg.optim.micro_batch_tokens)
         dev = torch.device(self.device)
         kept = [sum(m for s in mb for m in s.response_mask) for mb in mbs]

@@ -52,6 +52,18 @@ def test_bad_config_names_the_key(args, message):
     assert message in str(ei.value)
 
 
+def test_fp32_weight_grad_override_reaches_the_loss_config():
+    from student_trainer.trainer import _loss_config
+
+    base = ["model.student=/x", "data.task=arithmetic", "teacher.url=127.0.0.1:1"]
+    assert _loss_config(load_config(None, base).loss, ()).fp32_weight_grad is True
+    cfg = load_config(None, base + ["--loss.fp32_weight_grad=false"])
+    assert cfg.loss.fp32_weight_grad is False
+    assert _loss_config(cfg.loss, (("reverse_kl", 1.0),)).fp32_weight_grad is False
+    with pytest.raises(ConfigError, match="loss.fp32_weight_grad: 'maybe' is not a valid bool"):
+        load_config(None, base + ["loss.fp32_weight_grad=maybe"])
+
+
 def test_bad_config_file_and_cli_exit_code(tmp_path):
     bad = tmp_path / "c.json"
     bad.write_text('{"loss": {"divergence": "reverse_kl",}}')

@@ -14,9 +14,10 @@ sampled log-probs ``s_y`` (k1/k2/k3/pg/ppo) and ``s_y'`` (sft). With
     dL/dz_j = p_j (G_rest / R * [j not in U] - Gtot) + sum_{i: u_i = j} G_i + d_y [y = j] + d_y' [y' = j]
 
 where ``G_i = dL/dlS_i``, ``d = dL/ds_y`` and ``Gtot = sum_i G_i + G_rest + d_y + d_y'``. The
-category gradients G are closed forms for forward/reverse KL (``divergences.ANALYTIC_CATEGORY_GRADS``)
-and autograd on the small [C, U+1] category tensor for JSD / skew KLs / TV; the d's are closed
-forms (``estimators.ESTIMATOR_GRADS``, ``policy_gradient_loss_with_grad``; sft: d = -1).
+category gradients G are closed forms for every divergence (``divergences.ANALYTIC_CATEGORY_GRADS``:
+elementwise ops on the small [C, U+1] category tensor: fewer small kernel launches per chunk than
+autograd through the definitions); the d's are closed forms (``estimators.ESTIMATOR_GRADS``,
+``policy_gradient_loss_with_grad``; sft: d = -1).
 So dz is one dense scaled copy of the softmax plus at most U + 2 corrected columns per row.
 
 Implementation (one fp32 [C, V] buffer + the [C, V] result in the weight's dtype, which the CUDA
@@ -47,9 +48,10 @@ ENTROPY_BLOCK_ELEMS = 1 << 24  # entropy metric: temporaries of at most this man
 
 
 def _category_grad(name, lT, lS, cfg):
-    """(loss_C, dloss/dlS) for a divergence over categories: closed form or small autograd."""
+    """(loss_C, dloss/dlS) for a divergence over categories: closed form, else (a divergence
+    without one) autograd on the small category tensor."""
     if name in ANALYTIC_CATEGORY_GRADS:
-        return ANALYTIC_CATEGORY_GRADS[name](lT, lS)
+        return ANALYTIC_CATEGORY_GRADS[name](lT, lS, cfg)
     leaf = lS.detach().requires_grad_(True)
     with torch.enable_grad():
         val = FULL_DIVERGENCES[name](lT, leaf, cfg)

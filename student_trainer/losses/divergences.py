@@ -182,8 +182,10 @@ FULL_DIVERGENCES = {
 
 
 # ---- closed-form gradients with respect to the student's category log-probs --------------------
-# Each returns (loss_C, dloss/dlS_C_U1), matching autograd through the functions above exactly
-# (clamp_min passes the gradient where lq >= LOG_FLOOR; categories with p = 0 get 0).
+# Each returns (loss_C, dloss/dlS_C_U1), matching autograd through the functions above to float
+# rounding (clamp_min passes the gradient where lq >= LOG_FLOOR; categories with p = 0 get 0).
+# The mixtures enter through lm = log(wp p + wq q), whose derivative d lm / d lq = wq q / m is
+# computed as exp(log wq + lq - lm): 0 where q = 0 (lq = NEG), 1 where p = 0 (lT = -inf).
 
 def forward_kl_with_grad(lT: torch.Tensor, lS: torch.Tensor):
     pT = lT.exp()
@@ -198,5 +200,68 @@ def reverse_kl_with_grad(lT: torch.Tensor, lS: torch.Tensor):
     return (pS * r).sum(-1), pS * (r + 1.0)
 
 
-ANALYTIC_CATEGORY_GRADS = {"forward_kl": forward_kl_with_grad, "reverse_kl": reverse_kl_with_grad}
+def _dlogmix(lq: torch.Tensor, log_wq: float, lm: torch.Tensor) -> torch.Tensor:
+    """d lm / d lq for lm = log(wp p + wq q), 0 where lm < LOG_FLOOR (the clamp passes no gradient)."""
+    return torch.exp(lq + log_wq - lm).masked_fill_(lm < LOG_FLOOR, 0.0)
 
+
+def jsd_with_grad(lT: torch.Tensor, lS: torch.Tensor, beta: float = 0.5):
+    """L = beta KL[pT||m] + (1-beta) KL[pS||m]; with m = beta pT + (1-beta) pS:
+
+    dL/dlS = (1-beta) pS (log pS - log m + 1) - m dlog m/dlS,   dlog m/dlS = (1-beta) pS / m
+
+    (the pS / m terms cancel analytically, to (1-beta) pS (log pS - log m); they are kept apart as
+    autograd has them, so the clamps and zero-mass categories come out the same).
+    """
+    if beta <= 0.0:
+        return forward_kl_with_grad(lT, lS)
+    if beta >= 1.0:
+        return reverse_kl_with_grad(lT, lS)
+    pT, pS = lT.exp(), lS.exp()
+    lm = _log_mix(beta, lT, lS)
+    lmc = lm.clamp_min(LOG_FLOOR)
+    lT_safe = torch.where(pT > 0, lT, torch.zeros_like(lT))
+    rS = torch.where(pS > 0, lS, torch.zeros_like(lS)) - lmc
+    val = beta * (pT * (lT_safe - lmc)).sum(-1) + (1.0 - beta) * (pS * rS).sum(-1)
+    m = beta * pT + (1.0 - beta) * pS
+    return val, (1.0 - beta) * pS * (rS + 1.0) - m * _dlogmix(lS, math.log1p(-beta), lm)
+
+
+def skew_forward_kl_with_grad(lT: torch.Tensor, lS: torch.Tensor, alpha: float = 0.1):
+    """L = KL[pT || mix], mix = alpha pT + (1-alpha) pS:  dL/dlS = -pT (1-alpha) pS / mix."""
+    if alpha <= 0.0:
+        return forward_kl_with_grad(lT, lS)
+    pT = lT.exp()
+    lmix = _log_mix(alpha, lT, lS)
+    val = (pT * (torch.where(pT > 0, lT, torch.zeros_like(lT)) - lmix.clamp_min(LOG_FLOOR))).sum(-1)
+    return val, -pT * _dlogmix(lS, math.log1p(-alpha), lmix)
+
+
+def skew_reverse_kl_with_grad(lT: torch.Tensor, lS: torch.Tensor, alpha: float = 0.1):
+    """L = KL[pS || mix], mix = alpha pS + (1-alpha) pT:
+
+    dL/dlS = pS (log pS - log mix + 1) - pS alpha pS / mix.
+    """
+    if alpha <= 0.0:
+        return reverse_kl_with_grad(lT, lS)
+    pS = lS.exp()
+    lmix = _log_mix(alpha, lS, lT)
+    r = torch.where(pS > 0, lS, torch.zeros_like(lS)) - lmix.clamp_min(LOG_FLOOR)
+    return (pS * r).sum(-1), pS * (r + 1.0) - pS * _dlogmix(lS, math.log(alpha), lmix)
+
+
+def total_variation_with_grad(lT: torch.Tensor, lS: torch.Tensor):
+    """L = 0.5 sum |pT - pS|:  dL/dlS = -0.5 sign(pT - pS) pS (0 where they are equal)."""
+    pS = lS.exp()
+    d = lT.exp() - pS
+    return 0.5 * d.abs().sum(-1), -0.5 * d.sign() * pS
+
+
+ANALYTIC_CATEGORY_GRADS = {
+    "forward_kl": lambda lT, lS, cfg: forward_kl_with_grad(lT, lS),
+    "reverse_kl": lambda lT, lS, cfg: reverse_kl_with_grad(lT, lS),
+    "jsd": lambda lT, lS, cfg: jsd_with_grad(lT, lS, cfg.beta),
+    "skew_forward_kl": lambda lT, lS, cfg: skew_forward_kl_with_grad(lT, lS, cfg.skew_alpha),
+    "skew_reverse_kl": lambda lT, lS, cfg: skew_reverse_kl_with_grad(lT, lS, cfg.skew_alpha),
+    "tv": lambda lT, lS, cfg: total_variation_with_grad(lT, lS),
+}

@@ -27,7 +27,9 @@ grad_h (eager: 6CV instead of 4CV). At N = 16k, V = 151,936, H = 2048, C = 1024 
 1.80 GiB (1.16 GiB fp32 accumulator + 0.58 GiB chunk, then 0.58 GiB bf16 result, + 0.06 GiB
 grad_h; eager: 2.09 GiB, C = 512 gives 1.80 GiB). At H = 4096 the fp32 accumulator alone is
 2.3 GiB (peak about 3.6 GiB at the cast); ``fp32_weight_grad=False`` accumulates in the weight's dtype
-instead (2VH, less exact: 1.16 GiB + the chunk + grad_h, about 1.9 GiB, at H = 4096).
+instead (2VH: 1.16 GiB + the chunk + grad_h at H = 4096, 1.94 GiB measured on an H100; less exact,
+grad_W relative error 2.62e-3 against 2.32e-3 in fp32 over 2 chunks, expected to grow with the
+number of chunks: see docs/benchmarks.md).
 
 Time: per chunk three matmuls (logits, dz @ W, dz.T @ h) and, with the kernels, two sweeps over
 the fp32 logits; the weight-gradient matmul re-reads and re-writes the fp32 accumulator per chunk
