@@ -59,6 +59,7 @@ SHAPES = {
     "tiny": dict(vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=32, intermediate_size=384, max_position_embeddings=8192, rope_theta=10000.0),
 }
+STREAM_BATCHES = 4  # the streamed end-to-end rows send this many batches' worth of distinct sequences
 # sizes per shape: seqs x seq_len (b, c, e); prompts x samples x (prompt_len + response_len) (d); matmul n (a)
 SIZES = {
     "full": dict(seqs=8, seq_len=2048, prompts=16, samples=8, prompt_len=1024, response_len=1024, matmul=8192),
@@ -284,19 +285,33 @@ def main(argv=None) -> int:
         out = {"sequences": len(pseqs), "tokens": p_tokens, "scored_positions": len(pseqs) * args.response_len,
                "compile": eng.resolved_compile() if eng._prepared else "off"}
         warm = [pseqs[i * args.samples + j] for i in range(min(2, args.prompts)) for j in range(min(2, args.samples))]
-        for on in (False, True):
-            eng.prefix_sharing = on
+        packing = eng.packing
+        # off; on through a KV cache (packing off); on as served (packed when the engine packs)
+        for name, on, pk in (("off", False, packing), ("on_cache", True, "off"), ("on", True, packing)):
+            if name == "on_cache" and not eng.packing_active():
+                continue  # (the served path is the KV cache already)
+            eng.prefix_sharing, eng.packing = on, pk
             eng.score(items_of(warm, args.prompt_len), use_cache=False)
             sync()
             med, ts, d = engine_run(lambda: items_of(pseqs, args.prompt_len), args.prefix_reps, warm=False)
-            out["on" if on else "off"] = {
+            out[name] = {
                 "seconds": med, "all_seconds": ts, "tokens_per_s": p_tokens / med, "forward_tokens": d["forward_tokens"],
                 "shared_prefix_tokens": d["shared_prefix_tokens"], "body_ms": 1e3 * d["body_seconds"],
-                "head_ms": 1e3 * d["head_seconds"], "batches": d["batches"]}
+                "head_ms": 1e3 * d["head_seconds"], "batches": d["batches"], "packed": eng.packing_active() and on}
             if d["batches"]:  # per batch
-                out["on" if on else "off"]["body_ms"] /= d["batches"]
-                out["on" if on else "off"]["head_ms"] /= d["batches"]
-        eng.prefix_sharing = True
+                out[name]["body_ms"] /= d["batches"]
+                out[name]["head_ms"] /= d["batches"]
+        eng.prefix_sharing, eng.packing = True, packing
+        if eng.packing_active():  # packed batches hold whole prompt groups more often with a larger budget
+            budget = eng.max_batch_tokens
+            eng.max_batch_tokens = 2 * budget
+            med, ts, d = engine_run(lambda: items_of(pseqs, args.prompt_len), args.prefix_reps)
+            eng.max_batch_tokens = budget
+            out["on_2x_budget"] = {
+                "seconds": med, "all_seconds": ts, "tokens_per_s": p_tokens / med, "forward_tokens": d["forward_tokens"],
+                "shared_prefix_tokens": d["shared_prefix_tokens"], "batches": d["batches"], "packed": True,
+                "max_batch_tokens": 2 * budget, "body_ms": 1e3 * d["body_seconds"] / max(1, d["batches"]),
+                "head_ms": 1e3 * d["head_seconds"] / max(1, d["batches"])}
         out["speedup"] = out["off"]["seconds"] / out["on"]["seconds"]
         R[key] = out
         print(f"  prefix ({key}): off {out['off']['tokens_per_s']:,.0f} / on {out['on']['tokens_per_s']:,.0f} tok/s",
@@ -362,6 +377,13 @@ def main(argv=None) -> int:
                     "server_busy_seconds": busy, "server_tokens_per_s": n_tok / busy if busy else None,
                     "batches_per_call": (eng.stats.batches - n0) / (args.reps + 2),
                     "bytes_per_token": sum(o.wire_bytes for o in out) / positions}
+        # streamed: STREAM_BATCHES x the batch's size of distinct sequences in one call, so the
+        # server encodes (and the client decodes) one batch while the next one runs
+        sseqs = list(rng.integers(0, V, size=(STREAM_BATCHES * args.seqs, args.seq_len)))
+        run_client(base_settings, sseqs[: args.seqs])
+        dt, _ = run_client(base_settings, sseqs)
+        R["e2e_stream"] = {"tokens": STREAM_BATCHES * n_tok, "seconds": dt,
+                           "tokens_per_s": STREAM_BATCHES * n_tok / dt}
         # split of one call: body / head (synchronised), copy-out, encode, decode, rest
         items = items_of(seqs)
         _, _, d = engine_run(lambda: items_of(seqs), 1)
@@ -438,12 +460,18 @@ def main(argv=None) -> int:
             b = (busy() - b0) / args.reps
             out["e2e"] = {"seconds": med, "all_seconds": ts, "tokens_per_s": n_tok / med, "server_busy_seconds": b,
                           "server_tokens_per_s": n_tok / b if b else None}
+            sseqs = list(rng.integers(0, V, size=(STREAM_BATCHES * args.seqs, args.seq_len)))
+            dt, _ = run_client(base_settings, sseqs, c=pc)
+            out["e2e_stream"] = {"tokens": STREAM_BATCHES * n_tok, "seconds": dt,
+                                 "tokens_per_s": STREAM_BATCHES * n_tok / dt}
             import threading
 
             clients = [TeacherClient(purl, timeout_s=1800) for _ in range(2)]
+            # distinct sequences in every call (identical ones would share their whole forward)
+            work = [[list(rng.integers(0, V, size=(args.seqs, args.seq_len))) for _ in range(args.reps)] for _ in clients]
             t = time.perf_counter()
-            threads = [threading.Thread(target=lambda c=c: [c.score(list(seqs), [1] * len(seqs), settings=base_settings)
-                                                            for _ in range(args.reps)]) for c in clients]
+            threads = [threading.Thread(target=lambda c=c, w=w: [c.score(x, [1] * len(x), settings=base_settings)
+                                                                 for x in w]) for c, w in zip(clients, work)]
             [th.start() for th in threads]
             [th.join() for th in threads]
             dt = time.perf_counter() - t
@@ -547,6 +575,11 @@ def report(R, args) -> str:
         srv = f", server busy {e['server_tokens_per_s']:,.0f} tok/s" if e.get("server_tokens_per_s") else ""
         lines.append(f"| end to end (gRPC, bf16 + zstd) | {e['tokens_per_s']:,.0f} | {ratio(e['tokens_per_s'], base)} | "
                      f"{ratio(e['tokens_per_s'], roof)} | {shape}, sampled+top-k+tail, {e['bytes_per_token']:.0f} B/token{srv} |")
+    for label, x in (("in-process server", R.get("e2e_stream")), ("server in its own process",
+                                                                   (R.get("process") or {}).get("e2e_stream"))):
+        if x:
+            lines.append(f"| end to end, streamed ({label}) | {x['tokens_per_s']:,.0f} | {ratio(x['tokens_per_s'], base)} | "
+                         f"{ratio(x['tokens_per_s'], roof)} | {STREAM_BATCHES} x {shape} distinct sequences in one call |")
     pr = R.get("process")
     if pr:
         if pr.get("e2e"):
@@ -567,10 +600,12 @@ def report(R, args) -> str:
         p = R.get(key)
         if not p:
             continue
-        for mode in ("off", "on"):
+        for mode in ("off", "on_cache", "on", "on_2x_budget"):
             if mode in p:
                 m = p[mode]
-                lines.append(f"| prefix sharing {mode} ({label}, engine) | {m['tokens_per_s']:,.0f} | {ratio(m['tokens_per_s'], base)} | "
+                how = {"off": "off", "on_cache": "on, KV cache", "on": "on, packed" if m.get("packed") else "on",
+                       "on_2x_budget": f"on, packed, {m.get('max_batch_tokens', 0):,}-token batches"}[mode]
+                lines.append(f"| prefix sharing {how} ({label}, engine) | {m['tokens_per_s']:,.0f} | {ratio(m['tokens_per_s'], base)} | "
                              f"{ratio(m['tokens_per_s'], roof)} | {args.prompts} prompts x {args.prompt_len} x "
                              f"{args.samples} samples x {args.response_len}; body ran {m['forward_tokens']:,.0f} of "
                              f"{p['tokens']:,} tokens; body {m['body_ms']:.0f} / head {m['head_ms']:.0f} ms per batch x "

@@ -43,6 +43,10 @@ def add_arguments(p):
                    help="statistics head implementation (reference = the former fp32 passes, for comparisons)")
     p.add_argument("--no-split-uneven", action="store_true",
                    help="pad a batch of uneven lengths to its longest instead of forwarding similar-length sub-batches")
+    p.add_argument("--packing", default="auto", choices=["auto", "on", "off"],
+                   help="forward a batch as one packed row, each shared prompt once, no padding (auto = on CUDA with the "
+                        "compiled body; on = also elsewhere, with a dense mask; off = padded batches and a KV cache for "
+                        "shared prefixes)")
     p.add_argument("--auth-token", default=os.environ.get("OPD_TEACHER_TOKEN"),
                    help="require 'authorization: Bearer TOKEN' metadata (default: $OPD_TEACHER_TOKEN; none = open)")
     p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
@@ -80,6 +84,7 @@ def main(args) -> int:
         return 2
     eng = server.engine
     eng.compile, eng.head, eng.split_uneven = args.compile, args.head, not args.no_split_uneven
+    eng.packing = args.packing
     if metrics is not None:
         metrics.attach(server.engine)
         metrics.serve(args.host, args.metrics_port)

@@ -13,7 +13,8 @@ Two implementations, equal up to float32 rounding (tests/test_teacher_stats.py):
   log_softmax(cap(l) / T) are those of `l`; half the bytes of an fp32 top-k), (2) one row
   reduction giving the log-sum-exp and the entropy together (H = log S1 - S2 / S1 with
   S1 = sum e^d, S2 = sum e^d d, d = z - max z), fused into one kernel when `compiled=True`
-  (torch.compile, CUDA), a few in-place fp32 passes otherwise. Everything else (sampled, top-k
+  (torch.compile, CUDA), a few in-place fp32 passes otherwise. The top-k goes through block
+  maxima (`topk_raw`) when the vocabulary is wide. Everything else (sampled, top-k
   values, extra ids, tail mass) is computed on [chunk x k] gathers only; the full [chunk x vocab]
   log-probs are built only when FULL is asked for.
 - `head_statistics_reference`: the former path (fp32 upcast, divide, log-sum-exp, subtract, top-k
@@ -102,6 +103,32 @@ def compiled_row_stats(backend: str = "inductor"):
         return fn
 
 
+SUB = 128  # columns per block for the block-maxima top-k
+
+
+def topk_raw(l: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(l, k, sorted=True)`` over each row of the raw logits, by block maxima when
+    the vocabulary is wide: the k largest entries of a row all lie in the k blocks (of SUB
+    columns) with the largest maxima (a block outside those has k blocks above it, each holding
+    an entry larger than anything in it), so one reduction to block maxima, a top-k over
+    V / SUB of them and a top-k over k x SUB gathered candidates replace a top-k over V columns.
+    Equal to torch.topk up to the order of tied values."""
+    c, v = l.shape
+    nb = v // SUB
+    if k * SUB * 4 > v or nb < 2:
+        return torch.topk(l, k, dim=-1, sorted=True)
+    bmax = l[:, : nb * SUB].view(c, nb, SUB).amax(-1)
+    if v > nb * SUB:  # a last, partial block
+        bmax = torch.cat([bmax, l[:, nb * SUB:].amax(-1, keepdim=True)], 1)
+    _, blocks = torch.topk(bmax, k, dim=-1, sorted=False)                     # [C, k]
+    cand = (blocks.unsqueeze(-1) * SUB + torch.arange(SUB, device=l.device)).view(c, k * SUB)
+    cvals = l.gather(1, cand.clamp(max=v - 1))
+    if v > nb * SUB:  # columns past the vocabulary (in the partial block) never win
+        cvals.masked_fill_(cand >= v, float("-inf"))
+    raw, j = torch.topk(cvals, k, dim=-1, sorted=True)
+    return raw, cand.gather(1, j)
+
+
 @torch.inference_mode()
 def head_statistics(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 1024,
                     softcap: float | None = None, compiled: bool = False,
@@ -140,7 +167,7 @@ def head_statistics(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 10
         if FULL in req.stats:
             out[FULL].append(_transform(l, softcap, temp) - lse[:, None])
         if want_k:
-            raw, ids = torch.topk(l, req.top_k, dim=-1, sorted=True)
+            raw, ids = topk_raw(l, req.top_k)
             vals = _transform(raw, softcap, temp) - lse[:, None]
             out["topk_vals"].append(vals)
             out["topk_ids"].append(ids)

@@ -46,11 +46,18 @@ def test_compiled_engine_equals_eager_on_cuda(tiny_model_dir, dtype, atol, temps
         got = eng.score(_items(seqs, starts, temps))
         assert eng.resolved_compile() == "all" and eng.compiled_body and eng.compiled_head
         assert eng.stats.compile_seconds > 0 and eng.stats.shared_prefix_tokens > 0
+        assert eng.packing_active(), "packed batches (FlexAttention) were switched off in the warm-up"
         for a, b in zip(ref, got):
-            for key in ("sampled", "tail", "entropy", "lse", "topk_logprobs"):
+            for key in ("sampled", "tail", "entropy", "lse"):
                 np.testing.assert_allclose(a[key], b[key], atol=atol, rtol=0, err_msg=key)
             if dtype == "fp32":
                 np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+                np.testing.assert_allclose(a["topk_logprobs"], b["topk_logprobs"], atol=atol, rtol=0)
+            else:  # bf16: near-ties may swap an id at the k-th place; the values must agree
+                np.testing.assert_allclose(-np.sort(-a["topk_logprobs"]), -np.sort(-b["topk_logprobs"]),
+                                           atol=atol, rtol=0)
+                overlap = np.mean([len(np.intersect1d(x, y)) / len(x) for x, y in zip(a["topk_ids"], b["topk_ids"])])
+                assert overlap > 0.9, overlap
         # new shapes after the warm-up: no failure, still compiled
         more = [rng.integers(0, 512, n) for n in (300, 301, 5, 211)]
         again = eng.score(_items(more, [1] * len(more)))
