@@ -429,7 +429,7 @@ def prototype_opd(teacher_dir, student_dir, settings: OPDSettings | None = None,
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, s.warmup_steps)))
     torch.manual_seed(s.seed)
-    eos, pad = tok.eos_token_id, tok.pad_token_id
+    pad = tok.pad_token_id
     history = s.history
     acc = evaluate_accuracy(student, tok, evals, s.max_new_tokens)
     history.append({"step": 0, "accuracy": acc, "seconds": 0.0})

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from student_trainer.losses import DistillLossConfig, TeacherStats, distill_loss
+from student_trainer.losses import DistillLossConfig, distill_loss
 from tests.test_losses_divergences import make_problem
 
 distill_mod = importlib.import_module("student_trainer.losses.distill")

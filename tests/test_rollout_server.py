@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from rollout import SamplingParams, SyncEngine
 from rollout.local_engine import LocalEngine

@@ -2,7 +2,6 @@
 the on-disk store survives a restart; the memory LRU stays within its byte budget."""
 
 import numpy as np
-import pytest
 
 from teacher_server.cache import StatsCache, item_key
 from teacher_server.client import ScoreSettings, TeacherClient
