@@ -210,7 +210,6 @@ def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=pr
     on `probe_size` other train problems reaches `target` (checked every `check_every` steps); cached.
     Slow for a seed that learns slowly (up to max_steps plus a probe eval every check_every steps)."""
     import torch
-    import torch.nn.functional as F
 
     from opd import demo_prep
 
@@ -226,15 +225,7 @@ def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=pr
     acc, step = 0.0, 0
     while step < spec.max_steps:
         model.train()
-        ids, att, lmask = demo_prep.collate(tok, train[step * spec.batch_size:(step + 1) * spec.batch_size])
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
-        tmask = lmask[:, 1:]
-        loss = F.cross_entropy(logits[tmask].float(), ids[:, 1:][tmask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
+        demo_prep.sft_step(model, tok, train[step * spec.batch_size:(step + 1) * spec.batch_size], opt, sched)
         step += 1
         if step % spec.check_every == 0:
             model.eval()

@@ -150,12 +150,29 @@ def _warmup_cosine(steps: int, warmup: int, floor: float = 0.05) -> Callable[[in
     return f
 
 
+def sft_step(model, tokenizer, batch, opt, sched):
+    """One SFT step on `batch` (cross entropy on response tokens only, grad-norm clip 1.0).
+    Returns the loss tensor."""
+    import torch
+    import torch.nn.functional as F
+
+    ids, att, lmask = collate(tokenizer, batch)
+    logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
+    tmask = lmask[:, 1:]
+    loss = F.cross_entropy(logits[tmask].float(), ids[:, 1:][tmask])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    sched.step()
+    return loss
+
+
 def sft_train(model, tokenizer, examples, *, steps: int, batch_size: int, lr: float,
               warmup_steps: int = 15, log: Callable[[str], None] | None = None,
               log_every: int = 50) -> float:
     """Plain torch SFT: AdamW, cross entropy on response tokens only. Returns the last loss."""
     import torch
-    import torch.nn.functional as F
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps, warmup_steps))
@@ -163,16 +180,7 @@ def sft_train(model, tokenizer, examples, *, steps: int, batch_size: int, lr: fl
     loss_val = float("nan")
     for step in range(steps):
         batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
-        ids, att, lmask = collate(tokenizer, batch)
-        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
-        tmask = lmask[:, 1:]
-        loss = F.cross_entropy(logits[tmask].float(), ids[:, 1:][tmask])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        loss_val = loss.item()
+        loss_val = sft_step(model, tokenizer, batch, opt, sched).item()
         if log and ((step + 1) % log_every == 0 or step + 1 == steps):
             log(f"  sft step {step + 1}/{steps} loss {loss_val:.4f}")
     model.eval()
