@@ -281,6 +281,12 @@ def main(argv=None) -> int:
         print(f"  lever {name}: {row['tokens_per_s']:,.0f} tok/s (body {row['body_ms']:.0f} ms, head "
               f"{row['head_ms']:.0f} ms; prepare {compile_s:.1f}s)", file=sys.stderr, flush=True)
 
+    def prefix_row(med, ts, d, packed, **extra):
+        per = max(1, d["batches"])  # body / head ms per batch
+        return {"seconds": med, "all_seconds": ts, "tokens_per_s": p_tokens / med, "forward_tokens": d["forward_tokens"],
+                "shared_prefix_tokens": d["shared_prefix_tokens"], "body_ms": 1e3 * d["body_seconds"] / per,
+                "head_ms": 1e3 * d["head_seconds"] / per, "batches": d["batches"], "packed": packed, **extra}
+
     def prefix_engine(key):
         out = {"sequences": len(pseqs), "tokens": p_tokens, "scored_positions": len(pseqs) * args.response_len,
                "compile": eng.resolved_compile() if eng._prepared else "off"}
@@ -294,24 +300,14 @@ def main(argv=None) -> int:
             eng.score(items_of(warm, args.prompt_len), use_cache=False)
             sync()
             med, ts, d = engine_run(lambda: items_of(pseqs, args.prompt_len), args.prefix_reps, warm=False)
-            out[name] = {
-                "seconds": med, "all_seconds": ts, "tokens_per_s": p_tokens / med, "forward_tokens": d["forward_tokens"],
-                "shared_prefix_tokens": d["shared_prefix_tokens"], "body_ms": 1e3 * d["body_seconds"],
-                "head_ms": 1e3 * d["head_seconds"], "batches": d["batches"], "packed": eng.packing_active() and on}
-            if d["batches"]:  # per batch
-                out[name]["body_ms"] /= d["batches"]
-                out[name]["head_ms"] /= d["batches"]
+            out[name] = prefix_row(med, ts, d, eng.packing_active() and on)
         eng.prefix_sharing, eng.packing = True, packing
         if eng.packing_active():  # packed batches hold whole prompt groups more often with a larger budget
             budget = eng.max_batch_tokens
             eng.max_batch_tokens = 2 * budget
             med, ts, d = engine_run(lambda: items_of(pseqs, args.prompt_len), args.prefix_reps)
             eng.max_batch_tokens = budget
-            out["on_2x_budget"] = {
-                "seconds": med, "all_seconds": ts, "tokens_per_s": p_tokens / med, "forward_tokens": d["forward_tokens"],
-                "shared_prefix_tokens": d["shared_prefix_tokens"], "batches": d["batches"], "packed": True,
-                "max_batch_tokens": 2 * budget, "body_ms": 1e3 * d["body_seconds"] / max(1, d["batches"]),
-                "head_ms": 1e3 * d["head_seconds"] / max(1, d["batches"])}
+            out["on_2x_budget"] = prefix_row(med, ts, d, True, max_batch_tokens=2 * budget)
         out["speedup"] = out["off"]["seconds"] / out["on"]["seconds"]
         R[key] = out
         print(f"  prefix ({key}): off {out['off']['tokens_per_s']:,.0f} / on {out['on']['tokens_per_s']:,.0f} tok/s",
@@ -366,6 +362,12 @@ def main(argv=None) -> int:
     base_settings = ScoreSettings(top_k=K, statistics=("sampled", "topk", "tail"), value_encoding="bf16",
                                   compression="zstd")
 
+    def streamed(c=None):
+        """STREAM_BATCHES x the batch's size of distinct sequences in one call, so the server
+        encodes (and the client decodes) one batch while the next one runs."""
+        dt, _ = run_client(base_settings, list(rng.integers(0, V, size=(STREAM_BATCHES * args.seqs, args.seq_len))), c=c)
+        return {"tokens": STREAM_BATCHES * n_tok, "seconds": dt, "tokens_per_s": STREAM_BATCHES * n_tok / dt}
+
     def e2e():
         eng.cache = None
         busy0, n0 = eng.stats.busy_seconds, eng.stats.batches
@@ -377,13 +379,7 @@ def main(argv=None) -> int:
                     "server_busy_seconds": busy, "server_tokens_per_s": n_tok / busy if busy else None,
                     "batches_per_call": (eng.stats.batches - n0) / (args.reps + 2),
                     "bytes_per_token": sum(o.wire_bytes for o in out) / positions}
-        # streamed: STREAM_BATCHES x the batch's size of distinct sequences in one call, so the
-        # server encodes (and the client decodes) one batch while the next one runs
-        sseqs = list(rng.integers(0, V, size=(STREAM_BATCHES * args.seqs, args.seq_len)))
-        run_client(base_settings, sseqs[: args.seqs])
-        dt, _ = run_client(base_settings, sseqs)
-        R["e2e_stream"] = {"tokens": STREAM_BATCHES * n_tok, "seconds": dt,
-                           "tokens_per_s": STREAM_BATCHES * n_tok / dt}
+        R["e2e_stream"] = streamed()
         # split of one call: body / head (synchronised), copy-out, encode, decode, rest
         items = items_of(seqs)
         _, _, d = engine_run(lambda: items_of(seqs), 1)
@@ -460,10 +456,7 @@ def main(argv=None) -> int:
             b = (busy() - b0) / args.reps
             out["e2e"] = {"seconds": med, "all_seconds": ts, "tokens_per_s": n_tok / med, "server_busy_seconds": b,
                           "server_tokens_per_s": n_tok / b if b else None}
-            sseqs = list(rng.integers(0, V, size=(STREAM_BATCHES * args.seqs, args.seq_len)))
-            dt, _ = run_client(base_settings, sseqs, c=pc)
-            out["e2e_stream"] = {"tokens": STREAM_BATCHES * n_tok, "seconds": dt,
-                                 "tokens_per_s": STREAM_BATCHES * n_tok / dt}
+            out["e2e_stream"] = streamed(pc)
             import threading
 
             clients = [TeacherClient(purl, timeout_s=1800) for _ in range(2)]

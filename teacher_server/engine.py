@@ -212,9 +212,17 @@ class ScoringEngine:
         return self._pending_tokens
 
     def _take_batch(self) -> list[ScoreItem]:
-        """Called with the lock held and a non-empty queue."""
-        if self.packing_active():
-            return self._take_packed_batch()
+        """Called with the lock held and a non-empty queue: pick a batch and dequeue it."""
+        batch = self._pick_packed() if self.packing_active() else self._pick_padded()
+        taken = {id(it) for it in batch}
+        self._pending = [it for it in self._pending if id(it) not in taken]
+        self._pending_tokens -= sum(it.cost for it in batch)
+        self._cv.notify_all()
+        return batch
+
+    def _pick_padded(self) -> list[ScoreItem]:
+        """Padded batches: the opener, its prefix mates first, then the sequences closest to it in
+        length, while (longest x count) fits `max_batch_tokens`."""
         first = self._pending[0]
         if self.prefix_sharing:  # sequences sharing the opener's first tokens join first
             head = first.token_ids[: self.prefix_min_tokens]
@@ -230,51 +238,35 @@ class ScoringEngine:
                 continue
             batch.append(it)
             longest = new_longest
-        taken = {id(it) for it in batch}
-        self._pending = [it for it in self._pending if id(it) not in taken]
-        self._pending_tokens -= sum(it.cost for it in batch)
-        self._cv.notify_all()
         return batch
 
-    def _take_packed_batch(self) -> list[ScoreItem]:
+    def _pick_packed(self) -> list[ScoreItem]:
         """Packed batches have no padding: the opener's prefix mates first, then the queue in
         order, while the packed tokens fit `max_batch_tokens`. A sequence that shares >=
         `prefix_min_tokens` first tokens with one already taken costs only its tokens after the
         common prefix, so whole prompt groups fit (one lookup and one comparison per sequence)."""
-        first = self._pending[0]
         n = self.prefix_min_tokens
-
-        def key(it):
-            return it.token_ids[:n].tobytes() if self.prefix_sharing and len(it.token_ids) > n else None
-
-        heads = {}           # first tokens -> the first sequence taken with them
+        keys = [it.token_ids[:n].tobytes() if self.prefix_sharing and len(it.token_ids) > n else None
+                for it in self._pending]
+        k0 = keys[0]
+        # the opener, its mates (stable: in queue order), then the rest in queue order
+        order = [0] + sorted(range(1, len(keys)), key=lambda j: k0 is None or keys[j] != k0)
+        heads: dict[bytes, ScoreItem] = {}   # first tokens -> the first sequence taken with them
         batch, total = [], 0
-
-        def take(it) -> None:
-            nonlocal total
-            k = key(it)
-            ref = heads.get(k) if k is not None else None
+        for j in order:
+            it, k = self._pending[j], keys[j]
             cost = it.cost
+            ref = heads.get(k) if k is not None else None
             if ref is not None:
                 lcp = PX.common_prefix(it.token_ids, ref.token_ids)
                 if lcp >= n:
                     cost = max(1, cost - lcp)
             if batch and total + cost > self.max_batch_tokens:
-                return
+                continue
             batch.append(it)
             total += cost
             if k is not None:
                 heads.setdefault(k, it)
-
-        take(first)
-        k0 = key(first)
-        rest = self._pending[1:]
-        for it in sorted(rest, key=lambda it: k0 is None or key(it) != k0):  # stable: mates first
-            take(it)
-        taken = {id(it) for it in batch}
-        self._pending = [it for it in self._pending if id(it) not in taken]
-        self._pending_tokens -= sum(it.cost for it in batch)
-        self._cv.notify_all()
         return batch
 
     def packing_active(self) -> bool:

@@ -151,14 +151,16 @@ def plan_layout(seqs: list[np.ndarray], groups: list[tuple[int, list[int]]], pad
                   cat(lo1), cat(hi1), cat(lo2))
 
 
+def tree_visible(doc: torch.Tensor, seg: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Whether query position q may attend key position k (the rule in the module docstring);
+    q and k broadcast (index tensors, or FlexAttention's scalar indices)."""
+    return (k <= q) & (doc[k] == doc[q]) & ((seg[k] == seg[q]) | (seg[k] == 0))
+
+
 def dense_mask(doc: torch.Tensor, seg: torch.Tensor) -> torch.Tensor:
     """The tree mask as a boolean [1, 1, T, T] tensor (True = attend)."""
-    t = doc.shape[0]
-    q = torch.arange(t, device=doc.device)
-    causal = q[None, :] <= q[:, None]
-    same_doc = doc[None, :] == doc[:, None]
-    seen = (seg[None, :] == seg[:, None]) | (seg[None, :] == 0)
-    return (causal & same_doc & seen)[None, None]
+    idx = torch.arange(doc.shape[0], device=doc.device)
+    return tree_visible(doc, seg, idx[:, None], idx[None, :])[None, None]
 
 
 def block_tiles(lo1: torch.Tensor, hi1: torch.Tensor, lo2: torch.Tensor):
@@ -183,7 +185,7 @@ def block_mask(layout: Layout, doc: torch.Tensor, seg: torch.Tensor):
     from torch.nn.attention.flex_attention import BlockMask
 
     def tree(b, h, q, k):
-        return (k <= q) & (doc[k] == doc[q]) & ((seg[k] == seg[q]) | (seg[k] == 0))
+        return tree_visible(doc, seg, q, k)
 
     dev = doc.device
     partial, full = block_tiles(*(torch.from_numpy(a).to(dev, non_blocking=True)
