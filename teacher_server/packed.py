@@ -40,8 +40,23 @@ log = logging.getLogger("opd.teacher")
 
 ATTN_NAME = "opd_sdpa"
 BLOCK = 128
-# FlexAttention kernel options (JSON, e.g. '{"BLOCK_M": 128, "BLOCK_N": 64}'); empty = torch's choice
-FLEX_KERNEL_OPTIONS = json.loads(os.environ.get("OPD_FLEX_KERNEL_OPTIONS") or "null")
+
+
+def _flex_kernel_options():
+    """OPD_FLEX_KERNEL_OPTIONS: FlexAttention kernel options as a JSON object, e.g.
+    '{"BLOCK_M": 128, "BLOCK_N": 64}'; unset or empty = torch's choice."""
+    raw = os.environ.get("OPD_FLEX_KERNEL_OPTIONS") or "null"
+    try:
+        opts = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"OPD_FLEX_KERNEL_OPTIONS={raw!r} is not JSON ({exc}); expected an object such as "
+                         '\'{"BLOCK_M": 128, "BLOCK_N": 64}\'') from None
+    if opts is not None and not isinstance(opts, dict):
+        raise ValueError(f"OPD_FLEX_KERNEL_OPTIONS={raw!r}: expected a JSON object of kernel options")
+    return opts
+
+
+FLEX_KERNEL_OPTIONS = _flex_kernel_options()
 
 _flex_lock = threading.Lock()
 _flex_fn = None

@@ -151,3 +151,14 @@ def test_block_mask_tiles_equal_the_dense_mask():
     assert full.any() and partial.any() and (~(full | partial)).any()
     bm = PK.block_mask(lay, torch.from_numpy(lay.doc), torch.from_numpy(lay.seg))
     torch.testing.assert_close(bm.to_dense()[0, 0].bool(), tiles.any(-1))
+
+
+@pytest.mark.parametrize("raw,ok", [("", None), ('{"BLOCK_N": 64}', {"BLOCK_N": 64}), ("[1", "not JSON"),
+                                    ("3", "expected a JSON object")])
+def test_flex_kernel_options_from_the_environment(monkeypatch, raw, ok):
+    monkeypatch.setenv("OPD_FLEX_KERNEL_OPTIONS", raw)
+    if isinstance(ok, str):
+        with pytest.raises(ValueError, match=ok):
+            PK._flex_kernel_options()
+    else:
+        assert PK._flex_kernel_options() == ok
