@@ -7,16 +7,23 @@ scored positions only).
 Semantics: row r describes the distribution of the token AFTER its position given the prefix:
 log p = log_softmax(logits / T) with T the row's temperature (T divides the logits).
 
-Two implementations, equal up to float32 rounding (tests/test_teacher_stats.py):
-- `head_statistics` (the default, "fast"): per chunk, the lm-head matmul output `l` (model dtype,
-  e.g. bf16) is read by (1) top-k on `l` itself (softcap and 1/T are monotone, so the top-k ids of
-  log_softmax(cap(l) / T) are those of `l`; half the bytes of an fp32 top-k), (2) one row
-  reduction giving the log-sum-exp and the entropy together (H = log S1 - S2 / S1 with
+Two implementations, equal up to float32 rounding (tests/test_teacher_stats.py,
+tests/test_teacher_kernels.py):
+- `head_statistics` (the default, "fast"). On CUDA (Triton importable, self-test passed; switch
+  `OPD_TEACHER_KERNELS=auto|triton|eager`) it runs the kernels of `kernels.py` on the lm-head
+  matmul output `l` (model dtype, e.g. bf16, never copied to fp32): per chunk one read of `l`
+  gives max, sum exp and entropy sum of z = cap(l) / T (log-sum-exp, entropy) and the maxima of
+  128-column blocks of `l`; the top-k is taken among the k best blocks (`topk_from_blocks`), and
+  one more read gives the exact tail mass of every row (tie-aware; no cancellation, no host
+  synchronisation). Elsewhere (CPU, or kernels off) per chunk: (1) top-k on `l` itself (softcap
+  and 1/T are monotone, so the top-k ids of log_softmax(cap(l) / T) are those of `l`; half the
+  bytes of an fp32 top-k), through block maxima (`topk_raw`) when the vocabulary is wide, (2) one
+  row reduction giving the log-sum-exp and the entropy together (H = log S1 - S2 / S1 with
   S1 = sum e^d, S2 = sum e^d d, d = z - max z), fused into one kernel when `compiled=True`
-  (torch.compile, CUDA), a few in-place fp32 passes otherwise. The top-k goes through block
-  maxima (`topk_raw`) when the vocabulary is wide. Everything else (sampled, top-k
-  values, extra ids, tail mass) is computed on [chunk x k] gathers only; the full [chunk x vocab]
-  log-probs are built only when FULL is asked for.
+  (torch.compile, CUDA), a few in-place fp32 passes otherwise, and (3) the tail mass as
+  log(1 - sum p_topk), with an exact complement log-sum-exp for tails below TAIL_EXACT_BELOW.
+  Either way sampled, top-k values and extra ids are computed on [chunk x k] gathers only; the
+  full [chunk x vocab] log-probs are built only when FULL is asked for.
 - `head_statistics_reference`: the former path (fp32 upcast, divide, log-sum-exp, subtract, top-k
   over fp32 log-probs), kept as the benchmark's "old head" row and as a test reference.
 """
@@ -29,10 +36,12 @@ from dataclasses import dataclass
 
 import torch
 
+from teacher_server import kernels as K
+
 log = logging.getLogger("opd.teacher")
 
 SAMPLED, TOPK, TAIL, LSE, ENTROPY, EXTRA, FULL = "sampled", "topk", "tail", "lse", "entropy", "extra", "full"
-TAIL_EXACT_BELOW = 1e-3  # tails smaller than this take the exact complement log-sum-exp
+TAIL_EXACT_BELOW = 1e-3  # eager path: tails smaller than this take the exact complement log-sum-exp
 
 
 @dataclass
@@ -103,30 +112,46 @@ def compiled_row_stats(backend: str = "inductor"):
         return fn
 
 
-SUB = 128  # columns per block for the block-maxima top-k
+SUB = K.SUB  # columns per block for the block-maxima top-k
 
 
-def topk_raw(l: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(l, k, sorted=True)`` over each row of the raw logits, by block maxima when
-    the vocabulary is wide: the k largest entries of a row all lie in the k blocks (of SUB
-    columns) with the largest maxima (a block outside those has k blocks above it, each holding
-    an entry larger than anything in it), so one reduction to block maxima, a top-k over
-    V / SUB of them and a top-k over k x SUB gathered candidates replace a top-k over V columns.
-    Equal to torch.topk up to the order of tied values."""
+def use_blocks(v: int, k: int) -> bool:
+    """Whether the block-maxima top-k pays off (a wide vocabulary, few blocks needed)."""
+    return k * SUB * 4 <= v and v // SUB >= 2
+
+
+def block_max(l: torch.Tensor) -> torch.Tensor:
+    """[C, ceil(V / SUB)] maxima of SUB-column blocks (the last may be partial)."""
     c, v = l.shape
     nb = v // SUB
-    if k * SUB * 4 > v or nb < 2:
-        return torch.topk(l, k, dim=-1, sorted=True)
     bmax = l[:, : nb * SUB].view(c, nb, SUB).amax(-1)
     if v > nb * SUB:  # a last, partial block
         bmax = torch.cat([bmax, l[:, nb * SUB:].amax(-1, keepdim=True)], 1)
+    return bmax
+
+
+def topk_from_blocks(l: torch.Tensor, bmax: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(l, k, sorted=True)`` given the row's block maxima ``bmax`` (any dtype, the
+    values of `block_max(l)`): the k largest entries of a row all lie in the k blocks with the
+    largest maxima (a block outside those has k blocks above it, each holding an entry larger than
+    anything in it), so a top-k over V / SUB maxima and one over k x SUB gathered candidates
+    replace a top-k over V columns. Equal to torch.topk up to the order of tied values."""
+    c, v = l.shape
     _, blocks = torch.topk(bmax, k, dim=-1, sorted=False)                     # [C, k]
     cand = (blocks.unsqueeze(-1) * SUB + torch.arange(SUB, device=l.device)).view(c, k * SUB)
     cvals = l.gather(1, cand.clamp(max=v - 1))
-    if v > nb * SUB:  # columns past the vocabulary (in the partial block) never win
+    if v % SUB:  # columns past the vocabulary (in the partial block) never win
         cvals.masked_fill_(cand >= v, float("-inf"))
     raw, j = torch.topk(cvals, k, dim=-1, sorted=True)
     return raw, cand.gather(1, j)
+
+
+def topk_raw(l: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(l, k, sorted=True)`` over each row of the raw logits, by block maxima
+    (`topk_from_blocks`) when the vocabulary is wide."""
+    if not use_blocks(l.shape[1], k):
+        return torch.topk(l, k, dim=-1, sorted=True)
+    return topk_from_blocks(l, block_max(l), k)
 
 
 @torch.inference_mode()
@@ -135,6 +160,8 @@ def head_statistics(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 10
                     compile_backend: str = "inductor") -> dict[str, torch.Tensor]:
     """Compute the requested statistics for every row, chunk by chunk. Returns float32 tensors
     (top-k ids int64) on the weight's device; top-k comes sorted by DESCENDING log-prob."""
+    if K.available(weight, softcap):
+        return _head_statistics_kernels(req, weight, chunk_size, softcap)
     rows = req.hidden.shape[0]
     dev = weight.device
     want_k = req.top_k > 0 and (TOPK in req.stats or TAIL in req.stats)
@@ -175,6 +202,49 @@ def head_statistics(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 10
                 out[TAIL].append(_tail(req, s, e, vals, ids, dev,
                                        lambda r: _transform(l.index_select(0, r), softcap,
                                                             None if temp is None else temp.index_select(0, r)) - lse[r, None]))
+        elif TAIL in req.stats:
+            out[TAIL].append(torch.zeros(e - s, device=dev))  # top_k = 0: everything is tail
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def _head_statistics_kernels(req: HeadRequest, weight: torch.Tensor, chunk_size: int,
+                             softcap: float | None) -> dict[str, torch.Tensor]:
+    """`head_statistics` through the Triton kernels (`kernels.py`): per chunk one read of the raw
+    logits for m, S (lse), A (entropy) and block maxima, a top-k among the best blocks, and one
+    more read for the exact tail mass of every row. No host synchronisation."""
+    rows = req.hidden.shape[0]
+    dev = weight.device
+    want_k = req.top_k > 0 and (TOPK in req.stats or TAIL in req.stats)
+    want_ent = ENTROPY in req.stats
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in (SAMPLED, "topk_vals", "topk_ids", TAIL, LSE, ENTROPY, EXTRA, FULL)}
+    for s in range(0, rows, chunk_size):
+        e = min(rows, s + chunk_size)
+        l = torch.matmul(req.hidden[s:e], weight.t())           # raw logits, model dtype
+        if l.stride(1) != 1:
+            l = l.contiguous()
+        t1 = None if req.temperature is None else req.temperature[s:e].float()
+        temp = None if t1 is None else t1[:, None]
+        blocks = want_k and use_blocks(l.shape[1], req.top_k)
+        m, s_sum, a_sum, bmax = K.row_stats(l, t1, softcap, want_ent, blocks)
+        log_s = s_sum.log()
+        lse = m + log_s                                          # all -inf row: -inf (S = 0)
+        if LSE in req.stats:
+            out[LSE].append(lse)
+        if want_ent:
+            out[ENTROPY].append(log_s - a_sum / s_sum)
+        if SAMPLED in req.stats:
+            out[SAMPLED].append(_transform(l.gather(1, req.targets[s:e, None]), softcap, temp).squeeze(1) - lse)
+        if EXTRA in req.stats and req.extra_ids is not None:
+            out[EXTRA].append(_transform(l.gather(1, req.extra_ids[s:e]), softcap, temp) - lse[:, None])
+        if FULL in req.stats:
+            out[FULL].append(_transform(l, softcap, temp) - lse[:, None])
+        if want_k:
+            raw, ids = topk_from_blocks(l, bmax, req.top_k) if blocks else torch.topk(l, req.top_k, dim=-1, sorted=True)
+            out["topk_vals"].append(_transform(raw, softcap, temp) - lse[:, None])
+            out["topk_ids"].append(ids)
+            if TAIL in req.stats:
+                k_row = req.row_k[s:e] if req.row_k is not None else torch.full((e - s,), req.top_k, device=dev)
+                out[TAIL].append(K.tail_logmass(l, raw, k_row.clamp(max=req.top_k), m, s_sum, t1, softcap))
         elif TAIL in req.stats:
             out[TAIL].append(torch.zeros(e - s, device=dev))  # top_k = 0: everything is tail
     return {k: torch.cat(v) for k, v in out.items() if v}

@@ -12,6 +12,8 @@ set to -inf, so everything here is "off the support"):
   [C, V] buffer and no second [C, V] allocation.
 
 The eager torch path (``analytic.py``) does the same arithmetic in about ten separate passes.
+The row-statistics kernel lives in ``teacher_server/kernels.py`` (the teacher's head uses it too,
+with a temperature and softcap this path never sets); ``write_dz`` is the student's own.
 Both kernels run one program per row and sweep the vocabulary in tiles of ``BLOCK`` columns.
 
 In-place dz: program r writes only row r's bytes ``[0, 2V)``, tile i's output lands on fp32
@@ -30,6 +32,9 @@ import os
 
 import torch
 
+from teacher_server.kernels import HAVE_TRITON, tl, triton  # noqa: F401  (one Triton import, shared)
+from teacher_server.kernels import row_stats as _row_stats
+
 log = logging.getLogger(__name__)
 
 # "auto": Triton on CUDA when it works, else eager | "triton": same, but a failure raises | "eager"
@@ -39,54 +44,11 @@ SUB = 128         # columns per block maximum (student top-k candidates)
 BLOCK = 2048      # columns per tile (a multiple of SUB)
 NUM_WARPS = 8
 
-try:  # pragma: no cover - depends on the installation
-    import triton
-    import triton.language as tl
-
-    HAVE_TRITON = True
-except Exception:  # noqa: BLE001
-    triton = tl = None
-    HAVE_TRITON = False
-
 _STATE: dict = {}  # device -> bool (self-test passed)
 
 
 if HAVE_TRITON:
-
-    @triton.jit
-    def _row_stats_kernel(z_ptr, stride_z, V, m_ptr, s_ptr, a_ptr, bmax_ptr, stride_b, NB,
-                          BLOCK: tl.constexpr, SUB: tl.constexpr, WANT_A: tl.constexpr,
-                          WANT_BMAX: tl.constexpr):
-        row = tl.program_id(0)
-        zrow = z_ptr + row.to(tl.int64) * stride_z
-        offs = tl.arange(0, BLOCK)
-        neg_inf = float("-inf")
-        m = tl.max(tl.full([BLOCK], neg_inf, tl.float32), axis=0)  # running max (a scalar)
-        s_vec = tl.zeros([BLOCK], dtype=tl.float32)  # per-lane sum exp(z - m)
-        a_vec = tl.zeros([BLOCK], dtype=tl.float32)  # per-lane sum exp(z - m) (z - m)
-        for start in range(0, V, BLOCK):
-            idx = start + offs
-            x = tl.load(zrow + idx, mask=idx < V, other=neg_inf).to(tl.float32)
-            if WANT_BMAX:
-                bm = tl.max(tl.reshape(x, [BLOCK // SUB, SUB]), axis=1)
-                bidx = start // SUB + tl.arange(0, BLOCK // SUB)
-                tl.store(bmax_ptr + row.to(tl.int64) * stride_b + bidx, bm, mask=bidx < NB)
-                tile_max = tl.max(bm, axis=0)
-            else:
-                tile_max = tl.max(x, axis=0)
-            m_new = tl.maximum(m, tile_max)
-            m_safe = tl.where(m_new > neg_inf, m_new, 0.0)  # all -inf so far: shift by 0
-            alpha = tl.exp(m - m_safe)                      # m = -inf -> 0
-            e = tl.exp(x - m_safe)                          # x = -inf -> 0
-            if WANT_A:
-                dm = tl.where(m > neg_inf, m - m_safe, 0.0)
-                a_vec = alpha * (a_vec + dm * s_vec) + tl.where(e > 0, e * (x - m_safe), 0.0)
-            s_vec = alpha * s_vec + e
-            m = m_new
-        tl.store(m_ptr + row, m)
-        tl.store(s_ptr + row, tl.sum(s_vec, axis=0))
-        if WANT_A:
-            tl.store(a_ptr + row, tl.sum(a_vec, axis=0))
+    from teacher_server.kernels import _row_stats_kernel  # noqa: F401  (shared with the teacher's head)
 
     @triton.jit
     def _write_dz_kernel(z_ptr, stride_z, out_ptr, stride_o, V, shift_ptr, scale_ptr,
@@ -109,19 +71,8 @@ if HAVE_TRITON:
 
 def row_stats(z_C_V: torch.Tensor, want_a: bool, want_bmax: bool):
     """``(m_C, S_C, A_C | None, bmax_C_NB | None)`` of fp32 logits (see the module docstring)."""
-    c, v = z_C_V.shape
     assert z_C_V.dtype == torch.float32 and z_C_V.stride(1) == 1
-    dev = z_C_V.device
-    m = torch.empty(c, dtype=torch.float32, device=dev)
-    s = torch.empty(c, dtype=torch.float32, device=dev)
-    a = torch.empty(c, dtype=torch.float32, device=dev) if want_a else s
-    nb = triton.cdiv(v, SUB)
-    bmax = torch.empty(c, nb, dtype=torch.float32, device=dev) if want_bmax else s
-    if c:
-        _row_stats_kernel[(c,)](z_C_V, z_C_V.stride(0), v, m, s, a, bmax, nb if want_bmax else 0, nb,
-                                BLOCK=BLOCK, SUB=SUB, WANT_A=want_a, WANT_BMAX=want_bmax,
-                                num_warps=NUM_WARPS)
-    return m, s, (a if want_a else None), (bmax if want_bmax else None)
+    return _row_stats(z_C_V, None, None, want_a, want_bmax, sub=SUB, block=BLOCK, num_warps=NUM_WARPS)
 
 
 def write_dz(z_C_V: torch.Tensor, shift_C: torch.Tensor, scale_C: torch.Tensor, out_dtype: torch.dtype,
