@@ -10,6 +10,15 @@ padded to the longest in the batch, so grouping by length keeps padding small; t
 count is reported (`padded_tokens`). Right padding never changes a real token's result (causal
 attention, positions start at 0 for every row).
 
+Pipeline (the worker, `start()`): the worker thread takes a batch, queues its device work (body,
+then the head part by part, each part's statistics copied to pinned host memory without waiting)
+and goes on to the next batch; a finisher thread waits for each part's copy, splits it per item
+and delivers it, so a part's results are encoded and sent while the head computes the next part,
+and a batch's results while the next batch runs. At most `pipeline_depth` (2) batches are
+launched and not finished; the next batch is formed only when there is room, and the worker
+lingers `batch_wait_s` (2 ms) for a stream's next request while the queue is below one batch.
+`score()` runs the same steps on the caller's thread, one batch after the other.
+
 Prompt-prefix sharing (`prefix.py`, on by default): sequences of one batch that share a prefix of
 >= `prefix_min_tokens` tokens (n samples of a prompt, multi-turn histories) run the prefix once;
 the opener of a batch pulls sequences with its first tokens in first. Two ways to run it:
@@ -44,6 +53,7 @@ token ids, the span and every option that changes the result; a hit is delivered
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
@@ -56,6 +66,7 @@ from teacher_server import head as H
 from teacher_server import packed as PK
 from teacher_server import prefix as PX
 from teacher_server.cache import StatsCache, item_key
+from teacher_server.fp8 import FP8Linear
 from teacher_server.model import compile_body, uncompile_body
 
 log = logging.getLogger("opd.teacher")
@@ -122,7 +133,8 @@ class ScoringEngine:
                  cache: StatsCache | None = None, model_id: str = "", compile: str = "auto",
                  compile_backend: str = "inductor", head: str = "fast", split_uneven: bool = True,
                  split_min_tokens: int = 4096, split_max_pad: float = 0.1, timing: bool = False,
-                 packing: str = "auto"):
+                 packing: str = "auto", head_part_rows: int | None = None, pipeline_depth: int = 2,
+                 batch_wait_s: float = 0.002):
         self.model = model
         self.device = torch.device(device)
         self.body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
@@ -147,6 +159,9 @@ class ScoringEngine:
         self.split_min_tokens = split_min_tokens
         self.split_max_pad = split_max_pad
         self.timing = timing
+        self.head_part_rows = head_part_rows or 1024  # rows per head part, at least (see `_head_parts`)
+        self.pipeline_depth = pipeline_depth  # batches launched and not yet finished, at most
+        self.batch_wait_s = batch_wait_s      # linger for a stream's next request (see `_linger`)
         if packing not in PACKING_MODES:
             raise ValueError(f"packing={packing!r}: expected one of {PACKING_MODES}")
         self.packing = packing        # "auto" | "on" | "off"
@@ -160,6 +175,8 @@ class ScoringEngine:
         self._prepared: str | None = None
         self._prepare_lock = threading.Lock()
         self.stats = EngineStats()
+        self._stats_lock = threading.Lock()
+        self._busy_until = 0.0
         self._pending: list[ScoreItem] = []
         self._pending_tokens = 0
         self._cv = threading.Condition()
@@ -292,26 +309,76 @@ class ScoringEngine:
             self._thread.join(timeout)
 
     def _run(self) -> None:
+        """The worker: take a batch, launch its device work, hand it to the finisher, repeat. The
+        finisher (a second thread) waits for each launched batch's copy to the host and delivers
+        its results, part by part, while the next batch already runs on the device. At most
+        `pipeline_depth` batches are launched and not finished: the next batch is formed only
+        when there is room, so it takes everything that arrived meanwhile."""
         self.prepare()
+        finishing: queue.Queue = queue.Queue()
+        slots = threading.Semaphore(max(1, self.pipeline_depth))
+        finisher = threading.Thread(target=self._finish_loop, args=(finishing, slots), name="opd-teacher-finish",
+                                    daemon=True)
+        finisher.start()
+        try:
+            while True:
+                with self._cv:
+                    while not self._pending and not self._stop:
+                        self._cv.wait()
+                    if not self._pending and self._stop:
+                        return
+                slots.acquire()
+                with self._cv:
+                    self._linger()
+                    if not self._pending:
+                        slots.release()
+                        continue
+                    batch = self._take_batch()
+                live = [it for it in batch if not it.is_cancelled()]
+                self.stats.cancelled += len(batch) - len(live)
+                launched = None
+                if live:
+                    try:
+                        launched = self.launch_batch(live)
+                    except Exception as exc:  # a failed batch fails its items, not the server
+                        log.exception("batch of %d sequences failed", len(live))
+                        _deliver_all(live, exc)
+                if launched is None:
+                    slots.release()
+                else:
+                    finishing.put(launched)
+        finally:
+            finishing.put(None)
+            finisher.join()
+
+    def _linger(self) -> None:
+        """Called with the lock held: while the queue is below one batch, wait for more items as
+        long as they keep arriving within `batch_wait_s` of each other (a stream's requests come
+        one by one), at most 10 x `batch_wait_s` in all."""
+        if self.batch_wait_s <= 0:
+            return
+        end = time.monotonic() + 10 * self.batch_wait_s
+        while self._pending and self._pending_tokens < self.max_batch_tokens and not self._stop:
+            n = len(self._pending)
+            left = min(self.batch_wait_s, end - time.monotonic())
+            if left <= 0:
+                return
+            self._cv.wait(left)
+            if len(self._pending) <= n:  # nothing new arrived
+                return
+
+    def _finish_loop(self, finishing: queue.Queue, slots: threading.Semaphore) -> None:
         while True:
-            with self._cv:
-                while not self._pending and not self._stop:
-                    self._cv.wait()
-                if not self._pending and self._stop:
-                    return
-                batch = self._take_batch()
-            live = [it for it in batch if not it.is_cancelled()]
-            self.stats.cancelled += len(batch) - len(live)
-            if not live:
-                continue
+            launched = finishing.get()
+            if launched is None:
+                return
             try:
-                results = self.run_batch(live)
-            except Exception as exc:  # a failed batch fails its items, not the server
-                log.exception("batch of %d sequences failed", len(live))
-                results = [exc] * len(live)
-            for it, res in zip(live, results):
-                if it.deliver is not None:
-                    it.deliver(it, res)
+                self._finish(launched, deliver=True)
+            except Exception as exc:  # noqa: BLE001 - fail what was not delivered yet
+                log.exception("batch of %d sequences failed", len(launched.batch))
+                _deliver_all([it for it in launched.batch if id(it) not in launched.delivered], exc)
+            finally:
+                slots.release()
 
     def score(self, items: list[ScoreItem], use_cache: bool = True) -> list[dict]:
         """Score items synchronously on the caller's thread (batched like the worker does).
@@ -395,7 +462,8 @@ class ScoringEngine:
             return f"warm-up failed ({type(exc).__name__}: {exc})"
         if reference is None:
             return ""
-        problem = compare_results(reference, got, self.weight.dtype)
+        problem = compare_results(reference, got, self.weight.dtype,
+                                  quantized=any(isinstance(m, FP8Linear) for m in self.body.modules()))
         return f"results differ from eager ({problem})" if problem else ""
 
     def _disable_compile(self) -> None:
@@ -441,37 +509,84 @@ class ScoringEngine:
 
     # ---- compute -----------------------------------------------------------------------------
     def run_batch(self, batch: list[ScoreItem]) -> list[dict]:
+        """Score one batch on the caller's thread: launch it, wait for it, return its results."""
+        return self._finish(self.launch_batch(batch), deliver=False)
+
+    def launch_batch(self, batch: list[ScoreItem]) -> "_Launched":
+        """`_launch_batch`, falling back (packing off, then compile off) when it raises."""
         try:
-            return self._run_batch(batch)
+            return self._launch_batch(batch)
         except Exception:
             if self.packing_active() and self._prepared is not None:
                 log.exception("packed batch failed; batches are not packed from now on")
                 self._packing_broken = True
-                return self.run_batch(batch)
+                return self.launch_batch(batch)
             if not (self.compiled_body or self.compiled_head) or self._prepared is None:
                 raise
             log.exception("compiled batch failed; falling back to eager for good")
             with self._prepare_lock:
                 self._disable_compile()
                 self._prepared = "off"
-            return self._run_batch(batch)
+            return self._launch_batch(batch)
+
+    def _run_batch(self, batch: list[ScoreItem]) -> list[dict]:
+        return self._finish(self._launch_batch(batch), deliver=False)
 
     def _sync(self) -> None:
         if self.timing and self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def _head_parts(self, batch: list[ScoreItem]) -> list[tuple[int, int]]:
+        """Consecutive item ranges [lo, hi) of about `head_part_rows` scored rows or more each:
+        the head runs and copies out part by part, so a part's results can be encoded and sent
+        while the head computes the next one."""
+        parts, lo, rows = [], 0, 0
+        for i, it in enumerate(batch):
+            rows += it.num_positions
+            if rows >= self.head_part_rows:
+                parts.append((lo, i + 1))
+                lo, rows = i + 1, 0
+        if lo < len(batch):
+            parts.append((lo, len(batch)))
+        return parts
+
     @torch.inference_mode()
-    def _run_batch(self, batch: list[ScoreItem]) -> list[dict]:
+    def _launch_batch(self, batch: list[ScoreItem]) -> "_Launched":
+        """Queue a batch's device work: the body, then the head and the copy to the host part by
+        part (pinned memory, non-blocking, an event per part). Returns without waiting for the
+        device unless `timing` is on."""
         t0 = time.perf_counter()
         dev = self.device
-        lengths = [len(it.token_ids) for it in batch]
         hidden_rows = self._hidden_rows(batch)
         self._sync()
         t_body = time.perf_counter()
+        rows = hidden_rows[0] if len(hidden_rows) == 1 else torch.cat(hidden_rows)
+        cuda = dev.type == "cuda"
+        parts, r0 = [], 0
+        for lo, hi in self._head_parts(batch):
+            items = batch[lo:hi]
+            n = sum(it.num_positions for it in items)
+            res = self._head(items, rows[r0:r0 + n])
+            r0 += n
+            if cuda:  # into pinned host memory without waiting; the finisher waits on the event
+                host = {}
+                for k, v in res.items():
+                    host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+                    host[k].copy_(v, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record()
+            else:
+                host, event = res, None
+            parts.append(_Part(lo, hi, host, event, "topk_ids" in res and len({it.top_k for it in items}) == 1))
+        self._sync()
+        return _Launched(batch, parts, t0, t_body, time.perf_counter())
 
+    def _head(self, items: list[ScoreItem], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The statistics of `items` (in order) from their final hidden states at the scored rows."""
+        dev = self.device
         targets, temps, row_k, extra = [], [], [], []
-        max_m = max((it.extra_ids.shape[1] for it in batch if it.extra_ids is not None), default=0)
-        for b, it in enumerate(batch):
+        max_m = max((it.extra_ids.shape[1] for it in items if it.extra_ids is not None), default=0)
+        for it in items:
             targets.append(torch.from_numpy(it.token_ids[it.target_start:it.target_end]))
             temps.append(torch.full((it.num_positions,), float(it.temperature)))
             row_k.append(torch.full((it.num_positions,), it.top_k, dtype=torch.long))
@@ -480,63 +595,59 @@ class ScoringEngine:
                 if it.extra_ids is not None:
                     e[:, : it.extra_ids.shape[1]] = torch.from_numpy(it.extra_ids)
                 extra.append(e)
-        rows = hidden_rows[0] if len(hidden_rows) == 1 else torch.cat(hidden_rows)
-        stats = frozenset().union(*(it.stats for it in batch))
-        uniform_t = all(float(it.temperature) == 1.0 for it in batch)
+        uniform_t = all(float(it.temperature) == 1.0 for it in items)
         req = H.HeadRequest(
-            hidden=rows, targets=torch.cat(targets).to(dev),
-            temperature=None if uniform_t else torch.cat(temps).to(dev),
-            top_k=max(it.top_k for it in batch), row_k=torch.cat(row_k).to(dev),
-            extra_ids=torch.cat(extra).to(dev) if max_m else None, stats=stats)
+            hidden=hidden, targets=torch.cat(targets).to(dev, non_blocking=True),
+            temperature=None if uniform_t else torch.cat(temps).to(dev, non_blocking=True),
+            top_k=max(it.top_k for it in items), row_k=torch.cat(row_k).to(dev, non_blocking=True),
+            extra_ids=torch.cat(extra).to(dev, non_blocking=True) if max_m else None,
+            stats=frozenset().union(*(it.stats for it in items)))
         res = H.HEADS[self.head](req, self.weight, self.chunk_size, self.softcap, compiled=self.compiled_head,
                                  compile_backend=self.compile_backend)
-        uniform_k = "topk_ids" in res and len({it.top_k for it in batch}) == 1
-        if uniform_k:  # sort ids ascending on the device (for delta coding): no host-side argsort
+        if "topk_ids" in res and len({it.top_k for it in items}) == 1:
+            # ids ascending on the device (for delta coding): no host-side argsort
             res["topk_ids"], order = res["topk_ids"].sort(dim=1)
             res["topk_vals"] = res["topk_vals"].gather(1, order)
-        self._sync()
-        t_head = time.perf_counter()
-        res = {k: v.cpu().numpy() for k, v in res.items()}  # one device->host copy per statistic
+        return res
 
-        results, r0 = [], 0
-        for it in batch:
-            r1 = r0 + it.num_positions
-            one: dict[str, np.ndarray] = {}
-            for key in (H.SAMPLED, H.LSE, H.ENTROPY, H.TAIL):
-                if key in it.stats and key in res:
-                    one[key] = res[key][r0:r1]
-            if H.EXTRA in it.stats and it.extra_ids is not None:
-                one[H.EXTRA] = res[H.EXTRA][r0:r1, : it.extra_ids.shape[1]]
-            if H.FULL in it.stats:
-                one[H.FULL] = res[H.FULL][r0:r1]
-            if H.TOPK in it.stats and it.top_k > 0:
-                vals = res["topk_vals"][r0:r1, : it.top_k]
-                tid = res["topk_ids"][r0:r1, : it.top_k]
-                if uniform_k:
-                    one["topk_ids"], one["topk_logprobs"] = tid, vals
-                else:
-                    order = np.argsort(tid, axis=1, kind="stable")  # ids ascending, for delta coding
-                    one["topk_ids"] = np.take_along_axis(tid, order, 1)
-                    one["topk_logprobs"] = np.take_along_axis(vals, order, 1)
-            results.append(one)
-            r0 = r1
-        dt = time.perf_counter() - t0
-        for one in results:
-            one["_server_seconds"] = dt
-            one["_batch_sequences"] = len(batch)
-        s = self.stats
-        s.sequences += len(batch)
-        s.batches += 1
-        s.tokens += sum(lengths)
-        s.scored_positions += r0
-        s.busy_seconds += dt
-        s.body_seconds += t_body - t0
-        s.head_seconds += t_head - t_body
-        if self.cache is not None:
-            for it, one in zip(batch, results):
-                if it.cache_key is not None:
+    def _finish(self, launched: "_Launched", deliver: bool) -> list[dict]:
+        """Wait for each part's copy, split it into per-item results, fill the cache and (if
+        `deliver`) deliver them part by part; then count the batch. Returns the results."""
+        batch, results = launched.batch, []
+        for part in launched.parts:
+            if part.event is not None:
+                part.event.synchronize()
+            res = {k: v.numpy() for k, v in part.host.items()}
+            now = time.perf_counter()
+            r0 = 0
+            for it in batch[part.lo:part.hi]:
+                r1 = r0 + it.num_positions
+                one = _split(it, res, r0, r1, part.uniform_k)
+                one["_server_seconds"] = now - launched.t0
+                one["_batch_sequences"] = len(batch)
+                if self.cache is not None and it.cache_key is not None:
                     self.cache.put(it.cache_key, one)
-            self._sync_cache_stats()
+                results.append(one)
+                r0 = r1
+            if deliver:
+                for it, one in zip(batch[part.lo:part.hi], results[part.lo:part.hi]):
+                    launched.delivered.add(id(it))
+                    if it.deliver is not None:
+                        it.deliver(it, one)
+        t_end = time.perf_counter()
+        with self._stats_lock:
+            s = self.stats
+            s.sequences += len(batch)
+            s.batches += 1
+            s.tokens += sum(len(it.token_ids) for it in batch)
+            s.scored_positions += sum(it.num_positions for it in batch)
+            # busy = wall time with a batch in flight: overlapping batches count once
+            s.busy_seconds += max(0.0, t_end - max(launched.t0, self._busy_until))
+            self._busy_until = max(self._busy_until, t_end)
+            s.body_seconds += launched.t_body - launched.t0
+            s.head_seconds += launched.t_head - launched.t_body
+            if self.cache is not None:
+                self._sync_cache_stats()
         return results
 
     def _hidden_rows(self, batch: list[ScoreItem]) -> list[torch.Tensor]:
@@ -611,12 +722,64 @@ class ScoringEngine:
         return [[idx[b] for b in g] for g in groups]
 
 
-def compare_results(reference: list[list[dict]], got: list[list[dict]], dtype: torch.dtype) -> str:
+
+@dataclass
+class _Part:
+    """Items [lo, hi) of a launched batch: their statistics on the host once `event` is done."""
+    lo: int
+    hi: int
+    host: dict[str, torch.Tensor]
+    event: "torch.cuda.Event | None"
+    uniform_k: bool
+
+
+@dataclass
+class _Launched:
+    batch: list[ScoreItem]
+    parts: list[_Part]
+    t0: float
+    t_body: float
+    t_head: float
+    delivered: set[int] = field(default_factory=set)
+
+
+def _deliver_all(items: list[ScoreItem], res: BaseException) -> None:
+    for it in items:
+        if it.deliver is not None:
+            it.deliver(it, res)
+
+
+def _split(it: ScoreItem, res: dict[str, np.ndarray], r0: int, r1: int, uniform_k: bool) -> dict[str, np.ndarray]:
+    """One item's statistics: rows [r0, r1) of its part's arrays, only what it asked for."""
+    one: dict[str, np.ndarray] = {}
+    for key in (H.SAMPLED, H.LSE, H.ENTROPY, H.TAIL):
+        if key in it.stats and key in res:
+            one[key] = res[key][r0:r1]
+    if H.EXTRA in it.stats and it.extra_ids is not None:
+        one[H.EXTRA] = res[H.EXTRA][r0:r1, : it.extra_ids.shape[1]]
+    if H.FULL in it.stats:
+        one[H.FULL] = res[H.FULL][r0:r1]
+    if H.TOPK in it.stats and it.top_k > 0:
+        vals = res["topk_vals"][r0:r1, : it.top_k]
+        tid = res["topk_ids"][r0:r1, : it.top_k]
+        if uniform_k:
+            one["topk_ids"], one["topk_logprobs"] = tid, vals
+        else:
+            order = np.argsort(tid, axis=1, kind="stable")  # ids ascending, for delta coding
+            one["topk_ids"] = np.take_along_axis(tid, order, 1)
+            one["topk_logprobs"] = np.take_along_axis(vals, order, 1)
+    return one
+
+def compare_results(reference: list[list[dict]], got: list[list[dict]], dtype: torch.dtype,
+                    quantized: bool = False) -> str:
     """'' if the compiled warm-up results match the eager ones within the dtype's rounding, else
     what differs. Fusion reorders bf16 arithmetic, so log-probs move by ~1e-2; a wrong graph
     (a layer skipped, a stale shape) moves them by whole units. Top-k log-probs are compared
     sorted by value, since a near-tie at the k-th place may bring in another id (the arrays come
-    ordered by id, so one swapped id would misalign the rest)."""
+    ordered by id, so one swapped id would misalign the rest). `quantized` (an fp8 body): fused
+    bf16 rounding changes which fp8 value an activation rounds to, and a deep random-weight model
+    amplifies that to a third of the values' spread, so only the mean is checked, against half
+    the spread (a wrong graph moves the values by about the spread, or more)."""
     tol_max, tol_mean = (1e-3, 1e-4) if dtype == torch.float32 else (0.5, 0.05)
     for b, (rb, gb) in enumerate(zip(reference, got)):
         for i, (r, g) in enumerate(zip(rb, gb)):
@@ -630,7 +793,10 @@ def compare_results(reference: list[list[dict]], got: list[list[dict]], dtype: t
                 # deep random-weight models spread bf16 rounding further: the mean may reach a
                 # tenth of the values' own spread (a wrong graph moves them by about the spread)
                 mean_tol = max(tol_mean, 0.1 * float(want.std())) if dtype != torch.float32 else tol_mean
-                if d.size and (not np.isfinite(d).all() or d.max() > tol_max or d.mean() > mean_tol):
+                max_tol = tol_max
+                if quantized:
+                    mean_tol, max_tol = max(tol_mean, 0.5 * float(want.std())), float("inf")
+                if d.size and (not np.isfinite(d).all() or d.max() > max_tol or d.mean() > mean_tol):
                     return (f"warm-up batch {b} item {i} {key}: max |diff| {d.max():.3g}, mean {d.mean():.3g} "
-                            f"(allowed {tol_max:g} / {mean_tol:.3g})")
+                            f"(allowed {max_tol:g} / {mean_tol:.3g})")
     return ""

@@ -143,7 +143,8 @@ def test_overload_gets_resource_exhausted_and_server_survives(tiny_model_dir):
     from teacher_server.engine import ScoreItem
 
     with running_server(tiny_model_dir, max_queue_tokens=64, queue_wait_s=0.2, max_batch_tokens=64) as (srv, url):
-        # Hold the engine's worker inside a delivery callback, then fill the queue to its limit.
+        # Hold the engine's finisher inside a delivery callback; the worker launches batches until
+        # its hand-over to the finisher is full, then waits; fill the queue behind it to its limit.
         release, held = threading.Event(), threading.Event()
 
         def block(item, res):
@@ -153,7 +154,12 @@ def test_overload_gets_resource_exhausted_and_server_survives(tiny_model_dir):
         mk = lambda: ScoreItem("filler", np.arange(1, 60), 1, 59, top_k=0, stats=frozenset({"sampled"}), deliver=block)
         srv.engine.submit(mk())
         assert held.wait(30)
-        srv.engine.submit(mk())  # 59 of 64 queue tokens used
+        deadline = time.monotonic() + 30
+        while srv.engine.queue_tokens < 59:  # 59 of 64 queue tokens used, once the worker waits
+            assert time.monotonic() < deadline
+            if srv.engine.queue_tokens == 0:
+                srv.engine.submit(mk())
+            time.sleep(0.1)
         with pytest.raises(grpc.RpcError) as ei:
             _raw_score(url, [_req(list(range(1, 60)))])
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -1,5 +1,8 @@
 """Every statistic the teacher server returns equals a float64 reference from a direct forward."""
 
+import threading
+import time
+
 import numpy as np
 import pytest
 
@@ -234,3 +237,70 @@ def test_bf16_encoding_rounds_like_torch():
     finite = ~np.isnan(x)
     np.testing.assert_array_equal(got[finite], ref[finite])
     assert (got[~finite] == 0x7FC0).all()
+
+
+def _worker_run(eng, items, gap_s=0.0):
+    """Submit items to the engine's worker (one by one, `gap_s` apart); their results in order."""
+    got, done = {}, threading.Event()
+
+    def deliver(it, res):
+        got[it.request_id] = (res, time.perf_counter())
+        if len(got) == len(items):
+            done.set()
+
+    eng.start()
+    try:
+        for it in items:
+            it.deliver = deliver
+            eng.submit(it)
+            time.sleep(gap_s)
+        assert done.wait(60)
+    finally:
+        eng.stop(10)
+    return [got[it.request_id] for it in items]
+
+
+def test_worker_pipeline_delivers_part_by_part_with_the_synchronous_results(tiny_model_dir):
+    """The worker launches batches and a finisher delivers them in head parts of ~head_part_rows
+    rows; the results equal the synchronous `score` path's, and the parts of one batch arrive in
+    order (their server times grow)."""
+    rng = np.random.default_rng(5)
+    seqs = _seqs(rng, [40, 33, 57, 21, 64, 45, 38, 50, 29, 61])
+    starts = [1, 5, 2, 9, 1, 3, 30, 7, 1, 12]
+    model = load_model(tiny_model_dir, "fp32")
+    ref = ScoringEngine(model, chunk_size=16).score(_items(seqs, starts))
+    PARTS = [(0, 2), (2, 3), (3, 5), (5, 7), (7, 9), (9, 10)]  # positions 39 28 | 55 | 12 63 | 42 8 | 43 28 | 49
+    eng = ScoringEngine(model, chunk_size=16, head_part_rows=50, max_batch_tokens=10_000, batch_wait_s=0.2)
+    assert [(lo, hi) for lo, hi in eng._head_parts(_items(seqs, starts))] == PARTS
+    out = _worker_run(eng, _items(seqs, starts))
+    assert eng.stats.batches == 1 and eng.stats.sequences == len(seqs)
+    for a, (b, _) in zip(ref, out):
+        for key in ("sampled", "topk_logprobs", "tail", "entropy"):
+            np.testing.assert_allclose(a[key], b[key], atol=2e-5)
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+        assert b["_batch_sequences"] == len(seqs)
+    # the batch (in the picker's order) went out in parts of >= 50 positions (the last may be
+    # less), each part with its own server time
+    by_time = {}
+    for it, (b, _) in zip(_items(seqs, starts), out):
+        by_time.setdefault(b["_server_seconds"], []).append(it.num_positions)
+    sizes = [sum(v) for _, v in sorted(by_time.items())]
+    assert len(sizes) >= 5 and all(n >= 50 for n in sizes[:-1]) and sum(sizes) == 367
+
+
+def test_worker_lingers_for_a_stream_and_keeps_batches_apart_without(tiny_model_dir):
+    """Items arriving within batch_wait_s of each other form one batch; with batch_wait_s=0 and
+    pipeline_depth=1 the worker takes the first item alone (its results are the same)."""
+    rng = np.random.default_rng(6)
+    seqs = _seqs(rng, [30, 31, 32, 33])
+    model = load_model(tiny_model_dir, "fp32")
+    eng = ScoringEngine(model, max_batch_tokens=10_000, batch_wait_s=0.3)
+    eng.prepare()
+    together = _worker_run(eng, _items(seqs, [1] * 4), gap_s=0.01)
+    assert eng.stats.batches == 1 and [r["_batch_sequences"] for r, _ in together] == [4] * 4
+    eng2 = ScoringEngine(model, max_batch_tokens=10_000, batch_wait_s=0.0, pipeline_depth=1)
+    apart = _worker_run(eng2, _items(seqs, [1] * 4), gap_s=0.5)
+    assert eng2.stats.batches == 4 and [r["_batch_sequences"] for r, _ in apart] == [1] * 4
+    for (a, _), (b, _) in zip(together, apart):
+        np.testing.assert_allclose(a["sampled"], b["sampled"], atol=2e-5)
+        np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
