@@ -6,10 +6,12 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teacher_server import __version__
+import torch
+
+from teacher_server import __version__, fp8
 from teacher_server.engine import ScoringEngine
 from teacher_server.fingerprint import model_hash, tokenizer_fingerprint
-from teacher_server.model import load_model
+from teacher_server.model import load_model, resolve_device
 from teacher_server.service import ServerConfig, TeacherServer
 from teacher_server.validate import STAT_NAMES, Limits
 from teacher_server.wire import pb
@@ -34,13 +36,23 @@ class TeacherConfig:
     prefix_min_tokens: int = 16           # shortest common prefix worth sharing
     cache_mb: int = 0                     # in-memory statistics cache (0 = off)
     cache_dir: str | None = None          # on-disk statistics store (content-addressed files)
+    quantize: str = "none"                # "fp8": the body's linear layers as fp8 GEMMs (fp8.py)
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
 def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
     from transformers import AutoTokenizer
 
+    if cfg.quantize not in fp8.QUANTIZE_MODES:
+        raise ValueError(f"--quantize {cfg.quantize!r}: expected one of {fp8.QUANTIZE_MODES}")
+    if cfg.quantize == "fp8":
+        why = fp8.supported(resolve_device(cfg.device))
+        if why:
+            raise ValueError(why)
     model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.random_weights_seed)
+    if cfg.quantize == "fp8":
+        fp8.quantize_body(model.get_decoder() if hasattr(model, "get_decoder") else model.base_model)
+        torch.cuda.empty_cache()
     try:
         tok = AutoTokenizer.from_pretrained(cfg.model)
         tok_fp, tok_len, template, pad = tokenizer_fingerprint(tok), len(tok), tok.chat_template or "", tok.pad_token_id
@@ -58,13 +70,14 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
     engine = ScoringEngine(model, device=cfg.device, max_batch_tokens=cfg.max_batch_tokens,
                            chunk_size=cfg.chunk_size, max_queue_tokens=cfg.max_queue_tokens, pad_id=pad or 0,
                            prefix_sharing=cfg.prefix_sharing, prefix_min_tokens=cfg.prefix_min_tokens,
-                           cache=cache, model_id=f"{mhash}:{cfg.dtype}")
+                           cache=cache, model_id=f"{mhash}:{cfg.dtype}" + ("" if cfg.quantize == "none" else f":{cfg.quantize}"))
     limits = Limits(vocab_size=vocab, max_sequence_length=max_len, max_top_k=min(cfg.max_top_k, vocab),
                     max_extra_ids=cfg.max_extra_ids, allow_full=cfg.allow_full)
     info = pb.TeacherInfo(
         model_name=Path(cfg.model).name, model_hash=mhash,
         vocab_size=vocab, tokenizer_size=tok_len, tokenizer_fingerprint=tok_fp, max_sequence_length=max_len,
-        max_top_k=limits.max_top_k, dtype=str(model.dtype).replace("torch.", ""), server_version=__version__,
+        max_top_k=limits.max_top_k, dtype=str(model.dtype).replace("torch.", "") + ("" if cfg.quantize == "none" else f"+{cfg.quantize}"),
+        server_version=__version__,
         chat_template=template, max_extra_ids=cfg.max_extra_ids, max_batch_tokens=engine.max_batch_tokens,
         statistics=[pb.Statistic.Name(s) for s in STAT_NAMES], full_distribution_allowed=cfg.allow_full)
     return TeacherServer(engine, limits, info, cfg.server, metrics)

@@ -15,6 +15,10 @@ def add_arguments(p):
     p.add_argument("--port", type=int, default=50051, help="port to bind (0 = any free port; the bound port is printed)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype of the model")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--quantize", default="none", choices=["none", "fp8"],
+                   help="fp8: the decoder layers' linear layers as float8 e4m3 GEMMs with per-channel weight and "
+                        "per-token activation scales (CUDA, compute capability >= 8.9; ~1.4x tokens/s on an H100, "
+                        "changes the teacher's log-probs a little: see docs/benchmarks.md); the head stays in --dtype")
     p.add_argument("--max-batch-tokens", type=int, default=16384,
                    help="token budget of one forward (longest sequence x sequences in the batch)")
     p.add_argument("--chunk-size", type=int, default=1024, help="positions per lm-head/log-softmax/top-k chunk (memory = chunk x vocab)")
@@ -71,7 +75,7 @@ def main(args) -> int:
                         max_sequence_length=args.max_sequence_length, max_queue_tokens=args.max_queue_tokens,
                         allow_full=not args.no_full, random_weights_seed=args.random_weights_seed, server=server_cfg,
                         prefix_sharing=not args.no_prefix_sharing, prefix_min_tokens=args.prefix_min_tokens,
-                        cache_mb=args.cache_mb, cache_dir=args.cache_dir)
+                        cache_mb=args.cache_mb, cache_dir=args.cache_dir, quantize=args.quantize)
     metrics = None
     if args.metrics_port is not None:
         from teacher_server.metrics import TeacherMetrics
