@@ -85,7 +85,10 @@ def parse_args(argv=None):
     p.add_argument("--prefix-reps", type=int, default=1, help="timed repetitions of the prefix-shared case")
     p.add_argument("--chunk", type=int, default=2048, help="head chunk rows (baseline and server)")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
-    p.add_argument("--skip", default="", help="comma list of sections to skip: a,b,L,d_eager,d,u,c,wire,e,p")
+    p.add_argument("--quantize", default="none", choices=["none", "fp8"],
+                   help="the teacher's --quantize (fp8: every row measures the fp8 body; section q compares its "
+                        "statistics with the bf16 teacher's on the same weights)")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: a,b,L,d_eager,d,u,c,wire,e,q,p")
     p.add_argument("--uneven-seqs", type=int, default=16, help="sequences of the uneven-length section (u)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for the compiled rows (default: inductor on CUDA, eager on CPU)")
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     from teacher_server.app import TeacherConfig, build_server
     from teacher_server.cache import StatsCache
     from teacher_server.client import ScoreSettings, TeacherClient, TeacherStats
-    from teacher_server.engine import ScoreItem
+    from teacher_server.engine import ScoreItem, ScoringEngine
     from teacher_server.service import ServerConfig, encode_result
     from teacher_server.wire import pb
 
@@ -174,6 +177,13 @@ def main(argv=None) -> int:
         iters = 20 if cuda else 3
         med, _ = timed(lambda: [torch.matmul(x, y) for _ in range(iters)], args.reps)
         R["matmul"] = {"n": n, "tflops": 2 * n ** 3 * iters / med / 1e12}
+        if args.quantize == "fp8" and cuda:  # the fp8 GEMM's own rate (rowwise scales, as the body uses)
+            xq, yq = x.to(torch.float8_e4m3fn), y.t().contiguous().to(torch.float8_e4m3fn).t()
+            sa, sb = torch.ones(n, 1, device=dev), torch.ones(1, n, device=dev)
+            med8, _ = timed(lambda: [torch._scaled_mm(xq, yq, scale_a=sa, scale_b=sb, out_dtype=dtype)
+                                     for _ in range(iters)], args.reps)
+            R["matmul"]["fp8_tflops"] = 2 * n ** 3 * iters / med8 / 1e12
+            del xq, yq
         del x, y
 
     section("a", matmul)
@@ -193,6 +203,7 @@ def main(argv=None) -> int:
     srv = build_server(TeacherConfig(model=tmp, dtype=args.dtype, device=args.device, random_weights_seed=0,
                                      max_batch_tokens=args.max_batch_tokens, chunk_size=args.chunk,
                                      max_top_k=max(256, args.top_k), max_queue_tokens=1 << 22,
+                                     quantize=args.quantize,
                                      server=ServerConfig(port=0, max_inflight_per_call=1024)))
     eng = srv.engine
     eng.compile, eng.compile_backend = "off", backend   # the lever rows switch it on later
@@ -200,7 +211,8 @@ def main(argv=None) -> int:
     srv.warm_up_and_serve()
     R["build_seconds"] = time.perf_counter() - t
     model = eng.model
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters()) + sum(  # (+ an fp8 body's weights, held as buffers)
+        b.numel() for n, b in model.named_buffers() if n.endswith("weight_fp8"))
     n_embed = model.get_input_embeddings().weight.numel()
     R["params"] = {"total": n_params, "matmul": n_params - n_embed}
     if "matmul" in R:
@@ -424,6 +436,27 @@ def main(argv=None) -> int:
         eng.cache = None
 
     section("e", cached)
+
+    # ---- (q) the quantised teacher's distance from the bf16 one (same random weights) ---------
+    def quant_quality():
+        from teacher_server.fp8 import distance
+        from teacher_server.model import load_model
+
+        ref_model = load_model(tmp, args.dtype, args.device, random_weights_seed=0)
+        ref = ScoringEngine(ref_model, device=args.device, chunk_size=args.chunk, max_batch_tokens=args.max_batch_tokens,
+                            compile="off")
+        q_items, r_items = items_of(seqs[:2]), items_of(seqs[:2])
+        for it in q_items + r_items:
+            it.stats = frozenset({"sampled", "topk", "lse"})
+        got = eng.score(q_items, use_cache=False)
+        want = ref.score(r_items, use_cache=False)
+        R["quant_quality"] = distance(want, got)
+        del ref, ref_model
+        if cuda:
+            torch.cuda.empty_cache()
+
+    if args.quantize != "none":
+        section("q", quant_quality)
     client.close()
     srv.stop(1)
 
@@ -440,12 +473,15 @@ def main(argv=None) -> int:
                "overlapped_with_in_process_sections": not args.proc_late}
         purl = f"127.0.0.1:{st['port']}"
 
-        def busy():
+        def scrape():
             from urllib.request import urlopen
 
             from teacher_server.metrics import parse_text
             with urlopen(f"http://127.0.0.1:{st['metrics_port']}/metrics", timeout=10) as r:
-                return parse_text(r.read().decode()).get("opd_teacher_engine_busy_seconds_total", 0.0)
+                return parse_text(r.read().decode())
+
+        def busy():
+            return scrape().get("opd_teacher_engine_busy_seconds_total", 0.0)
 
         pc = TeacherClient(purl, timeout_s=1800)
         try:
@@ -474,10 +510,15 @@ def main(argv=None) -> int:
             if "d" not in skip:
                 starts = [args.prompt_len] * len(pseqs)
                 run_client(base_settings, pseqs[: 2 * args.samples], starts[: 2 * args.samples], c=pc)
+                m0 = scrape()
                 dt, _ = run_client(base_settings, pseqs, starts, c=pc)
-                out["prefix_on"] = {"seconds": dt, "tokens_per_s": p_tokens / dt}
+                m1 = scrape()
+                out["prefix_on"] = {"seconds": dt, "tokens_per_s": p_tokens / dt, **{
+                    k: m1.get(f"opd_teacher_engine_{k}_total", 0.0) - m0.get(f"opd_teacher_engine_{k}_total", 0.0)
+                    for k in ("batches", "forward_tokens", "shared_prefix_tokens", "busy_seconds")}}
         finally:
             pc.close()
+        out["log_tail"] = st["lines"][-40:]
         R["process"] = out
 
     def del_model():
@@ -516,7 +557,7 @@ def start_server_process(args, model_dir):
     cmd = [sys.executable, "-m", "opd", "teacher", "--model", str(model_dir), "--port", "0", "--device", args.device,
            "--dtype", args.dtype, "--random-weights-seed", "0", "--max-batch-tokens", str(args.max_batch_tokens),
            "--chunk-size", str(args.chunk), "--max-top-k", str(max(256, args.top_k)), "--max-queue-tokens",
-           str(1 << 22), "--metrics-port", str(mport), "--log-level", "INFO"]
+           str(1 << 22), "--metrics-port", str(mport), "--log-level", "INFO", "--quantize", args.quantize]
     env = dict(os.environ, PYTHONUNBUFFERED="1",
                PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     t0 = time.perf_counter()
@@ -547,13 +588,17 @@ def report(R, args) -> str:
     def ratio(x, ref):
         return f"{x / ref:.2f}x" if x and ref else "n/a"
 
-    lines = [f"### Teacher server: {args.shape} (random weights, {args.dtype}) on {R['env']['device']}", "",
+    quant = "" if args.quantize == "none" else f", body {args.quantize}"
+    lines = [f"### Teacher server: {args.shape} (random weights, {args.dtype}{quant}) on {R['env']['device']}", "",
              f"torch {R['env']['torch']}, transformers {R['env']['transformers']}; "
              f"{R['params']['total'] / 1e9:.3f}B params ({R['params']['matmul'] / 1e9:.3f}B in matmuls); "
              f"top-{args.top_k}; model build {R.get('build_seconds', 0):.0f}s.", ""]
     if "matmul" in R:
         lines.append(f"Matmul rate: {R['matmul']['tflops']:.3g} TFLOP/s (bf16 {R['matmul']['n']}^3); "
                      f"roofline {roof:,.0f} tokens/s = rate / (2 x matmul params).")
+        if R["matmul"].get("fp8_tflops"):
+            lines[-1] += (f" The fp8 GEMM (rowwise scales) runs at {R['matmul']['fp8_tflops']:.3g} TFLOP/s; the "
+                          f"roofline column stays at the bf16 rate.")
         lines.append("")
     lines += ["| measurement | tokens/s | vs plain forward | vs roofline | notes |", "|---|---|---|---|---|"]
     b = R.get("baseline")
@@ -567,7 +612,8 @@ def report(R, args) -> str:
     if e:
         srv = f", server busy {e['server_tokens_per_s']:,.0f} tok/s" if e.get("server_tokens_per_s") else ""
         lines.append(f"| end to end (gRPC, bf16 + zstd) | {e['tokens_per_s']:,.0f} | {ratio(e['tokens_per_s'], base)} | "
-                     f"{ratio(e['tokens_per_s'], roof)} | {shape}, sampled+top-k+tail, {e['bytes_per_token']:.0f} B/token{srv} |")
+                     f"{ratio(e['tokens_per_s'], roof)} | {shape}, sampled+top-k+tail, {e['bytes_per_token']:.0f} B/token{srv}, "
+                     f"{e.get('batches_per_call', 0):.1f} batches per call |")
     for label, x in (("in-process server", R.get("e2e_stream")), ("server in its own process",
                                                                    (R.get("process") or {}).get("e2e_stream"))):
         if x:
@@ -588,7 +634,8 @@ def report(R, args) -> str:
             x = pr["prefix_on"]
             lines.append(f"| own process, prefix sharing on | {x['tokens_per_s']:,.0f} | {ratio(x['tokens_per_s'], base)} | "
                          f"{ratio(x['tokens_per_s'], roof)} | {args.prompts} x {args.prompt_len} prompts x {args.samples} x "
-                         f"{args.response_len}, through gRPC |")
+                         f"{args.response_len}, through gRPC; {x.get('batches', 0):.0f} batches, body ran "
+                         f"{x.get('forward_tokens', 0):,.0f} tokens, server busy {x.get('busy_seconds', 0):.2f}s |")
     for key, label in (("prefix_eager", "eager body"), ("prefix", "best config")):
         p = R.get(key)
         if not p:
@@ -608,6 +655,12 @@ def report(R, args) -> str:
     if c:
         lines.append(f"| repeated batch from the cache | {c['tokens_per_s']:,.0f} | {ratio(c['tokens_per_s'], base)} | "
                      f"{ratio(c['tokens_per_s'], roof)} | {shape}, {c['hits']} hits, {c['bytes_per_token']:.0f} B/token held |")
+    qq = R.get("quant_quality")
+    if qq:
+        lines += ["", f"{args.quantize} teacher vs the {args.dtype} teacher on the same weights, {qq['positions']:,} positions: "
+                  f"sampled log-prob |delta| mean {qq['sampled_abs_mean']:.4f}, p99 {qq['sampled_abs_p99']:.4f}; "
+                  f"KL(exact || quantised) over the exact top-{args.top_k} {qq['topk_kl_mean']:.2e}; top-1 agreement "
+                  f"{qq['top1_agree']:.3f}; top-{args.top_k} id overlap {qq['topk_overlap']:.3f}."]
     if R.get("levers"):
         lines += ["", f"Levers, engine level (no gRPC), {shape}, device-synchronised split per call:", "",
                   "| configuration | tokens/s | vs plain forward | vs roofline | body ms | head ms | other ms | prepare s |",

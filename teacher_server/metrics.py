@@ -263,6 +263,10 @@ _ENGINE_COUNTERS = (
     ("tokens", "opd_teacher_engine_tokens_total", "tokens forwarded (unpadded), the basis of tokens/s"),
     ("scored_positions", "opd_teacher_engine_scored_positions_total", "positions for which statistics were computed"),
     ("padded_tokens", "opd_teacher_engine_padded_tokens_total", "padding tokens added to batches"),
+    ("forward_tokens", "opd_teacher_engine_forward_tokens_total",
+     "token positions the body ran (padding included, shared prefixes once)"),
+    ("shared_prefix_tokens", "opd_teacher_engine_shared_prefix_tokens_total",
+     "tokens not recomputed thanks to prompt-prefix sharing"),
     ("busy_seconds", "opd_teacher_engine_busy_seconds_total", "seconds the engine spent computing batches"),
     ("cancelled", "opd_teacher_engine_cancelled_total", "queued sequences dropped because their call was cancelled"),
 )
