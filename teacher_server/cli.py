@@ -17,7 +17,7 @@ def add_arguments(p):
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--quantize", default="none", choices=["none", "fp8"],
                    help="fp8: the decoder layers' linear layers as float8 e4m3 GEMMs with per-channel weight and "
-                        "per-token activation scales (CUDA, compute capability >= 8.9; ~1.4x tokens/s on an H100, "
+                        "per-token activation scales (CUDA, compute capability >= 8.9; 1.37x tokens/s on an H100, "
                         "changes the teacher's log-probs a little: see docs/benchmarks.md); the head stays in --dtype")
     p.add_argument("--max-batch-tokens", type=int, default=16384,
                    help="token budget of one forward (longest sequence x sequences in the batch)")
