@@ -19,6 +19,7 @@ agreement) on the same sequences; judge it on your own teacher before distilling
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import numpy as np
@@ -64,8 +65,12 @@ class FP8Linear(torch.nn.Module):
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
         self.out_dtype = w.dtype
         self.emulate = emulate
+        self.dequantized = False  # see `dequantized`
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dequantized:
+            w = (self.weight_fp8.float() * self.weight_scale.t()).to(x.dtype)
+            return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape
         xq, xs = _quantize_rows(x.reshape(-1, self.in_features))
         if self.emulate:
@@ -82,6 +87,23 @@ class FP8Linear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3, rowwise scales"
+
+
+@contextlib.contextmanager
+def dequantized(body: torch.nn.Module):
+    """Within the block, every `FP8Linear` of `body` multiplies by its weight dequantised to the
+    model dtype and does not round activations to fp8: a smooth stand-in of the same graph, for
+    the engine's compiled-vs-eager warm-up check (fp8 activation rounding is a step function, so
+    compile's reordered bf16 arithmetic flips roundings that a deep network amplifies). No-op
+    for a body without fp8 layers."""
+    mods = [m for m in body.modules() if isinstance(m, FP8Linear)]
+    for m in mods:
+        m.dequantized = True
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.dequantized = False
 
 
 def quantize_body(body: torch.nn.Module, emulate: bool = False) -> int:

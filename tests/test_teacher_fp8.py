@@ -125,3 +125,31 @@ def test_distance_is_zero_for_equal_statistics_and_exact_for_a_known_shift():
     q = np.array([0.3, 0.5, 0.1]) / 0.9          # id 9 missing from b's top-k: b's floor (0.1) stands in
     assert d["sampled_abs_mean"] == 0.25 and d["top1_agree"] == 0.5 and d["topk_overlap"] == pytest.approx(5 / 6)
     assert d["topk_kl_mean"] == pytest.approx(np.sum(pa * np.log(pa / q)) / 2, rel=1e-12)
+
+
+def test_dequantized_stand_in_and_the_engine_warm_up_of_an_fp8_body(tiny_model_dir):
+    """Inside `dequantized` an FP8Linear is exactly the linear layer with its dequantised weight
+    (no activation rounding); outside it quantises again. An engine with an fp8 body compiles,
+    passes its warm-up check (made in the stand-in mode) and keeps compile on."""
+    g = torch.Generator().manual_seed(1)
+    lin = torch.nn.Linear(32, 16, bias=True)
+    mod = fp8.FP8Linear(lin, emulate=True)
+    body = torch.nn.ModuleDict({"p": mod})
+    x = torch.randn(5, 32, generator=g)
+    w = mod.weight_fp8.float() * mod.weight_scale.t()
+    with fp8.dequantized(body):
+        assert torch.equal(mod(x), torch.nn.functional.linear(x, w, lin.bias))
+    assert not torch.equal(mod(x), torch.nn.functional.linear(x, w, lin.bias))   # activations rounded again
+    assert mod.dequantized is False
+
+    model = load_model(tiny_model_dir, "fp32")
+    fp8.quantize_body(model.get_decoder(), emulate=True)
+    eng = ScoringEngine(model, max_batch_tokens=10_000, compile="all", compile_backend="eager")
+    assert eng.quantized
+    eng.prepare()
+    assert eng.compile == "all" and eng.compiled_body
+    rng = np.random.default_rng(2)
+    seqs = [rng.integers(1, 512, n).astype(np.int64) for n in (30, 41)]
+    out = eng.score([ScoreItem(f"r{i}", s, 1, len(s), top_k=8, stats=frozenset({"sampled", "topk"}))
+                     for i, s in enumerate(seqs)], use_cache=False)
+    assert all(np.isfinite(o["sampled"]).all() for o in out)
