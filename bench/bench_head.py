@@ -64,13 +64,23 @@ def main(argv=None) -> int:
         for s in range(0, a.rows, a.chunk):
             torch.matmul(hid[s:s + a.chunk], w.t())
 
+    from teacher_server import kernels as K
+
+    kernels = K.available(w)
     head_ms = timed(lambda: H.head_statistics(req, w, a.chunk, compiled=compiled))
+    saved, K.KERNELS = K.KERNELS, "eager"   # the torch path, for comparison
+    try:
+        torch_ms = timed(lambda: H.head_statistics(req, w, a.chunk, compiled=compiled)) if kernels else head_ms
+    finally:
+        K.KERNELS = saved
     gemm_ms = timed(gemm)
     name = torch.cuda.get_device_name(dev) if cuda else "cpu"
     print(f"### Teacher head: {a.rows} rows x hidden {a.hidden} x vocab {a.vocab}, top-{a.top_k}, chunk {a.chunk}, "
-          f"bf16, compiled={compiled}, on {name} (torch {torch.__version__})\n")
+          f"bf16, compiled={compiled}, Triton kernels={kernels}, on {name} (torch {torch.__version__})\n")
     print("| part | ms |\n|---|---|")
-    print(f"| head (sampled + top-k + tail) | {head_ms:.1f} |")
+    print(f"| head (sampled + top-k + tail), {'Triton kernels' if kernels else 'torch'} | {head_ms:.1f} |")
+    if kernels:
+        print(f"| head, torch reductions ({'compiled' if compiled else 'eager'}; OPD_TEACHER_KERNELS=eager) | {torch_ms:.1f} |")
     print(f"| lm-head GEMM alone | {gemm_ms:.1f} |")
     print(f"| the rest | {head_ms - gemm_ms:.1f} |\n")
     from torch.profiler import ProfilerActivity, profile
