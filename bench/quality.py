@@ -41,6 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from opd.demo_prep import TeacherSettings  # noqa: E402  (no torch import: safe before _set_env)
+
 # name -> (label, overrides); "{half}" is replaced by half the expected number of steps,
 # "{teacher}" by the teacher directory, "{steps}" by the step cap.
 METHODS: dict[str, tuple[str, list[str]]] = {
@@ -78,19 +80,24 @@ FULL = dict(tasks=["arithmetic", "sort", "reverse", "calc"], methods=list(METHOD
 # teachers, warm-started students, accuracy
 
 
+_DEMO_TEACHER = TeacherSettings()
+
+
 @dataclass(frozen=True)
 class TeacherSpec:
+    """A task's teacher, trained like the demo teacher (defaults from `demo_prep.TeacherSettings`,
+    less its arithmetic-only digits and style)."""
     task: str
-    size: str = "demo_teacher"
-    steps: int = 300
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 15
-    seed: int = 0
-    vocab_size: int = 512
-    eval_size: int = 256
-    min_accuracy: float = 0.9
-    extra_rounds: int = 3
+    size: str = _DEMO_TEACHER.size
+    steps: int = _DEMO_TEACHER.steps
+    batch_size: int = _DEMO_TEACHER.batch_size
+    lr: float = _DEMO_TEACHER.lr
+    warmup_steps: int = _DEMO_TEACHER.warmup_steps
+    seed: int = _DEMO_TEACHER.seed
+    vocab_size: int = _DEMO_TEACHER.vocab_size
+    eval_size: int = _DEMO_TEACHER.eval_size
+    min_accuracy: float = _DEMO_TEACHER.min_accuracy
+    extra_rounds: int = _DEMO_TEACHER.extra_rounds
 
 
 @dataclass(frozen=True)
