@@ -587,7 +587,7 @@ class ScoringEngine:
                 for k, v in res.items():
                     host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
                     host[k].copy_(v, non_blocking=True)
-                event = torch.cuda.Event()
+                event = torch.cuda.Event(blocking=True)  # the finisher sleeps, not spins, while it waits
                 event.record()
             else:
                 host, event = res, None
