@@ -304,3 +304,57 @@ def test_worker_lingers_for_a_stream_and_keeps_batches_apart_without(tiny_model_
     for (a, _), (b, _) in zip(together, apart):
         np.testing.assert_allclose(a["sampled"], b["sampled"], atol=2e-5)
         np.testing.assert_array_equal(a["topk_ids"], b["topk_ids"])
+
+
+def test_a_part_that_fails_in_the_finisher_fails_only_the_undelivered_items(tiny_model_dir, monkeypatch):
+    """Parts delivered before a failure keep their results; the failing part's items and the
+    later parts' items get the exception; the worker goes on with the next batch."""
+    import teacher_server.engine as E
+
+    rng = np.random.default_rng(8)
+    model = load_model(tiny_model_dir, "fp32")
+    eng = ScoringEngine(model, head_part_rows=1, max_batch_tokens=10_000, batch_wait_s=0.2)
+    real_split = E._split
+
+    def split(it, *a):
+        if it.request_id == "bad":
+            raise RuntimeError("split failed")
+        return real_split(it, *a)
+
+    monkeypatch.setattr(E, "_split", split)
+    got, lock = [], threading.Lock()
+
+    def deliver(it, res):
+        with lock:
+            got.append((it.request_id, res))
+
+    items = _items(_seqs(rng, [40, 41, 42, 43]), [1] * 4)
+    items[2].request_id = "bad"
+    later = _items(_seqs(rng, [30]), [1])[0]
+    later.request_id = "later"
+    eng.start()
+    try:
+        for it in items:
+            it.deliver = deliver
+            eng.submit(it)
+            time.sleep(0.01)
+        deadline = time.monotonic() + 60
+        while len(got) < 4:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        later.deliver = deliver
+        eng.submit(later)   # the worker still serves
+        while len(got) < 5:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        eng.stop(10)
+    order = [k for k, _ in got]
+    res = dict(got)
+    bad_at = order.index("bad")
+    assert bad_at >= 1 and order[-1] == "later" and isinstance(res["later"], dict)
+    for k in order[:bad_at]:
+        assert isinstance(res[k], dict) and np.isfinite(res[k]["sampled"]).all()
+    for k in order[bad_at:4]:
+        assert isinstance(res[k], RuntimeError) and "split failed" in str(res[k])
+    assert eng.stats.batches == 1   # only the later batch finished
