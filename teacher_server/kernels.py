@@ -268,26 +268,37 @@ def _self_test(device, softcap: float | None) -> bool:
     return ok
 
 
-def available(t: torch.Tensor, softcap: float | None = None) -> bool:
-    """Whether the kernels run for the head's chunk logits ``t`` (see the module docstring)."""
-    if KERNELS == "eager" or t.dtype not in DTYPES:
+def gate(t: torch.Tensor, mode: str, env_var: str, state: dict, key, self_test, what: str) -> bool:
+    """The switch logic shared by this module's `available` and the student's
+    (`fused_kernels.available`): `mode` "eager" never, else CUDA tensors (or the CPU under
+    Triton's interpreter when `mode` is "triton"), triton importable, and `self_test()` passed
+    once per `key` (cached in `state`). Failures log one warning and give False; with `mode`
+    "triton" they raise instead."""
+    if mode == "eager":
         return False
-    if not t.is_cuda and not (KERNELS == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
+    if not t.is_cuda and not (mode == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
         return False  # CPU: eager, except under Triton's interpreter when asked for (tests)
     if not HAVE_TRITON:
-        if KERNELS == "triton":
-            raise RuntimeError("OPD_TEACHER_KERNELS=triton but triton does not import")
+        if mode == "triton":
+            raise RuntimeError(f"{env_var}=triton but triton does not import")
         return False
-    key = (str(t.device), bool(softcap))
-    if key not in _STATE:
+    if key not in state:
         try:
-            ok = _self_test(t.device, softcap or None)
+            ok = self_test()
             if not ok:
-                raise RuntimeError("teacher head kernels: self-test mismatch")
+                raise RuntimeError(f"{what}: self-test mismatch")
         except Exception as exc:  # noqa: BLE001
-            if KERNELS == "triton":
+            if mode == "triton":
                 raise
-            log.warning("teacher head kernels unavailable on %s (%s); using the eager torch path", key[0], exc)
+            log.warning("%s unavailable on %s (%s); using the eager torch path", what, t.device, exc)
             ok = False
-        _STATE[key] = ok
-    return _STATE[key]
+        state[key] = ok
+    return state[key]
+
+
+def available(t: torch.Tensor, softcap: float | None = None) -> bool:
+    """Whether the kernels run for the head's chunk logits ``t`` (see the module docstring)."""
+    if t.dtype not in DTYPES:
+        return False
+    return gate(t, KERNELS, "OPD_TEACHER_KERNELS", _STATE, (str(t.device), bool(softcap)),
+                lambda: _self_test(t.device, softcap or None), "teacher head kernels")

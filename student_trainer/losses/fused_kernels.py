@@ -27,15 +27,13 @@ compile or a wrong self-test result logs one warning and leaves the eager path i
 """
 from __future__ import annotations
 
-import logging
 import os
 
 import torch
 
 from teacher_server.kernels import HAVE_TRITON, tl, triton  # noqa: F401  (one Triton import, shared)
+from teacher_server.kernels import gate
 from teacher_server.kernels import row_stats as _row_stats
-
-log = logging.getLogger(__name__)
 
 # "auto": Triton on CUDA when it works, else eager | "triton": same, but a failure raises | "eager"
 KERNELS = os.environ.get("OPD_LOSS_KERNELS", "auto")
@@ -48,8 +46,6 @@ _STATE: dict = {}  # device -> bool (self-test passed)
 
 
 if HAVE_TRITON:
-    from teacher_server.kernels import _row_stats_kernel  # noqa: F401  (shared with the teacher's head)
-
     @triton.jit
     def _write_dz_kernel(z_ptr, stride_z, out_ptr, stride_o, V, shift_ptr, scale_ptr,
                          BLOCK: tl.constexpr, INPLACE: tl.constexpr):
@@ -130,24 +126,7 @@ def _self_test(device) -> bool:
 
 def available(t: torch.Tensor) -> bool:
     """Whether the kernels run for the fp32 chunk logits ``t`` (see the module docstring)."""
-    if KERNELS == "eager" or t.dtype != torch.float32:
+    if t.dtype != torch.float32:
         return False
-    if not t.is_cuda and not (KERNELS == "triton" and os.environ.get("TRITON_INTERPRET") == "1"):
-        return False  # CPU: eager, except under Triton's interpreter when asked for (tests)
-    if not HAVE_TRITON:
-        if KERNELS == "triton":
-            raise RuntimeError("OPD_LOSS_KERNELS=triton but triton does not import")
-        return False
-    key = str(t.device)
-    if key not in _STATE:
-        try:
-            ok = _self_test(t.device)
-            if not ok:
-                raise RuntimeError("fused loss kernels: self-test mismatch")
-        except Exception as exc:  # noqa: BLE001
-            if KERNELS == "triton":
-                raise
-            log.warning("fused loss kernels unavailable on %s (%s); using the eager torch path", key, exc)
-            ok = False
-        _STATE[key] = ok
-    return _STATE[key]
+    return gate(t, KERNELS, "OPD_LOSS_KERNELS", _STATE, str(t.device), lambda: _self_test(t.device),
+                "fused loss kernels")
