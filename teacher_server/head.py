@@ -154,6 +154,17 @@ def topk_raw(l: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return topk_from_blocks(l, block_max(l), k)
 
 
+def _append_gathered(out: dict[str, list[torch.Tensor]], req: HeadRequest, s: int, e: int, l: torch.Tensor,
+                     lse: torch.Tensor, softcap: float | None, temp: torch.Tensor | None) -> None:
+    """Rows [s, e)'s sampled, extra-id and full log-probs from the raw logits `l` (as asked)."""
+    if SAMPLED in req.stats:
+        out[SAMPLED].append(_transform(l.gather(1, req.targets[s:e, None]), softcap, temp).squeeze(1) - lse)
+    if EXTRA in req.stats and req.extra_ids is not None:
+        out[EXTRA].append(_transform(l.gather(1, req.extra_ids[s:e]), softcap, temp) - lse[:, None])
+    if FULL in req.stats:
+        out[FULL].append(_transform(l, softcap, temp) - lse[:, None])
+
+
 @torch.inference_mode()
 def head_statistics(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 1024,
                     softcap: float | None = None, compiled: bool = False,
@@ -187,12 +198,7 @@ def head_statistics(req: HeadRequest, weight: torch.Tensor, chunk_size: int = 10
             out[LSE].append(lse)
         if want_ent:
             out[ENTROPY].append(ent)
-        if SAMPLED in req.stats:
-            out[SAMPLED].append(_transform(l.gather(1, req.targets[s:e, None]), softcap, temp).squeeze(1) - lse)
-        if EXTRA in req.stats and req.extra_ids is not None:
-            out[EXTRA].append(_transform(l.gather(1, req.extra_ids[s:e]), softcap, temp) - lse[:, None])
-        if FULL in req.stats:
-            out[FULL].append(_transform(l, softcap, temp) - lse[:, None])
+        _append_gathered(out, req, s, e, l, lse, softcap, temp)
         if want_k:
             raw, ids = topk_raw(l, req.top_k)
             vals = _transform(raw, softcap, temp) - lse[:, None]
@@ -232,12 +238,7 @@ def _head_statistics_kernels(req: HeadRequest, weight: torch.Tensor, chunk_size:
             out[LSE].append(lse)
         if want_ent:
             out[ENTROPY].append(log_s - a_sum / s_sum)
-        if SAMPLED in req.stats:
-            out[SAMPLED].append(_transform(l.gather(1, req.targets[s:e, None]), softcap, temp).squeeze(1) - lse)
-        if EXTRA in req.stats and req.extra_ids is not None:
-            out[EXTRA].append(_transform(l.gather(1, req.extra_ids[s:e]), softcap, temp) - lse[:, None])
-        if FULL in req.stats:
-            out[FULL].append(_transform(l, softcap, temp) - lse[:, None])
+        _append_gathered(out, req, s, e, l, lse, softcap, temp)
         if want_k:
             raw, ids = topk_from_blocks(l, bmax, req.top_k) if blocks else torch.topk(l, req.top_k, dim=-1, sorted=True)
             out["topk_vals"].append(_transform(raw, softcap, temp) - lse[:, None])
