@@ -14,12 +14,9 @@ from student_trainer.losses import DistillLossConfig, distill_loss
 from student_trainer.losses import fused_kernels as fk
 from student_trainer.losses.analytic import _block_max, student_topk
 from tests.test_losses_divergences import make_problem
+from tests.triton_helpers import DEV, INTERP, MARKS, force_triton
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-DEV = "cpu" if INTERP else "cuda"
-pytestmark = [pytest.mark.skipif(not fk.HAVE_TRITON, reason="triton does not import")]
-if not INTERP:
-    pytestmark.append(pytest.mark.gpu)
+pytestmark = list(MARKS)
 
 distill_mod = importlib.import_module("student_trainer.losses.distill")
 DIVS = ["forward_kl", "reverse_kl", "jsd", "skew_reverse_kl", "tv"]
@@ -28,10 +25,7 @@ SAMPLED = ["k3", "pg", "sft"]
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """Force the Triton path (a failure raises instead of falling back to eager)."""
-    monkeypatch.setattr(fk, "KERNELS", "triton")
-    monkeypatch.setattr(fk, "_STATE", {})
-    return monkeypatch
+    return force_triton(monkeypatch, fk)
 
 
 def _close(a, b, rel, what=""):

@@ -5,19 +5,14 @@ Run on a GPU machine: ``pytest -m gpu tests/test_teacher_kernels.py`` (skipped w
 The same tests run on the CPU under Triton's interpreter, on smaller shapes:
 ``TRITON_INTERPRET=1 pytest tests/test_teacher_kernels.py`` (needs ``triton`` importable).
 """
-import os
-
 import pytest
 import torch
 
 from teacher_server import head as H
 from teacher_server import kernels as K
+from tests.triton_helpers import DEV, INTERP, MARKS, force_triton
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-DEV = "cpu" if INTERP else "cuda"
-pytestmark = [pytest.mark.skipif(not K.HAVE_TRITON, reason="triton does not import")]
-if not INTERP:
-    pytestmark.append(pytest.mark.gpu)
+pytestmark = list(MARKS)
 
 V_SMALL = K.BLOCK + 300              # neither a multiple of 128 nor of a tile
 VOCABS = [V_SMALL] + ([] if INTERP else [151936])
@@ -26,10 +21,7 @@ ALL = frozenset({H.SAMPLED, H.TOPK, H.TAIL, H.LSE, H.ENTROPY, H.EXTRA, H.FULL})
 
 @pytest.fixture
 def kernels(monkeypatch):
-    """Force the Triton path (a failure raises instead of falling back to eager)."""
-    monkeypatch.setattr(K, "KERNELS", "triton")
-    monkeypatch.setattr(K, "_STATE", {})
-    return monkeypatch
+    return force_triton(monkeypatch, K)
 
 
 def _z64(x, temp, softcap):
