@@ -580,7 +580,7 @@ class ScoringEngine:
         for lo, hi in self._head_parts(batch):
             items = batch[lo:hi]
             n = sum(it.num_positions for it in items)
-            res = self._head(items, rows[r0:r0 + n])
+            res, sorted_ids = self._head(items, rows[r0:r0 + n])
             r0 += n
             if cuda:  # into pinned host memory without waiting; the finisher waits on the event
                 host = {}
@@ -591,12 +591,13 @@ class ScoringEngine:
                 event.record()
             else:
                 host, event = res, None
-            parts.append(_Part(lo, hi, host, event, "topk_ids" in res and len({it.top_k for it in items}) == 1))
+            parts.append(_Part(lo, hi, host, event, sorted_ids))
         self._sync()
         return _Launched(batch, parts, t0, t_body, time.perf_counter())
 
-    def _head(self, items: list[ScoreItem], hidden: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The statistics of `items` (in order) from their final hidden states at the scored rows."""
+    def _head(self, items: list[ScoreItem], hidden: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
+        """The statistics of `items` (in order) from their final hidden states at the scored rows,
+        and whether the top-k came out sorted by id already (one k for every item)."""
         dev = self.device
         targets, temps, row_k, extra = [], [], [], []
         max_m = max((it.extra_ids.shape[1] for it in items if it.extra_ids is not None), default=0)
@@ -618,11 +619,11 @@ class ScoringEngine:
             stats=frozenset().union(*(it.stats for it in items)))
         res = H.HEADS[self.head](req, self.weight, self.chunk_size, self.softcap, compiled=self.compiled_head,
                                  compile_backend=self.compile_backend)
-        if "topk_ids" in res and len({it.top_k for it in items}) == 1:
-            # ids ascending on the device (for delta coding): no host-side argsort
+        sorted_ids = "topk_ids" in res and len({it.top_k for it in items}) == 1
+        if sorted_ids:  # ids ascending on the device (for delta coding): no host-side argsort
             res["topk_ids"], order = res["topk_ids"].sort(dim=1)
             res["topk_vals"] = res["topk_vals"].gather(1, order)
-        return res
+        return res, sorted_ids
 
     def _finish(self, launched: "_Launched", deliver: bool) -> list[dict]:
         """Wait for each part's copy, split it into per-item results, fill the cache and (if
@@ -744,7 +745,7 @@ class _Part:
     hi: int
     host: dict[str, torch.Tensor]
     event: "torch.cuda.Event | None"
-    uniform_k: bool
+    uniform_k: bool       # the top-k ids came sorted from the device (one k for the part)
 
 
 @dataclass
@@ -783,6 +784,7 @@ def _split(it: ScoreItem, res: dict[str, np.ndarray], r0: int, r1: int, uniform_
             one["topk_ids"] = np.take_along_axis(tid, order, 1)
             one["topk_logprobs"] = np.take_along_axis(vals, order, 1)
     return one
+
 
 def compare_results(reference: list[list[dict]], got: list[list[dict]], dtype: torch.dtype) -> str:
     """'' if the compiled warm-up results match the eager ones within the dtype's rounding, else
