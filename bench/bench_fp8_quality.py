@@ -46,8 +46,9 @@ def main(argv=None) -> int:
     rows = demo_prep.generate_responses(exact, tok, examples, max_new_tokens=demo_prep.max_new_tokens_for(tok, examples))
     from opd import demo_task
 
-    seqs = [np.asarray(demo_task.prompt_ids(tok, ex) + r, dtype=np.int64) for ex, r in zip(examples, rows)]
-    starts = [len(demo_task.prompt_ids(tok, ex)) for ex in examples]
+    prompts = [demo_task.prompt_ids(tok, ex) for ex in examples]
+    seqs = [np.asarray(p + r, dtype=np.int64) for p, r in zip(prompts, rows)]
+    starts = [len(p) for p in prompts]
     k = 16
 
     def score(model):
