@@ -259,32 +259,51 @@ class ScoringEngine:
         return batch
 
     def _pick_packed(self) -> list[ScoreItem]:
-        """Packed batches have no padding: the opener's prefix mates first, then the queue in
-        order, while the packed tokens fit `max_batch_tokens`. A sequence that shares >=
-        `prefix_min_tokens` first tokens with one already taken costs only its tokens after the
-        common prefix, so whole prompt groups fit (one lookup and one comparison per sequence)."""
-        n = self.prefix_min_tokens
-        keys = [it.token_ids[:n].tobytes() if self.prefix_sharing and len(it.token_ids) > n else None
-                for it in self._pending]
-        k0 = keys[0]
-        # the opener, its mates (stable: in queue order), then the rest in queue order
-        order = [0] + sorted(range(1, len(keys)), key=lambda j: k0 is None or keys[j] != k0)
-        heads: dict[bytes, ScoreItem] = {}   # first tokens -> the first sequence taken with them
+        """Packed batches have no padding: the opener's prompt group (the waiting sequences with
+        its first `prefix_min_tokens` tokens) first, then the other groups and lone sequences in
+        queue order, while the packed tokens fit `max_batch_tokens`. A sequence that shares the
+        first tokens of one already taken costs only its tokens after their common prefix.
+        Groups are kept whole: a group that does not fit what is left of the batch but would fit
+        an empty one waits for the next batch (cutting it would run its prefix twice); one larger
+        than a whole batch (and the opener's) is cut, members in queue order."""
+        n, budget, pend = self.prefix_min_tokens, self.max_batch_tokens, self._pending
+        groups: dict[bytes, list[int]] = {}
+        order: list[list[int]] = []            # groups in order of their first member
+        for j, it in enumerate(pend):
+            k = it.token_ids[:n].tobytes() if self.prefix_sharing and len(it.token_ids) > n else None
+            if k is None:
+                order.append([j])
+            elif k in groups:
+                groups[k].append(j)
+            else:
+                groups[k] = [j]
+                order.append(groups[k])
+
+        def cost(it: ScoreItem, ref: ScoreItem | None) -> int:
+            if ref is None:
+                return it.cost
+            lcp = PX.common_prefix(it.token_ids, ref.token_ids)
+            return max(1, it.cost - lcp) if lcp >= n else it.cost
+
         batch, total = [], 0
-        for j in order:
-            it, k = self._pending[j], keys[j]
-            cost = it.cost
-            ref = heads.get(k) if k is not None else None
-            if ref is not None:
-                lcp = PX.common_prefix(it.token_ids, ref.token_ids)
-                if lcp >= n:
-                    cost = max(1, cost - lcp)
-            if batch and total + cost > self.max_batch_tokens:
-                continue
-            batch.append(it)
-            total += cost
-            if k is not None:
-                heads.setdefault(k, it)
+        for g in order:
+            if total >= budget:
+                break
+            head = pend[g[0]]
+            if batch and len(g) > 1:
+                whole = head.cost + sum(cost(pend[j], head) for j in g[1:])
+                if total + whole > budget and whole <= budget:
+                    continue                   # whole in a later batch
+            ref = None                         # the group's first member taken
+            for j in g:
+                it = pend[j]
+                c = cost(it, ref)
+                if batch and total + c > budget:
+                    continue
+                batch.append(it)
+                total += c
+                if ref is None and len(g) > 1:
+                    ref = it
         return batch
 
     def packing_active(self) -> bool:

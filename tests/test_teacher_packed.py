@@ -116,6 +116,38 @@ def test_packed_budget_counts_a_prefix_mate_by_its_continuation(model):
     assert [it.request_id for it in eng._pending] == ["r1", "r2", "r3"]
 
 
+def test_packed_batches_keep_prompt_groups_whole(model):
+    """Two prompt groups of 30 + 4 x 10 tokens (70 packed) and a lone sequence of 20, budget
+    100: the second group does not fit after the first but fits a batch of its own, so it waits
+    (cutting it would run its prompt twice) and the lone sequence fills the first batch. A group
+    larger than a whole batch is cut."""
+    rng = np.random.default_rng(7)
+    pa, pb = rng.integers(0, 512, 30), rng.integers(0, 512, 30)
+    ga = [np.concatenate([pa, rng.integers(0, 512, 10)]) for _ in range(4)]
+    gb = [np.concatenate([pb, rng.integers(0, 512, 10)]) for _ in range(4)]
+    lone = rng.integers(0, 512, 20)
+    seqs = [ga[0], gb[0], *ga[1:], *gb[1:], lone]
+    eng = ScoringEngine(model, max_batch_tokens=100, prefix_min_tokens=4, packing="on")
+    eng._pending = _items(seqs, [30] * 8 + [1])
+    eng._pending_tokens = sum(it.cost for it in eng._pending)
+    with eng._cv:
+        first = [it.request_id for it in eng._take_batch()]
+        second = [it.request_id for it in eng._take_batch()]
+    assert first == ["r0", "r2", "r3", "r4", "r8"]        # group a (70) + the lone one (20)
+    assert second == ["r1", "r5", "r6", "r7"]             # group b, whole
+    # run through score(): no prompt is forwarded twice
+    eng2 = ScoringEngine(model, max_batch_tokens=100, prefix_min_tokens=4, packing="on")
+    out = eng2.score(_items(seqs, [30] * 8 + [1]))
+    assert len(out) == 9 and eng2.stats.batches == 2
+    assert eng2.stats.forward_tokens - eng2.stats.padded_tokens == 2 * 70 + 20
+    # a group of 30 + 10 x 10 = 130 > 100 is cut: members in queue order until the budget
+    big = [np.concatenate([pa, rng.integers(0, 512, 10)]) for _ in range(10)]
+    eng._pending = _items(big, [30] * 10)
+    eng._pending_tokens = sum(it.cost for it in eng._pending)
+    with eng._cv:
+        assert [it.request_id for it in eng._take_batch()] == [f"r{i}" for i in range(7)]   # 40 + 6 x 10
+
+
 @pytest.mark.parametrize("vocab", [20_000, 20_096])
 def test_block_topk_equals_torch_topk(vocab):
     g = torch.Generator().manual_seed(vocab)
