@@ -84,7 +84,8 @@ def parse_args(argv=None):
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median) after one warm-up")
     p.add_argument("--prefix-reps", type=int, default=1, help="timed repetitions of the prefix-shared case")
     p.add_argument("--chunk", type=int, default=2048, help="head chunk rows (baseline and server)")
-    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--max-batch-tokens", type=int, default=32768,
+                   help="the server's token budget per forward (32,768: what `opd teacher` picks by default on an 80 GB GPU)")
     p.add_argument("--quantize", default="none", choices=["none", "fp8"],
                    help="the teacher's --quantize (fp8: every row measures the fp8 body; section q compares its "
                         "statistics with the bf16 teacher's on the same weights)")

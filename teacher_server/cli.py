@@ -19,8 +19,9 @@ def add_arguments(p):
                    help="fp8: the decoder layers' linear layers as float8 e4m3 GEMMs with per-channel weight and "
                         "per-token activation scales (CUDA, compute capability >= 8.9; 1.37x tokens/s on an H100, "
                         "changes the teacher's log-probs a little: see docs/benchmarks.md); the head stays in --dtype")
-    p.add_argument("--max-batch-tokens", type=int, default=16384,
-                   help="token budget of one forward (longest sequence x sequences in the batch)")
+    p.add_argument("--max-batch-tokens", type=int, default=0,
+                   help="token budget of one forward (padded: longest sequence x sequences; packed: tokens after "
+                        "prefix sharing); 0 = auto: 32768 on a GPU with room for it, else 16384")
     p.add_argument("--chunk-size", type=int, default=1024, help="positions per lm-head/log-softmax/top-k chunk (memory = chunk x vocab)")
     p.add_argument("--max-top-k", type=int, default=256, help="largest top_k a caller may ask for")
     p.add_argument("--max-extra-ids", type=int, default=256, help="most caller-supplied ids per position")

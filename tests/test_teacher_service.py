@@ -125,8 +125,26 @@ def test_health_reflection_and_info(server, tiny_model_dir):
     with TeacherClient(url) as c:
         info = c.info()
     assert info.vocab_size == 512 and info.max_top_k == 32 and info.max_sequence_length == 128
+    assert info.max_batch_tokens == 16384   # the auto budget on a CPU
     assert info.tokenizer_fingerprint == tokenizer_fingerprint(AutoTokenizer.from_pretrained(tiny_model_dir))
     assert len(info.model_hash) == 64
+
+
+def test_auto_batch_budget_takes_32k_only_with_room_for_it():
+    from teacher_server.app import pick_batch_tokens
+
+    per_token = 2 * (3 * 12288 + 4 * 4096)            # the 8B shape: 106,496 bytes per token
+    assert pick_batch_tokens(63 << 30, per_token) == 32768    # an 80 GB card after 16 GB of weights
+    assert pick_batch_tokens(4 * 32768 * per_token, per_token) == 32768
+    assert pick_batch_tokens(4 * 32768 * per_token - 1, per_token) == 16384
+    assert pick_batch_tokens(1 << 30, per_token) == 16384     # too little for either: the smaller
+
+
+def test_negative_batch_budget_is_refused(tiny_model_dir):
+    from teacher_server.app import TeacherConfig, build_server
+
+    with pytest.raises(ValueError, match="--max-batch-tokens -5: expected a positive budget, or 0 for auto"):
+        build_server(TeacherConfig(model=tiny_model_dir, dtype="fp32", max_batch_tokens=-5))
 
 
 def test_tokenizer_mismatch_is_refused_with_a_clear_message(server, tmp_path):
