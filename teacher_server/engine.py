@@ -95,6 +95,7 @@ class ScoreItem:
     is_cancelled: Callable[[], bool] = lambda: False
     enqueued_at: float = field(default_factory=time.monotonic)
     cache_key: str | None = None
+    group_key: bytes | None = field(default=None, repr=False)   # see ScoringEngine._group_key
 
     @property
     def num_positions(self) -> int:
@@ -260,7 +261,7 @@ class ScoringEngine:
 
     def _pick_packed(self) -> list[ScoreItem]:
         """Packed batches have no padding: the opener's prompt group (the waiting sequences with
-        its first `prefix_min_tokens` tokens) first, then the other groups and lone sequences in
+        its prompt, `_group_key`) first, then the other groups and lone sequences in
         queue order, while the packed tokens fit `max_batch_tokens`. A sequence that shares the
         first tokens of one already taken costs only its tokens after their common prefix.
         Groups are kept whole: a group that does not fit what is left of the batch but would fit
@@ -270,7 +271,7 @@ class ScoringEngine:
         groups: dict[bytes, list[int]] = {}
         order: list[list[int]] = []            # groups in order of their first member
         for j, it in enumerate(pend):
-            k = it.token_ids[:n].tobytes() if self.prefix_sharing and len(it.token_ids) > n else None
+            k = self._group_key(it) if self.prefix_sharing else None
             if k is None:
                 order.append([j])
             elif k in groups:
@@ -305,6 +306,17 @@ class ScoringEngine:
                 if ref is None and len(g) > 1:
                     ref = it
         return batch
+
+    def _group_key(self, it: ScoreItem) -> bytes | None:
+        """What makes sequences one prompt group when batches are picked: their tokens before
+        the scored span (the prompt; at least `prefix_min_tokens` of them). Samples of one prompt
+        share it; prompts that only share a chat template or system prompt do not, so each
+        prompt's samples stay together (`plan_groups` still shares what the batch has in common).
+        None: too short to share. Computed once per item."""
+        if it.group_key is None:
+            m = max(self.prefix_min_tokens, it.target_start)
+            it.group_key = it.token_ids[:m].tobytes() if len(it.token_ids) > m else b""
+        return it.group_key or None
 
     def packing_active(self) -> bool:
         """Whether batches are packed now: "on", or "auto" with the compiled body on CUDA (the

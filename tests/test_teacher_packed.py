@@ -148,6 +148,23 @@ def test_packed_batches_keep_prompt_groups_whole(model):
         assert [it.request_id for it in eng._take_batch()] == [f"r{i}" for i in range(7)]   # 40 + 6 x 10
 
 
+def test_prompt_groups_are_prompts_not_a_shared_system_prompt(model):
+    """Every sequence starts with the same 20-token system prompt (longer than
+    prefix_min_tokens); two user prompts of 10 tokens have 4 samples each (prompt 30 + 10
+    response tokens, the span starting at 30). The groups are the prompts: the second prompt's
+    samples wait whole for the next batch instead of being split across two."""
+    rng = np.random.default_rng(8)
+    system = rng.integers(0, 512, 20)
+    pa, pb = (np.concatenate([system, rng.integers(0, 512, 10)]) for _ in range(2))
+    seqs = [np.concatenate([p, rng.integers(0, 512, 10)]) for p in (pa, pa, pa, pa, pb, pb, pb, pb)]
+    eng = ScoringEngine(model, max_batch_tokens=100, prefix_min_tokens=4, packing="on")
+    eng._pending = _items(seqs, [30] * 8)
+    eng._pending_tokens = sum(it.cost for it in eng._pending)
+    with eng._cv:
+        assert [it.request_id for it in eng._take_batch()] == ["r0", "r1", "r2", "r3"]
+        assert [it.request_id for it in eng._take_batch()] == ["r4", "r5", "r6", "r7"]
+
+
 @pytest.mark.parametrize("vocab", [20_000, 20_096])
 def test_block_topk_equals_torch_topk(vocab):
     g = torch.Generator().manual_seed(vocab)
