@@ -18,6 +18,10 @@ starts the teacher server IN-PROCESS on 127.0.0.1 and measures in one run:
   (d_eager) prefix sharing on / off with the eager body (before anything is compiled);
   (u) uneven lengths (--uneven-seqs sequences, lengths uniform in [seq_len/8, seq_len]):
       split_uneven on / off, engine level;
+  (r) a rollout-shaped batch, engine level, prefix sharing off / on as served: --rl-prompts
+      prompts behind one shared system prompt (seq_len/40 tokens), user parts uniform in
+      [seq_len/32, seq_len/2], --samples samples each with responses uniform in
+      [seq_len/64, 3 seq_len/4] (the span starts at the response);
   (c) also gives a per-component split of one 8 x 2048 call: body, head, device->host copy + result
       slicing, encode (server, incl. protobuf serialisation), decode (client, incl. parsing), and
       the rest (gRPC transport, queueing, threads);
@@ -25,7 +29,7 @@ starts the teacher server IN-PROCESS on 127.0.0.1 and measures in one run:
       build and compile overlap the in-process sections; default options = compile auto): end to
       end 8 x 2048, two clients at once (sustained), and prefix sharing through gRPC.
 Prints markdown tables; --out writes everything as JSON. --skip drops sections
-(a, b, L, d_eager, d, u, c, wire, e, p).
+(a, b, L, d_eager, d, u, r, c, wire, e, p).
 
 GPU (H100, ~5-6 min incl. ~1 min model build and the compiles):
     PYTHONPATH=. python bench/bench_teacher.py --device cuda --out bench_teacher.json
@@ -89,8 +93,9 @@ def parse_args(argv=None):
     p.add_argument("--quantize", default="none", choices=["none", "fp8"],
                    help="the teacher's --quantize (fp8: every row measures the fp8 body; section q compares its "
                         "statistics with the bf16 teacher's on the same weights)")
-    p.add_argument("--skip", default="", help="comma list of sections to skip: a,b,L,d_eager,d,u,c,wire,e,q,p")
+    p.add_argument("--skip", default="", help="comma list of sections to skip: a,b,L,d_eager,d,u,r,c,wire,e,q,p")
     p.add_argument("--uneven-seqs", type=int, default=16, help="sequences of the uneven-length section (u)")
+    p.add_argument("--rl-prompts", type=int, default=24, help="prompts of the rollout-shaped section (r)")
     p.add_argument("--compile-backend", default=None,
                    help="torch.compile backend for the compiled rows (default: inductor on CUDA, eager on CPU)")
     p.add_argument("--proc-late", action="store_true",
@@ -364,6 +369,37 @@ def main(argv=None) -> int:
         R["uneven"] = out
 
     section("u", uneven)
+
+    # ---- (r) a rollout-shaped batch: a shared system prompt, uneven prompts and responses ------
+    def rollout_shaped():
+        L = args.seq_len
+        system = rng.integers(0, V, size=max(16, L // 40))
+        rseqs, rstarts = [], []
+        for _ in range(args.rl_prompts):
+            prompt = np.concatenate([system, rng.integers(0, V, size=int(rng.integers(L // 32, L // 2 + 1)))])
+            for _ in range(args.samples):
+                rseqs.append(np.concatenate([prompt, rng.integers(0, V, size=int(rng.integers(L // 64, 3 * L // 4 + 1)))]))
+                rstarts.append(len(prompt))
+        tokens = sum(len(x) for x in rseqs)
+
+        def make():
+            return [ScoreItem(f"r{i}", np.asarray(x, dtype=np.int64), st, len(x), top_k=K, stats=STATS3)
+                    for i, (x, st) in enumerate(zip(rseqs, rstarts))]
+
+        out = {"sequences": len(rseqs), "tokens": tokens, "prompts": args.rl_prompts,
+               "scored_positions": sum(len(x) - st for x, st in zip(rseqs, rstarts))}
+        for name, on in (("off", False), ("on", True)):
+            eng.prefix_sharing = on
+            med, ts, d = engine_run(make, 1)
+            out[name] = {"seconds": med, "all_seconds": ts, "tokens_per_s": tokens / med, "packed": on and eng.packing_active(),
+                         **{k: d[k] for k in ("forward_tokens", "padded_tokens", "batches", "shared_prefix_tokens")}}
+        eng.prefix_sharing = True
+        out["speedup"] = out["off"]["seconds"] / out["on"]["seconds"]
+        R["rollout_shaped"] = out
+        print(f"  rollout-shaped: off {out['off']['tokens_per_s']:,.0f} / on {out['on']['tokens_per_s']:,.0f} tok/s",
+              file=sys.stderr, flush=True)
+
+    section("r", rollout_shaped)
 
     def run_client(settings, s=seqs, starts=None, c=None):
         starts = [1] * len(s) if starts is None else starts
@@ -685,6 +721,17 @@ def report(R, args) -> str:
             m = u[mode]
             lines.append(f"| {mode} | {m['tokens_per_s']:,.0f} | {m['forward_tokens']:,.0f} | {m['padded_tokens']:,.0f} | "
                          f"{m['sub_batches']:.0f} | {m['body_ms']:.0f} | {m['head_ms']:.0f} |")
+    r = R.get("rollout_shaped")
+    if r:
+        lines += ["", f"Rollout-shaped batch, engine level: {r['prompts']} prompts behind one shared system prompt, "
+                  f"{r['sequences']} sequences, {r['tokens']:,} tokens ({r['scored_positions']:,} scored):", "",
+                  "| prefix sharing | tokens/s | forwarded tokens | padded | batches |", "|---|---|---|---|---|"]
+        for mode in ("off", "on"):
+            m = r[mode]
+            how = "on, packed" if m["packed"] else mode
+            lines.append(f"| {how} | {m['tokens_per_s']:,.0f} | {m['forward_tokens']:,.0f} | {m['padded_tokens']:,.0f} | "
+                         f"{m['batches']:.0f} |")
+        lines.append(f"| speed-up | {r['speedup']:.2f}x | | | |")
     if R.get("wire"):
         lines += ["", "| value encoding | compression | bytes/token | tokens/s end to end |", "|---|---|---|---|"]
         for w in R["wire"]:
