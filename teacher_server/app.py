@@ -37,6 +37,9 @@ class TeacherConfig:
     cache_mb: int = 0                     # in-memory statistics cache (0 = off)
     cache_dir: str | None = None          # on-disk statistics store (content-addressed files)
     quantize: str = "none"                # "fp8": the body's linear layers as fp8 GEMMs (fp8.py)
+    pipeline_depth: int = 2               # batches launched and not yet finished (engine pipeline)
+    head_part_rows: int = 1024            # scored rows per head part copied out and delivered
+    batch_wait_s: float = 0.002           # linger for a stream's next request
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -73,6 +76,12 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
 
     if cfg.max_batch_tokens < 0:
         raise ValueError(f"--max-batch-tokens {cfg.max_batch_tokens}: expected a positive budget, or 0 for auto")
+    if cfg.pipeline_depth < 1:
+        raise ValueError(f"--pipeline-depth {cfg.pipeline_depth}: expected at least 1 (1 = no overlap between batches)")
+    if cfg.head_part_rows < 1:
+        raise ValueError(f"--head-part-rows {cfg.head_part_rows}: expected at least 1")
+    if not cfg.batch_wait_s >= 0:
+        raise ValueError(f"--batch-wait-ms {cfg.batch_wait_s * 1e3:g}: expected >= 0 (0 = no linger)")
     if cfg.quantize not in fp8.QUANTIZE_MODES:
         raise ValueError(f"--quantize {cfg.quantize!r}: expected one of {fp8.QUANTIZE_MODES}")
     if cfg.quantize == "fp8":
@@ -102,7 +111,9 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
     engine = ScoringEngine(model, device=cfg.device, max_batch_tokens=budget,
                            chunk_size=cfg.chunk_size, max_queue_tokens=cfg.max_queue_tokens, pad_id=pad or 0,
                            prefix_sharing=cfg.prefix_sharing, prefix_min_tokens=cfg.prefix_min_tokens,
-                           cache=cache, model_id=f"{mhash}:{cfg.dtype}" + ("" if cfg.quantize == "none" else f":{cfg.quantize}"))
+                           cache=cache, model_id=f"{mhash}:{cfg.dtype}" + ("" if cfg.quantize == "none" else f":{cfg.quantize}"),
+                           pipeline_depth=cfg.pipeline_depth, head_part_rows=cfg.head_part_rows,
+                           batch_wait_s=cfg.batch_wait_s)
     limits = Limits(vocab_size=vocab, max_sequence_length=max_len, max_top_k=min(cfg.max_top_k, vocab),
                     max_extra_ids=cfg.max_extra_ids, allow_full=cfg.allow_full)
     info = pb.TeacherInfo(

@@ -52,6 +52,15 @@ def add_arguments(p):
                    help="forward a batch as one packed row, each shared prompt once, no padding (auto = on CUDA with the "
                         "compiled body; on = also elsewhere, with a dense mask; off = padded batches and a KV cache for "
                         "shared prefixes)")
+    p.add_argument("--pipeline-depth", type=int, default=2,
+                   help="batches in flight at once: the next batch's body runs while the last one's results are "
+                        "copied out, encoded and sent (1 = one batch at a time)")
+    p.add_argument("--head-part-rows", type=int, default=1024,
+                   help="scored rows per head part: each part's statistics are copied to the host and delivered "
+                        "while the head computes the next")
+    p.add_argument("--batch-wait-ms", type=float, default=2.0,
+                   help="while the queue holds less than one batch, wait this long for a stream's next request "
+                        "(at most 10x in all) before forming a batch; 0 = never wait")
     p.add_argument("--auth-token", default=os.environ.get("OPD_TEACHER_TOKEN"),
                    help="require 'authorization: Bearer TOKEN' metadata (default: $OPD_TEACHER_TOKEN; none = open)")
     p.add_argument("--tls-cert", default=None, help="PEM server certificate (enables TLS)")
@@ -76,7 +85,9 @@ def main(args) -> int:
                         max_sequence_length=args.max_sequence_length, max_queue_tokens=args.max_queue_tokens,
                         allow_full=not args.no_full, random_weights_seed=args.random_weights_seed, server=server_cfg,
                         prefix_sharing=not args.no_prefix_sharing, prefix_min_tokens=args.prefix_min_tokens,
-                        cache_mb=args.cache_mb, cache_dir=args.cache_dir, quantize=args.quantize)
+                        cache_mb=args.cache_mb, cache_dir=args.cache_dir, quantize=args.quantize,
+                        pipeline_depth=args.pipeline_depth, head_part_rows=args.head_part_rows,
+                        batch_wait_s=args.batch_wait_ms / 1e3)
     metrics = None
     if args.metrics_port is not None:
         from teacher_server.metrics import TeacherMetrics

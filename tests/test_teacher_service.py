@@ -140,11 +140,26 @@ def test_auto_batch_budget_takes_32k_only_with_room_for_it():
     assert pick_batch_tokens(1 << 30, per_token) == 16384     # too little for either: the smaller
 
 
-def test_negative_batch_budget_is_refused(tiny_model_dir):
+@pytest.mark.parametrize("field,value,message", [
+    ("max_batch_tokens", -5, "--max-batch-tokens -5: expected a positive budget, or 0 for auto"),
+    ("pipeline_depth", 0, "--pipeline-depth 0: expected at least 1"),
+    ("head_part_rows", 0, "--head-part-rows 0: expected at least 1"),
+    ("batch_wait_s", -0.001, "--batch-wait-ms -1: expected >= 0"),
+])
+def test_bad_engine_settings_are_refused(tiny_model_dir, field, value, message):
     from teacher_server.app import TeacherConfig, build_server
 
-    with pytest.raises(ValueError, match="--max-batch-tokens -5: expected a positive budget, or 0 for auto"):
-        build_server(TeacherConfig(model=tiny_model_dir, dtype="fp32", max_batch_tokens=-5))
+    with pytest.raises(ValueError, match=message):
+        build_server(TeacherConfig(model=tiny_model_dir, dtype="fp32", **{field: value}))
+
+
+def test_engine_settings_reach_the_engine(tiny_model_dir):
+    from teacher_server.app import TeacherConfig, build_server
+
+    srv = build_server(TeacherConfig(model=tiny_model_dir, dtype="fp32", pipeline_depth=3, head_part_rows=77,
+                                     batch_wait_s=0.0))
+    eng = srv.engine
+    assert (eng.pipeline_depth, eng.head_part_rows, eng.batch_wait_s) == (3, 77, 0.0)
 
 
 def test_tokenizer_mismatch_is_refused_with_a_clear_message(server, tmp_path):
