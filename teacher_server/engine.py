@@ -291,14 +291,15 @@ class ScoringEngine:
             if total >= budget:
                 break
             head = pend[g[0]]
-            if batch and len(g) > 1:
-                whole = head.cost + sum(cost(pend[j], head) for j in g[1:])
-                if total + whole > budget and whole <= budget:
-                    continue                   # whole in a later batch
+            costs = [head.cost] + [cost(pend[j], head) for j in g[1:]]   # with the head taken
+            whole = sum(costs)
+            if batch and len(g) > 1 and total + whole > budget and whole <= budget:
+                continue                       # whole in a later batch
             ref = None                         # the group's first member taken
-            for j in g:
+            for j, c in zip(g, costs):
                 it = pend[j]
-                c = cost(it, ref)
+                if ref is not head:            # the head was not taken: cost against what was
+                    c = cost(it, ref)
                 if batch and total + c > budget:
                     continue
                 batch.append(it)
