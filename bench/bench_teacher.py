@@ -240,8 +240,10 @@ def main(argv=None) -> int:
     useqs = [rng.integers(0, V, size=int(n)) for n in rng.integers(lo, args.seq_len + 1, size=args.uneven_seqs)]
 
     def items_of(ss, start=1):
-        return [ScoreItem(f"r{i}", np.asarray(x, dtype=np.int64), start, len(x), top_k=K, stats=STATS3)
-                for i, x in enumerate(ss)]
+        """ScoreItems of `ss`, scored from `start` (one int for all, or one per sequence)."""
+        starts = [start] * len(ss) if isinstance(start, int) else start
+        return [ScoreItem(f"r{i}", np.asarray(x, dtype=np.int64), st, len(x), top_k=K, stats=STATS3)
+                for i, (x, st) in enumerate(zip(ss, starts))]
 
     def engine_run(make_items, reps, warm=True):
         """Median wall time of eng.score (no gRPC, no cache) + per-call stats deltas."""
@@ -382,15 +384,11 @@ def main(argv=None) -> int:
                 rstarts.append(len(prompt))
         tokens = sum(len(x) for x in rseqs)
 
-        def make():
-            return [ScoreItem(f"r{i}", np.asarray(x, dtype=np.int64), st, len(x), top_k=K, stats=STATS3)
-                    for i, (x, st) in enumerate(zip(rseqs, rstarts))]
-
         out = {"sequences": len(rseqs), "tokens": tokens, "prompts": args.rl_prompts,
                "scored_positions": sum(len(x) - st for x, st in zip(rseqs, rstarts))}
         for name, on in (("off", False), ("on", True)):
             eng.prefix_sharing = on
-            med, ts, d = engine_run(make, 1)
+            med, ts, d = engine_run(lambda: items_of(rseqs, rstarts), 1)
             out[name] = {"seconds": med, "all_seconds": ts, "tokens_per_s": tokens / med, "packed": on and eng.packing_active(),
                          **{k: d[k] for k in ("forward_tokens", "padded_tokens", "batches", "shared_prefix_tokens")}}
         eng.prefix_sharing = True
