@@ -2,30 +2,40 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch is pinned here (not in pyproject) so the CPU install takes the small CPU wheel.
+# torch is pinned here (not in pyproject). On a plain package index this pin resolves to the CUDA
+# build on Linux x86_64 (several GB of CUDA wheels); TORCH_INDEX=<PyTorch's CPU wheel index URL>
+# installs the small CPU-only build instead. Left empty, the default index decides.
 TORCH_CPU ?= torch==2.13.0
+TORCH_INDEX ?=
+TORCH_INDEX_FLAG := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX),)
 export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-all proto clean
+.PHONY: setup prereqs demo test test-all proto clean
+
+# A C++ compiler, OpenMP and the Python headers (DeepSpeed compiles its CPU Adam on first use):
+# checked before anything is installed, with one line saying what to install.
+prereqs:
+	@$(PY) -m opd.prereqs
 
 $(BIN)/.installed: pyproject.toml
+	@$(PY) -m opd.prereqs
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q "$(TORCH_CPU)"
-	$(BIN)/pip install -q -e ".[test,plot,dev]" "$(TORCH_CPU)"
+	$(BIN)/pip install -q $(TORCH_INDEX_FLAG) "$(TORCH_CPU)"
+	$(BIN)/pip install -q $(TORCH_INDEX_FLAG) -e ".[test,plot,dev]" "$(TORCH_CPU)"
 	touch $@
 
 setup: $(BIN)/.installed
 
-demo: setup
+demo: setup prereqs
 	$(BIN)/opd demo $(DEMO_ARGS)
 
-test: setup
+test: setup prereqs
 	$(BIN)/python -m pytest -q -m "not slow and not gpu" $(PYTEST_ARGS)
 
-test-all: setup
+test-all: setup prereqs
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Regenerate the Python message module from proto/ (the generated file is committed).
