@@ -15,6 +15,9 @@ from pathlib import Path
 class ModelCfg:
     student: str = ""                 # HF directory of the student
     dtype: str = "bf16"               # bf16 | fp32
+    # sdpa | eager. Packed micro-batches need a 4-D block-diagonal mask, which both honour (eager
+    # gets it as an additive float mask); flash_attention_2 / flex_attention are refused.
+    attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
     random_init: bool = False         # benchmarks: random weights from the directory's config.json
 
@@ -42,8 +45,19 @@ class RolloutCfg:
     max_new_tokens: int = 64
     max_batch_size: int = 64          # local engine
     staleness: int = 0                # 0 = strictly on-policy; 1 = rollouts one step ahead
-    weight_sync: str = "memory"       # memory (local engine) | disk (portable; sglang)
-    sync_dir: str = ""
+    # How the trainer's weights reach the engines after every optimizer step (docs/rollout.md):
+    # local engine: memory | disk; sglang: distributed (a process group with the engines, NCCL on
+    # GPUs / gloo on CPU) | disk (safetensors in sync_dir + /update_weights_from_disk) | tensor
+    # (CUDA-IPC handles to an engine on the trainer's GPU). auto = memory (local), distributed (sglang).
+    weight_sync: str = "auto"
+    sync_dir: str = ""                # disk: a directory the engines can read ("" = run.out_dir/weights_sync)
+    sync_address: str = ""            # distributed: the trainer's address the engines connect to
+                                      # ("" = 127.0.0.1 if every engine URL is loopback, else the
+                                      # local address that routes to the first engine)
+    sync_port: int = 0                # distributed: rendezvous port of rank r is sync_port + r (0 = free port)
+    sync_bucket_mb: int = 512         # distributed / tensor: tensors sent per update call
+    sync_retries: int = 3             # an update the engine answers with success: false is retried
+    sync_timeout_s: float = 600.0     # distributed: group rendezvous and broadcast timeout
 
 
 @dataclass(frozen=True)
@@ -146,10 +160,20 @@ class ConfigError(ValueError):
     pass
 
 
+# Names `loss.divergence` accepts: the loss library's full-distribution divergences and sampled-token
+# terms (losses.ALL_TERMS) except `ppo` (objective grpo / opd+grpo) and `sft` (objective sft or
+# loss.sft_weight), which are objectives of their own.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv",
+               "k1", "k2", "k3", "pg")
+DISTRIBUTION_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv")
+
 CHOICES = {
     "model.dtype": ("bf16", "fp32"),
+    "model.attn_implementation": ("sdpa", "eager"),
+    "loss.divergence": DIVERGENCES,
+    "loss.support": ("auto", "topk", "union", "full"),
     "rollout.engine": ("local", "sglang"),
-    "rollout.weight_sync": ("memory", "disk"),
+    "rollout.weight_sync": ("auto", "memory", "disk", "distributed", "tensor"),
     "teacher.value_encoding": ("fp32", "bf16", "fp16", "q16", "q8"),
     "teacher.compression": ("none", "zstd"),
     "loss.objective": ("opd", "grpo", "opd+grpo", "sft"),
@@ -234,7 +258,18 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
             raise ConfigError(f"[{section}] must be a mapping of keys to values")
         cfg = dataclasses.replace(cfg, **{section: _apply(getattr(cfg, section), section, values)})
     validate(cfg)
+    if cfg.rollout.weight_sync == "auto":
+        cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(
+            cfg.rollout, weight_sync=default_weight_sync(cfg.rollout.engine)))
     return cfg
+
+
+# rollout.engine -> the weight_sync values it can use (the first is what `auto` means).
+WEIGHT_SYNC_BY_ENGINE = {"local": ("memory", "disk"), "sglang": ("distributed", "disk", "tensor")}
+
+
+def default_weight_sync(engine: str) -> str:
+    return WEIGHT_SYNC_BY_ENGINE[engine][0]
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -254,6 +289,39 @@ def validate(cfg: TrainConfig) -> None:
         ("optim.lr", cfg.optim.lr > 0, "must be > 0"),
         ("optim.micro_batch_tokens", cfg.optim.micro_batch_tokens >= 16, "must be >= 16"),
         ("run.steps", cfg.run.steps >= 0, "must be >= 0"),
+        ("data.max_prompt_tokens", cfg.data.max_prompt_tokens >= 1, "must be >= 1"),
+        ("rollout.top_p", 0 < cfg.rollout.top_p <= 1, "must be in (0, 1]"),
+        ("rollout.top_k", cfg.rollout.top_k == -1 or cfg.rollout.top_k >= 1, "must be -1 (off) or >= 1"),
+        ("rollout.max_batch_size", cfg.rollout.max_batch_size >= 1, "must be >= 1"),
+        ("teacher.student_top_k", cfg.teacher.student_top_k >= 0, "must be >= 0"),
+        ("teacher.timeout_s", cfg.teacher.timeout_s > 0, "must be > 0"),
+        ("teacher.max_retries", cfg.teacher.max_retries >= 0, "must be >= 0"),
+        ("teacher.max_backoff_s", cfg.teacher.max_backoff_s > 0, "must be > 0"),
+        ("teacher.concurrency", cfg.teacher.concurrency >= 1, "must be >= 1"),
+        ("teacher.batch_sequences", cfg.teacher.batch_sequences >= 1, "must be >= 1"),
+        ("loss.beta", 0 <= cfg.loss.beta <= 1, "must be in [0, 1]"),
+        ("loss.chunk_size", cfg.loss.chunk_size >= 1, "must be >= 1"),
+        ("loss.fkl_to_rkl_window", cfg.loss.fkl_to_rkl_window >= 0, "must be >= 0"),
+        ("loss.fkl_to_rkl_switch_step", cfg.loss.fkl_to_rkl_switch_step >= -1, "must be -1 (off) or >= 0"),
+        ("loss.rl_weight", cfg.loss.rl_weight >= 0, "must be >= 0"),
+        ("loss.sft_weight", cfg.loss.sft_weight >= 0, "must be >= 0"),
+        ("loss.clip_eps", cfg.loss.clip_eps > 0, "must be > 0"),
+        ("loss.gamma", 0 <= cfg.loss.gamma <= 1, "must be in [0, 1]"),
+        ("loss.reward_beta", cfg.loss.reward_beta > 0, "must be > 0"),
+        ("loss.paced_a", cfg.loss.paced_a > 0, "must be > 0"),
+        ("loss.paced_b", cfg.loss.paced_b > 0, "must be > 0"),
+        ("warmup.steps", cfg.warmup.steps >= 0, "must be >= 0"),
+        ("optim.min_lr_ratio", 0 <= cfg.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
+        ("optim.warmup_steps", cfg.optim.warmup_steps >= 0, "must be >= 0"),
+        ("optim.weight_decay", cfg.optim.weight_decay >= 0, "must be >= 0"),
+        ("optim.betas", len(cfg.optim.betas) == 2 and all(0 <= b < 1 for b in cfg.optim.betas),
+         "must be two numbers in [0, 1)"),
+        ("optim.grad_clip", cfg.optim.grad_clip >= 0, "must be >= 0 (0 = off)"),
+        ("run.save_every", cfg.run.save_every >= 0, "must be >= 0"),
+        ("run.keep_checkpoints", cfg.run.keep_checkpoints >= 1, "must be >= 1"),
+        ("run.eval_every", cfg.run.eval_every >= 0, "must be >= 0"),
+        ("run.eval_prompts", cfg.run.eval_prompts >= 1, "must be >= 1"),
+        ("run.log_every", cfg.run.log_every >= 1, "must be >= 1"),
     ]
     for key, ok, msg in checks:
         if not ok:
@@ -268,3 +336,101 @@ def validate(cfg: TrainConfig) -> None:
                           f"{cfg.loss.objective!r} (or pass --teacher-url HOST:PORT)")
     if cfg.rollout.engine == "sglang" and not cfg.rollout.urls:
         raise ConfigError("rollout.urls: required with rollout.engine=sglang")
+    _cross_checks(cfg)
+
+
+def _cross_checks(cfg: TrainConfig) -> None:
+    """Rules that tie keys together: a setting that another one makes meaningless or impossible."""
+    lc, t = cfg.loss, cfg.teacher
+    dev = cfg.run.device
+    if not (dev in ("cpu", "cuda") or (dev.startswith("cuda:") and dev[5:].isdigit())):
+        raise ConfigError(f"run.device: {dev!r} is not one of cpu, cuda, cuda:N")
+    if cfg.data.path and cfg.data.task:
+        raise ConfigError(f"data.path and data.task: both given ({cfg.data.path!r}, {cfg.data.task!r}); give one")
+    if cfg.data.task:
+        from student_trainer.data import BUILTIN_TASKS
+
+        if cfg.data.task not in BUILTIN_TASKS:
+            raise ConfigError(f"data.task: {cfg.data.task!r} is not one of {', '.join(BUILTIN_TASKS)}")
+        if lc.reward_fn:
+            raise ConfigError(f"loss.reward_fn: {lc.reward_fn!r} grades data.path prompts; the built-in task "
+                              f"{cfg.data.task!r} uses its own grader (leave loss.reward_fn empty)")
+    if lc.reward_fn:
+        from rollout.grading import REWARDS, get_reward_fn
+
+        try:
+            get_reward_fn(lc.reward_fn)
+        except ValueError as exc:
+            raise ConfigError(f"loss.reward_fn: {lc.reward_fn!r}: {exc} (allowed: {', '.join(sorted(REWARDS))} "
+                              "or module:function)") from None
+    distill = lc.objective in ("opd", "opd+grpo")
+    schedule = lc.fkl_to_rkl_switch_step >= 0
+    if lc.objective == "opd+grpo" and lc.rl_weight <= 0:
+        raise ConfigError(f"loss.rl_weight: {lc.rl_weight!r} must be > 0 with loss.objective=opd+grpo "
+                          "(it weights the GRPO term)")
+    if lc.rl_weight and lc.objective != "opd+grpo":
+        raise ConfigError(f"loss.rl_weight: {lc.rl_weight!r} applies only to loss.objective=opd+grpo "
+                          f"(here {lc.objective})")
+    if lc.sft_weight and not distill:
+        raise ConfigError(f"loss.sft_weight: {lc.sft_weight!r} applies only to loss.objective=opd or opd+grpo "
+                          f"(here {lc.objective})")
+    if schedule:
+        if not distill:
+            raise ConfigError(f"loss.fkl_to_rkl_switch_step: {lc.fkl_to_rkl_switch_step} needs loss.objective=opd "
+                              f"or opd+grpo (here {lc.objective})")
+        if lc.divergence != "reverse_kl":
+            raise ConfigError(f"loss.fkl_to_rkl_switch_step: {lc.fkl_to_rkl_switch_step} replaces loss.divergence "
+                              f"by forward KL then reverse KL; loss.divergence={lc.divergence!r} would be ignored "
+                              "(allowed with the schedule: reverse_kl, the default)")
+    elif lc.fkl_to_rkl_window:
+        raise ConfigError(f"loss.fkl_to_rkl_window: {lc.fkl_to_rkl_window} needs loss.fkl_to_rkl_switch_step >= 0")
+    uses_dist = distill and (schedule or lc.divergence in DISTRIBUTION_DIVERGENCES)
+    if lc.token_keep_ratio < 1 and not distill:
+        raise ConfigError(f"loss.token_keep_ratio: {lc.token_keep_ratio} (TIP) scores tokens with the teacher's "
+                          f"statistics: needs loss.objective=opd or opd+grpo (here {lc.objective})")
+    if lc.support != "auto" and not uses_dist:
+        raise ConfigError(f"loss.support: {lc.support!r} applies to the distribution divergences "
+                          f"({', '.join(DISTRIBUTION_DIVERGENCES)}) under objective opd / opd+grpo; "
+                          f"here objective={lc.objective}, divergence={lc.divergence} (leave it auto)")
+    if t.student_top_k:
+        if not uses_dist:
+            raise ConfigError(f"teacher.student_top_k: {t.student_top_k} adds the student's top ids to the support "
+                              f"of a distribution divergence ({', '.join(DISTRIBUTION_DIVERGENCES)}) under objective "
+                              f"opd / opd+grpo; here objective={lc.objective}, divergence={lc.divergence}")
+        if lc.support not in ("auto", "union"):
+            raise ConfigError(f"loss.support: {lc.support!r} ignores the student's top ids that "
+                              f"teacher.student_top_k={t.student_top_k} asks for (allowed: auto, union)")
+        if cfg.rollout.staleness:
+            raise ConfigError(f"teacher.student_top_k: {t.student_top_k} needs rollout.staleness=0 (the student's "
+                              "top ids come from the current weights)")
+        if cfg.optim.zero_stage != 2:
+            raise ConfigError(f"teacher.student_top_k: {t.student_top_k} needs optim.zero_stage=2 (the producer "
+                              "computes the student's top ids with the full weights, which ZeRO-3 partitions)")
+    elif lc.support == "union":
+        raise ConfigError("loss.support: 'union' needs teacher.student_top_k > 0 (the student's own top ids)")
+    if cfg.warmup.steps:
+        if not cfg.warmup.teacher_model:
+            raise ConfigError(f"warmup.steps: {cfg.warmup.steps} needs warmup.teacher_model (the Hugging Face "
+                              "directory the warm-up rollouts are generated with)")
+        if lc.objective == "grpo":
+            raise ConfigError(f"warmup.steps: {cfg.warmup.steps} (forward KL on teacher rollouts) needs a teacher "
+                              "objective: opd, opd+grpo or sft (here grpo)")
+        if cfg.rollout.engine != "local":
+            raise ConfigError(f"warmup.steps: {cfg.warmup.steps} generates with warmup.teacher_model on the local "
+                              f"rollout engine; rollout.engine={cfg.rollout.engine} (allowed with warm-up: local)")
+    elif cfg.warmup.teacher_model:
+        raise ConfigError(f"warmup.teacher_model: {cfg.warmup.teacher_model!r} is used only with warmup.steps > 0")
+    r = cfg.rollout
+    allowed = WEIGHT_SYNC_BY_ENGINE[r.engine]
+    if r.weight_sync not in ("auto",) + allowed:
+        raise ConfigError(f"rollout.weight_sync: {r.weight_sync!r} does not work with rollout.engine={r.engine} "
+                          f"(allowed: {', '.join(('auto',) + allowed)})")
+    if r.weight_sync == "tensor" and not cfg.run.device.startswith("cuda"):
+        raise ConfigError(f"rollout.weight_sync: 'tensor' (CUDA-IPC handles) needs run.device=cuda, got "
+                          f"run.device={cfg.run.device!r} (allowed on this device: distributed, disk)")
+    for key, ok, msg in [("rollout.sync_port", 0 <= r.sync_port < 65536, "must be in [0, 65535]"),
+                         ("rollout.sync_bucket_mb", r.sync_bucket_mb >= 1, "must be >= 1"),
+                         ("rollout.sync_retries", r.sync_retries >= 0, "must be >= 0"),
+                         ("rollout.sync_timeout_s", r.sync_timeout_s > 0, "must be > 0")]:
+        if not ok:
+            raise ConfigError(f"{key}: {getattr(r, key.split('.')[1])!r} {msg}")
