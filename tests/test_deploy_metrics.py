@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import urllib.error
 import urllib.request
 
@@ -13,7 +12,7 @@ import pytest
 from teacher_server import codec
 from teacher_server.app import TeacherConfig, build_server
 from teacher_server.client import TeacherClient
-from teacher_server.metrics import CONTENT_TYPE, Counter, Gauge, Histogram, Registry, TeacherMetrics, parse_text
+from teacher_server.metrics import CONTENT_TYPE, TeacherMetrics, parse_text
 from teacher_server.service import CHANNEL_OPTIONS, SERVICE, ServerConfig
 from teacher_server.wire import pb
 
@@ -23,43 +22,26 @@ def _scrape(port: int, path: str = "/metrics") -> tuple[str, str]:
         return r.read().decode(), r.headers["Content-Type"]
 
 
-def test_registry_text_format_and_http():
-    reg = Registry()
-    c = reg.counter("demo_steps_total", "optimizer steps")
-    g = reg.gauge("demo_loss", "last loss", ("phase",))
-    h = reg.histogram("demo_step_seconds", "step time", buckets=(0.1, 1.0))
-    fn = reg.gauge("demo_queue", "read at scrape time")
-    fn.set_function(lambda: 7)
-    c.inc()
-    c.inc(2.5)
-    g.set(0.25, phase="train")
-    g.set(float("nan"), phase='ev"al')
-    for v in (0.05, 0.5, 5.0):
-        h.observe(v)
-    with pytest.raises(ValueError):
-        c.inc(-1)
-    with pytest.raises(ValueError):
-        g.set(1.0)  # missing label
-    with pytest.raises(ValueError):
-        reg.counter("demo_steps_total", "twice")
-    port = reg.serve("127.0.0.1", 0)
+def test_exposition_is_prometheus_clients_with_process_metrics():
+    """Served by prometheus_client: its content type, HELP/TYPE lines, process and platform series."""
+    metrics = TeacherMetrics()
+    metrics.error("INVALID_ARGUMENT")
+    metrics.error("INVALID_ARGUMENT")
+    port = metrics.serve("127.0.0.1", 0)
     try:
         text, ctype = _scrape(port)
         assert ctype == CONTENT_TYPE
-        assert "# TYPE demo_steps_total counter" in text and "# TYPE demo_step_seconds histogram" in text
-        assert "# HELP demo_loss last loss" in text
+        assert "# TYPE opd_teacher_requests_total counter" in text
+        assert "# TYPE opd_teacher_request_latency_seconds histogram" in text
+        assert "# HELP opd_teacher_errors_total calls ended with an error, by gRPC status code" in text
         v = parse_text(text)
-        assert v["demo_steps_total"] == 3.5
-        assert v['demo_loss{phase="train"}'] == 0.25 and math.isnan(v['demo_loss{phase="ev\\"al"}'])
-        assert v["demo_queue"] == 7
-        assert [v[f'demo_step_seconds_bucket{{le="{le}"}}'] for le in ("0.1", "1.0", "+Inf")] == [1, 2, 3]
-        assert v["demo_step_seconds_count"] == 3 and v["demo_step_seconds_sum"] == pytest.approx(5.55)
-        assert _scrape(port, "/healthz")[0] == "ok\n"
-        with pytest.raises(urllib.error.HTTPError):
-            _scrape(port, "/nope")
+        assert v['opd_teacher_errors_total{code="INVALID_ARGUMENT"}'] == 2
+        assert v["process_resident_memory_bytes"] > 0 and "python_info" in text
+        assert [v[f'opd_teacher_request_latency_seconds_bucket{{le="{le}"}}'] for le in ("0.005", "+Inf")] == [0, 0]
     finally:
-        reg.shutdown()
-    assert isinstance(c, Counter) and isinstance(g, Gauge) and isinstance(h, Histogram)
+        metrics.shutdown()
+    with pytest.raises(urllib.error.URLError):
+        _scrape(port)
 
 
 def test_teacher_metrics_after_scoring(tiny_model_dir):
