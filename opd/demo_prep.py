@@ -176,13 +176,20 @@ def sft_train(model, tokenizer, examples, *, steps: int, batch_size: int, lr: fl
 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _warmup_cosine(steps, warmup_steps))
+    from tqdm import tqdm
+
     model.train()
     loss_val = float("nan")
-    for step in range(steps):
+    # On a terminal a progress bar (tqdm, disable=None: off when stderr is not a terminal); the
+    # log lines every `log_every` steps stay for logs and pipes.
+    bar = tqdm(range(steps), desc="sft", unit="step", disable=None, leave=False, dynamic_ncols=True)
+    for step in bar:
         batch = [examples[(step * batch_size + i) % len(examples)] for i in range(batch_size)]
         loss_val = sft_step(model, tokenizer, batch, opt, sched).item()
+        bar.set_postfix(loss=f"{loss_val:.3f}", refresh=False)
         if log and ((step + 1) % log_every == 0 or step + 1 == steps):
             log(f"  sft step {step + 1}/{steps} loss {loss_val:.4f}")
+    bar.close()
     model.eval()
     return loss_val
 

@@ -15,6 +15,8 @@ import math
 import time
 from collections import defaultdict
 
+from tqdm import tqdm
+
 from rollout.data import BOXED_INSTRUCTION, DataConfig, load_prompts
 from rollout.grading import get_reward_fn
 from rollout.types import SamplingParams
@@ -55,8 +57,11 @@ def format_table(table: dict[str, dict]) -> str:
 async def evaluate(engine, tokenizer, examples, params: SamplingParams, reward_fn, out_path: str | None = None):
     rewards: dict[int, list[float]] = defaultdict(list)
     out = open(out_path, "w") if out_path else None
+    # A bar on a terminal only (tqdm's disable=None), on stderr beside the log.
+    bar = tqdm(total=len(examples) * params.n, desc="eval", unit="sample", disable=None, dynamic_ncols=True)
     try:
         async for r in engine.generate([e.prompt_ids for e in examples], params):
+            bar.update(1)
             ex = examples[r.prompt_index]
             text = tokenizer.decode(r.response_ids, skip_special_tokens=True)
             reward = float(await asyncio.to_thread(reward_fn, text, ex.answer))
@@ -66,6 +71,7 @@ async def evaluate(engine, tokenizer, examples, params: SamplingParams, reward_f
                                       "answer": ex.answer, "response": text, "reward": reward,
                                       "finish_reason": r.finish_reason, "response_tokens": len(r.response_ids)}) + "\n")
     finally:
+        bar.close()
         if out:
             out.close()
     by_source: dict[str, list[list[float]]] = defaultdict(list)
