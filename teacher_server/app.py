@@ -82,6 +82,14 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
         raise ValueError(f"--head-part-rows {cfg.head_part_rows}: expected at least 1")
     if not cfg.batch_wait_s >= 0:
         raise ValueError(f"--batch-wait-ms {cfg.batch_wait_s * 1e3:g}: expected >= 0 (0 = no linger)")
+    srv = cfg.server
+    if srv.max_workers < 1:
+        raise ValueError(f"--max-workers {srv.max_workers}: expected at least 1 (concurrent Score streams)")
+    if not (0 < srv.max_unread_mb_per_stream <= 1 << 20):
+        raise ValueError(f"--max-unread-mb-per-stream {srv.max_unread_mb_per_stream:g}: expected a number of MiB "
+                         f"in (0, 1048576]")
+    if not srv.grace_s >= 0:
+        raise ValueError(f"--grace-s {srv.grace_s:g}: expected >= 0 seconds")
     if cfg.quantize not in fp8.QUANTIZE_MODES:
         raise ValueError(f"--quantize {cfg.quantize!r}: expected one of {fp8.QUANTIZE_MODES}")
     if cfg.quantize == "fp8":

@@ -29,7 +29,13 @@ def add_arguments(p):
     p.add_argument("--max-queue-tokens", type=int, default=1 << 20,
                    help="tokens waiting in the queue before new work waits, then gets RESOURCE_EXHAUSTED")
     p.add_argument("--queue-wait-s", type=float, default=30.0, help="how long new work waits for queue room")
-    p.add_argument("--max-workers", type=int, default=64, help="gRPC handler threads (concurrent streams)")
+    p.add_argument("--max-workers", type=int, default=64,
+                   help="Score streams served at once (each holds a handler thread; health checks and GetInfo "
+                        "have threads of their own)")
+    p.add_argument("--max-unread-mb-per-stream", type=float, default=64.0,
+                   help="MiB of results one Score stream may have queued, computed and not yet read by its client; "
+                        "beyond it the server stops taking that stream's requests until the client reads "
+                        "(one request is always taken, however large its result)")
     p.add_argument("--no-full", action="store_true", help="refuse FULL_LOGPROBS requests")
     p.add_argument("--grace-s", type=float, default=30.0, help="on SIGTERM/SIGINT, time in-flight calls get to finish")
     p.add_argument("--random-weights-seed", type=int, default=None,
@@ -78,6 +84,7 @@ def main(args) -> int:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     server_cfg = ServerConfig(host=args.host, port=args.port, max_workers=args.max_workers, queue_wait_s=args.queue_wait_s,
+                              max_unread_mb_per_stream=args.max_unread_mb_per_stream,
                               auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                               tls_client_ca=args.tls_client_ca, grace_s=args.grace_s)
     cfg = TeacherConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens,

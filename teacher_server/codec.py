@@ -77,22 +77,62 @@ def _pack(arr: np.ndarray, dtype: int, compression: int, level: int, shuffle: bo
                      byte_shuffled=bool(shuffle and itemsize > 1 and arr.size > 1), **fields)
 
 
-def _unpack_raw(t: pb.Tensor) -> np.ndarray:
+INT_DTYPES = (pb.INT32, pb.INT64, pb.UINT16, pb.UINT8)   # the dtypes token ids may travel in
+
+
+def _dtype_name(dtype: int) -> str:
+    try:
+        return pb.DType.Name(dtype)
+    except ValueError:
+        return str(dtype)
+
+
+def _decompress_exact(data: bytes, size: int) -> bytes:
+    """zstd-decompress `data`, which must decode to exactly `size` bytes: never more than
+    `size` + 1 bytes are produced (a frame that declares or yields more is refused before it
+    is inflated), so a small message cannot expand into a large allocation."""
+    declared = zstandard.frame_content_size(data)
+    if declared >= 0 and declared != size:
+        raise ValueError(f"zstd frame declares {declared} bytes; the tensor's shape and dtype need {size}")
+    out = bytearray()
+    with _decompressor().stream_reader(data, read_across_frames=True) as r:
+        while len(out) <= size:
+            chunk = r.read(min(size + 1 - len(out), 1 << 20))
+            if not chunk:
+                break
+            out += chunk
+    if len(out) != size:
+        raise ValueError(f"zstd data decompresses to {'more than ' if len(out) > size else ''}{len(out)} bytes; "
+                         f"the tensor's shape and dtype need {size}")
+    return bytes(out)
+
+
+def _unpack_raw(t: pb.Tensor, max_elements: int | None = None) -> np.ndarray:
+    """The tensor's array. The declared shape and dtype fix the byte count before anything is
+    decoded; `max_elements` (when given) bounds the shape, and zstd data is inflated to exactly
+    that byte count, never further (see `_decompress_exact`)."""
     if t.dtype not in _NP_DTYPES:
         raise ValueError(f"tensor dtype {t.dtype} is not one of {sorted(_NP_DTYPES)}")
     np_dtype = np.dtype(_NP_DTYPES[t.dtype]).newbyteorder("<")
+    shape = tuple(int(s) for s in t.shape)
+    if len(shape) > 8 or any(s < 0 for s in shape):
+        raise ValueError(f"tensor shape {list(shape)[:9]} must have at most 8 non-negative dimensions")
+    n = 1
+    for s in shape:
+        n *= s
+    limit = max_elements if max_elements is not None else (1 << 31)
+    if n > limit:
+        raise ValueError(f"tensor shape {list(shape)} holds {n} elements; at most {limit} allowed here")
+    need = n * np_dtype.itemsize
     data = t.data
     if t.compression == pb.ZSTD:
-        data = _decompressor().decompress(data)
+        data = _decompress_exact(data, need)
     elif t.compression != pb.COMPRESSION_NONE:
         raise ValueError(f"tensor compression {t.compression} is not one of none(0), zstd(1)")
-    shape = tuple(int(s) for s in t.shape)
-    n = int(np.prod(shape)) if shape else 1
-    if len(data) != n * np_dtype.itemsize:
-        raise ValueError(f"tensor data has {len(data)} bytes; shape {list(shape)} of {np_dtype} needs "
-                         f"{n * np_dtype.itemsize}")
+    if len(data) != need:
+        raise ValueError(f"tensor data has {len(data)} bytes; shape {list(shape)} of {np_dtype} needs {need}")
     buf = np.frombuffer(data, dtype=np.uint8)
-    if t.byte_shuffled:
+    if t.byte_shuffled and n:
         buf = buf.reshape(np_dtype.itemsize, n).T
     return np.ascontiguousarray(buf).view(np_dtype).reshape(shape)
 
@@ -115,10 +155,13 @@ def encode_plain_ids(ids: np.ndarray, compression: int = pb.COMPRESSION_NONE) ->
     return _pack(np.asarray(ids, dtype=np.int32), pb.INT32, compression, 3, shuffle=False)
 
 
-def decode_ids(t: pb.Tensor) -> np.ndarray:
-    arr = _unpack_raw(t)
-    if arr.dtype.kind not in "iu":
-        raise ValueError(f"expected an integer tensor, got dtype {arr.dtype}")
+def decode_ids(t: pb.Tensor, max_elements: int | None = None) -> np.ndarray:
+    """Integer ids (INT32, INT64, UINT16 or UINT8 on the wire; float dtypes are refused, never
+    reinterpreted) -> int64 array of the declared shape (at most `max_elements` ids)."""
+    if t.dtype not in INT_DTYPES:
+        raise ValueError(f"dtype {_dtype_name(t.dtype)} is not an integer dtype; ids travel as one of "
+                         f"{', '.join(_dtype_name(d) for d in INT_DTYPES)}")
+    arr = _unpack_raw(t, max_elements)
     arr = arr.astype(np.int64)
     if t.delta_coded and arr.ndim >= 1 and arr.shape[-1] > 1:
         arr = np.cumsum(arr, axis=-1)

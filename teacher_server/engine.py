@@ -375,7 +375,7 @@ class ScoringEngine:
                         launched = self.launch_batch(live)
                     except Exception as exc:  # a failed batch fails its items, not the server
                         log.exception("batch of %d sequences failed", len(live))
-                        _deliver_all(live, exc)
+                        self._isolate(live, exc)
                 if launched is None:
                     slots.release()
                 else:
@@ -383,6 +383,22 @@ class ScoringEngine:
         finally:
             finishing.put(None)
             finisher.join()
+
+    def _isolate(self, items: list[ScoreItem], exc: BaseException) -> None:
+        """A batch failed as a whole: score its items one by one (on this thread), so only the
+        items that fail on their own get an error and the others (often other clients' requests
+        that happened to share the batch) get their results."""
+        if len(items) == 1:
+            _deliver_all(items, exc)
+            return
+        for it in items:
+            if it.is_cancelled():
+                continue
+            try:
+                self._finish(self.launch_batch([it]), deliver=True)
+            except Exception as one_exc:  # noqa: BLE001 - this item is at fault
+                log.warning("request_id %.64r failed on its own: %s", it.request_id, one_exc)
+                _deliver_all([it], one_exc)
 
     def _linger(self) -> None:
         """Called with the lock held: while the queue is below one batch, wait for more items as
@@ -669,7 +685,15 @@ class ScoringEngine:
             r0 = 0
             for it in batch[part.lo:part.hi]:
                 r1 = r0 + it.num_positions
-                one = _split(it, res, r0, r1, part.uniform_k)
+                try:
+                    one = _split(it, res, r0, r1, part.uniform_k)
+                except Exception as exc:  # noqa: BLE001 - this item's results are broken, not the batch's
+                    if not deliver:
+                        raise
+                    log.warning("request_id %.64r: splitting its results failed: %s", it.request_id, exc)
+                    results.append(exc)
+                    r0 = r1
+                    continue
                 one["_server_seconds"] = now - launched.t0
                 one["_batch_sequences"] = len(batch)
                 if self.cache is not None and it.cache_key is not None:
@@ -797,20 +821,21 @@ def _deliver_all(items: list[ScoreItem], res: BaseException) -> None:
 
 
 def _split(it: ScoreItem, res: dict[str, np.ndarray], r0: int, r1: int, uniform_k: bool) -> dict[str, np.ndarray]:
-    """One item's statistics: rows [r0, r1) of its part's arrays, only what it asked for."""
+    """One item's statistics: rows [r0, r1) of its part's arrays, only what it asked for. Copies,
+    so a result waiting to be sent holds its own rows and not its whole batch part's arrays."""
     one: dict[str, np.ndarray] = {}
     for key in (H.SAMPLED, H.LSE, H.ENTROPY, H.TAIL):
         if key in it.stats and key in res:
-            one[key] = res[key][r0:r1]
+            one[key] = res[key][r0:r1].copy()
     if H.EXTRA in it.stats and it.extra_ids is not None:
-        one[H.EXTRA] = res[H.EXTRA][r0:r1, : it.extra_ids.shape[1]]
+        one[H.EXTRA] = res[H.EXTRA][r0:r1, : it.extra_ids.shape[1]].copy()
     if H.FULL in it.stats:
-        one[H.FULL] = res[H.FULL][r0:r1]
+        one[H.FULL] = res[H.FULL][r0:r1].copy()
     if H.TOPK in it.stats and it.top_k > 0:
         vals = res["topk_vals"][r0:r1, : it.top_k]
         tid = res["topk_ids"][r0:r1, : it.top_k]
         if uniform_k:
-            one["topk_ids"], one["topk_logprobs"] = tid, vals
+            one["topk_ids"], one["topk_logprobs"] = tid.copy(), vals.copy()
         else:
             order = np.argsort(tid, axis=1, kind="stable")  # ids ascending, for delta coding
             one["topk_ids"] = np.take_along_axis(tid, order, 1)

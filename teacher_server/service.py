@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 from teacher_server import codec
 from teacher_server import head as H
 from teacher_server.engine import QueueFull, ScoreItem, ScoringEngine
-from teacher_server.validate import InvalidRequest, Limits, to_item
+from teacher_server.validate import InvalidRequest, Limits, echo, to_item
 from teacher_server.wire import pb
 
 log = logging.getLogger("opd.teacher")
@@ -53,22 +53,76 @@ def encode_result(item: ScoreItem, res: dict, opts: pb.ScoreOptions) -> pb.Score
     return out
 
 
-class _Call:
-    """State of one Score stream: results waiting to be sent, and whether it was cancelled."""
+MAX_DETAILS_CHARS = 1024   # error details travel in trailers (gRPC metadata, 8 KiB by default): keep them short
+CANCELLED = object()       # the call ended (client cancel, deadline, server stop): the handler returns
+HEALTH_RESERVE_THREADS = 16  # handler threads Score streams never take: health, GetInfo, reflection
 
-    def __init__(self):
+
+def _details(msg: str) -> str:
+    return msg if len(msg) <= MAX_DETAILS_CHARS else msg[: MAX_DETAILS_CHARS - 25] + f"... ({len(msg)} chars)"
+
+
+def result_nbytes(item: ScoreItem, vocab_size: int) -> int:
+    """Bytes of the result arrays an item will produce (before encoding): what a stream's unread
+    results are counted in (`--max-unread-mb-per-stream`)."""
+    per_pos = 4 * len(item.stats & {H.SAMPLED, H.TAIL, H.LSE, H.ENTROPY})
+    if H.TOPK in item.stats:
+        per_pos += 12 * item.top_k                     # int64 ids + float32 log-probs
+    if H.EXTRA in item.stats and item.extra_ids is not None:
+        per_pos += 4 * item.extra_ids.shape[1]
+    if H.FULL in item.stats:
+        per_pos += 4 * vocab_size
+    return item.num_positions * per_pos + 256
+
+
+class _Call:
+    """State of one Score stream: results waiting to be sent, whether it ended, and the bytes of
+    the results it has in flight (queued, computed or waiting to be sent)."""
+
+    def __init__(self, max_unread_bytes: int):
         self.results: queue.Queue = queue.Queue()
         self.cancelled = threading.Event()
         self.outstanding = 0
         self.lock = threading.Lock()
+        self.room = threading.Condition(self.lock)
         self.all_read = False
+        self.unread_bytes = 0
+        self.max_unread_bytes = max_unread_bytes
+
+    def cancel(self):
+        """The call is over: wake the handler and the reader, whatever they wait for."""
+        self.cancelled.set()
+        self.results.put(CANCELLED)
+        with self.room:
+            self.room.notify_all()
+
+    def reserve(self, nbytes: int) -> bool:
+        """Wait until the stream's unread results leave room for `nbytes` more (one result is
+        always allowed, however large); False if the call ended meanwhile."""
+        with self.room:
+            while self.unread_bytes and self.unread_bytes + nbytes > self.max_unread_bytes:
+                if self.cancelled.is_set():
+                    return False
+                self.room.wait(0.5)
+            if self.cancelled.is_set():
+                return False
+            self.unread_bytes += nbytes
+            self.outstanding += 1
+            return True
+
+    def unreserve(self, nbytes: int) -> None:
+        with self.room:
+            self.unread_bytes -= nbytes
+            self.room.notify_all()
 
     def deliver(self, item, res):
         self.results.put((item, res))
 
-    def finish_one(self):
-        with self.lock:
+    def finish_one(self, nbytes: int):
+        with self.room:
             self.outstanding -= 1
+            self.unread_bytes -= nbytes
+            self.room.notify_all()
             done = self.all_read and self.outstanding == 0
         if done:
             self.results.put(None)
@@ -78,9 +132,10 @@ class _Call:
 class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
-    max_workers: int = 64
+    max_workers: int = 64                  # concurrent Score streams (health and GetInfo have threads of their own)
     queue_wait_s: float = 30.0
     max_inflight_per_call: int = 256
+    max_unread_mb_per_stream: float = 64.0  # result bytes a stream may have in flight and unread
     auth_token: str | None = None
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -106,47 +161,120 @@ def _encode_pool() -> futures.ThreadPoolExecutor:
 
 
 class TeacherServicer:
+    """Handlers take raw bytes and parse them themselves, so a message that does not parse gets
+    INVALID_ARGUMENT (gRPC's own deserializer would answer INTERNAL). Score streams are admitted
+    up to `max_workers` at once; the handler pool has `HEALTH_RESERVE_THREADS` more threads, so
+    health checks and GetInfo are answered even when every Score slot is taken. While the server
+    drains (`draining`), new calls get UNAVAILABLE and the open streams finish."""
+
     def __init__(self, engine: ScoringEngine, limits: Limits, info: pb.TeacherInfo, cfg: ServerConfig, metrics=None):
         self.engine, self.limits, self.info, self.cfg = engine, limits, info, cfg
         self.metrics = metrics
+        self.draining = False
+        self._slots = threading.Semaphore(cfg.max_workers)
+        self._lock = threading.Lock()
+        self.open_streams = 0       # Score streams admitted and not finished
+        self._waiting = 0           # Score calls waiting for a slot (each holds a pool thread)
+        self._calls: set[_Call] = set()
 
-    def GetInfo(self, request, context):
+    def _abort(self, context, code: grpc.StatusCode, msg: str):
+        if self.metrics:
+            self.metrics.error(code.name)
+        context.abort(code, _details(msg))
+
+    def GetInfo(self, request: bytes, context):
+        try:
+            pb.GetInfoRequest.FromString(request)
+        except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse GetInfoRequest: {exc}")
         return self.info
 
-    def Score(self, request_iterator, context):
-        call = _Call()
-        context.add_callback(call.cancelled.set)
-        inflight = threading.Semaphore(self.cfg.max_inflight_per_call)
-        opts_by_id: dict[int, pb.ScoreOptions] = {}
+    def cancel_all(self) -> None:
+        """End every open stream's waits (server stop after the grace period)."""
+        with self._lock:
+            calls = list(self._calls)
+        for c in calls:
+            c.cancel()
 
-        def on_result(item, res):
-            call.deliver(item, res)
+    def _admit(self, context) -> bool:
+        """Take a Score slot: at once if one is free; else wait (up to queue_wait_s) while few
+        others wait, since each waiting call holds a handler thread."""
+        if self._slots.acquire(blocking=False):
+            return True
+        with self._lock:
+            if self._waiting >= HEALTH_RESERVE_THREADS // 2:
+                return False
+            self._waiting += 1
+        try:
+            deadline = time.monotonic() + self.cfg.queue_wait_s
+            while time.monotonic() < deadline and context.is_active() and not self.draining:
+                if self._slots.acquire(timeout=0.2):
+                    return True
+            return False
+        finally:
+            with self._lock:
+                self._waiting -= 1
+
+    def Score(self, request_iterator, context):
+        if self.draining:
+            self._abort(context, grpc.StatusCode.UNAVAILABLE, "teacher is draining (shutting down); use another replica")
+        if not self._admit(context):
+            self._abort(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"teacher serves {self.cfg.max_workers} Score streams at once (--max-workers); retry later")
+        call = _Call(int(self.cfg.max_unread_mb_per_stream * (1 << 20)))
+        with self._lock:
+            self._calls.add(call)
+            self.open_streams += 1
+        if self.metrics:
+            self.metrics.streams.inc()
+        try:
+            if not context.add_callback(call.cancel):  # the call already ended
+                call.cancel()
+            yield from self._score(call, request_iterator, context)
+        finally:
+            call.cancel()   # the reader stops, queued work of this call is dropped by the engine
+            with self._lock:
+                self._calls.discard(call)
+                self.open_streams -= 1
+            self._slots.release()
+            if self.metrics:
+                self.metrics.streams.dec()
+
+    def _score(self, call: _Call, request_iterator, context):
+        inflight = threading.Semaphore(self.cfg.max_inflight_per_call)
+        opts_by_id: dict[int, tuple[pb.ScoreOptions, int]] = {}
+        vocab = self.limits.vocab_size
 
         def read():
+            i = -1
             try:
-                for i, req in enumerate(request_iterator):
+                for i, raw in enumerate(request_iterator):
                     if call.cancelled.is_set():
-                        break
+                        return
+                    try:
+                        req = pb.ScoreRequest.FromString(raw)
+                    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+                        raise InvalidRequest(f"requests[{i}]: cannot parse ScoreRequest ({len(raw)} bytes): {exc}")
                     item, opts = to_item(req, i, self.limits)
-                    item.deliver, item.is_cancelled = on_result, call.cancelled.is_set
-                    opts_by_id[id(item)] = opts
+                    item.deliver, item.is_cancelled = call.deliver, call.cancelled.is_set
+                    nbytes = result_nbytes(item, vocab)
+                    opts_by_id[id(item)] = (opts, nbytes)
                     # back-pressure: stop reading the stream while too much of it is in flight
                     while not inflight.acquire(timeout=0.5):
                         if call.cancelled.is_set():
                             return
+                    if not call.reserve(nbytes):   # ... or while its unread results hold too many bytes
+                        return
                     # A stream with work in flight waits for room (its own results free it);
                     # one with nothing in flight gets RESOURCE_EXHAUSTED after queue_wait_s.
                     waited_since = time.monotonic()
                     while True:
                         try:
-                            with call.lock:
-                                call.outstanding += 1
                             self.engine.submit(item, wait_s=0.2)
                             break
                         except QueueFull as exc:
                             with call.lock:
-                                call.outstanding -= 1
-                                own_work = call.outstanding > 0
+                                own_work = call.outstanding > 1
                             if call.cancelled.is_set():
                                 return
                             if not own_work and time.monotonic() - waited_since >= self.cfg.queue_wait_s:
@@ -155,9 +283,10 @@ class TeacherServicer:
             except InvalidRequest as exc:
                 call.results.put(("abort", grpc.StatusCode.INVALID_ARGUMENT, str(exc)))
                 return
-            except Exception as exc:  # stream broken by the client
+            except Exception as exc:  # noqa: BLE001 - stream broken by the client
                 if not call.cancelled.is_set():
-                    call.results.put(("abort", grpc.StatusCode.CANCELLED, f"request stream failed: {exc}"))
+                    call.results.put(("abort", grpc.StatusCode.CANCELLED, f"request stream failed after "
+                                      f"{i + 1} requests: {type(exc).__name__}"))
                 return
             with call.lock:
                 call.all_read = True
@@ -169,40 +298,49 @@ class TeacherServicer:
         while True:
             # A batch's results arrive together: take every ready message and encode the items
             # concurrently (zstd and numpy release the GIL), then answer in arrival order.
-            ready = [call.results.get()]
-            while len(ready) < ENCODE_GROUP:
+            try:
+                first = call.results.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            ready = [first]
+            while len(ready) < ENCODE_GROUP and ready[-1] is not CANCELLED:
                 try:
                     ready.append(call.results.get_nowait())
                 except queue.Empty:
                     break
             jobs = {}
             for msg in ready:
-                if msg is not None and msg[0] != "abort" and not isinstance(msg[1], BaseException):
+                if isinstance(msg, tuple) and msg[0] != "abort" and not isinstance(msg[1], BaseException):
                     item, res = msg
-                    opts = opts_by_id.pop(id(item))
+                    opts = opts_by_id[id(item)][0]
                     jobs[id(item)] = (_encode_pool().submit(encode_result, item, res, opts) if len(ready) > 1
                                       else encode_result(item, res, opts))
             for msg in ready:
                 if msg is None:
                     return
+                if msg is CANCELLED:
+                    if context.is_active():   # ended by the server (stop after the grace period)
+                        self._abort(context, grpc.StatusCode.UNAVAILABLE, "teacher stopped before this stream finished")
+                    return
                 if msg[0] == "abort":
-                    call.cancelled.set()
-                    if self.metrics:
-                        self.metrics.error(msg[1].name)
-                    context.abort(msg[1], msg[2])
+                    call.cancel()
+                    self._abort(context, msg[1], msg[2])
                 item, res = msg
-                inflight.release()
-                call.finish_one()
+                nbytes = opts_by_id.pop(id(item))[1]
                 if isinstance(res, BaseException):
-                    if self.metrics:
-                        self.metrics.error("INTERNAL")
-                    context.abort(grpc.StatusCode.INTERNAL, f"request_id={item.request_id!r}: scoring failed: {res}")
+                    call.cancel()
+                    self._abort(context, grpc.StatusCode.INTERNAL,
+                                f"request_id={echo(item.request_id)}: scoring failed: {type(res).__name__}: {res}")
                 out = jobs.pop(id(item))
                 if isinstance(out, futures.Future):
                     out = out.result()
                 if self.metrics:
                     self.metrics.scored(item, time.monotonic() - item.enqueued_at, out.ByteSize())
                 yield out
+                inflight.release()
+                call.finish_one(nbytes)
 
 
 class _TokenAuth(grpc.ServerInterceptor):
@@ -233,16 +371,18 @@ class TeacherServer:
     def __init__(self, engine: ScoringEngine, limits: Limits, info: pb.TeacherInfo, cfg: ServerConfig, metrics=None):
         self.engine, self.cfg = engine, cfg
         interceptors = [_TokenAuth(cfg.auth_token)] if cfg.auth_token else []
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.max_workers),
-                                  options=CHANNEL_OPTIONS, interceptors=interceptors)
+        # Score streams take at most max_workers threads (TeacherServicer._admit); the rest answer
+        # health checks, GetInfo and reflection however busy the server is
+        self._pool = futures.ThreadPoolExecutor(max_workers=cfg.max_workers + HEALTH_RESERVE_THREADS,
+                                                thread_name_prefix="opd-grpc")
+        self.server = grpc.server(self._pool, options=CHANNEL_OPTIONS, interceptors=interceptors)
         self.servicer = TeacherServicer(engine, limits, info, cfg, metrics)
         handlers = {
+            # raw bytes in (no request_deserializer): the handlers parse, so garbage is INVALID_ARGUMENT
             "GetInfo": grpc.unary_unary_rpc_method_handler(
-                self.servicer.GetInfo, request_deserializer=pb.GetInfoRequest.FromString,
-                response_serializer=pb.TeacherInfo.SerializeToString),
+                self.servicer.GetInfo, response_serializer=pb.TeacherInfo.SerializeToString),
             "Score": grpc.stream_stream_rpc_method_handler(
-                self.servicer.Score, request_deserializer=pb.ScoreRequest.FromString,
-                response_serializer=pb.ScoreResult.SerializeToString),
+                self.servicer.Score, response_serializer=pb.ScoreResult.SerializeToString),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         self.health = health.HealthServicer()
@@ -286,15 +426,23 @@ class TeacherServer:
         self.set_serving(True)
 
     def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING, refuse new calls, let in-flight calls finish within the grace period."""
+        """Drain, then stop. While draining (up to the grace period) the server keeps answering:
+        health says NOT_SERVING, new Score and GetInfo calls get UNAVAILABLE, open streams
+        finish. Then the gRPC server stops, ending what is left, and so does the engine."""
         if self._stopped.is_set():
             return
         self._stopped.set()
         self.set_serving(False)
+        self.servicer.draining = True
         grace = self.cfg.grace_s if grace is None else grace
-        done = self.server.stop(grace)
-        done.wait(grace + 5)
+        deadline = time.monotonic() + grace
+        while self.servicer.open_streams and time.monotonic() < deadline:
+            time.sleep(0.05)
+        done = self.server.stop(max(0.0, min(1.0, deadline - time.monotonic())))
+        self.servicer.cancel_all()   # wakes any handler still waiting, so its thread ends
+        done.wait(10)
         self.engine.stop(timeout=5)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     def wait(self) -> None:
         self.server.wait_for_termination()

@@ -23,6 +23,15 @@ class InvalidRequest(ValueError):
     pass
 
 
+MAX_REQUEST_ID_BYTES = 256
+ECHO_CHARS = 64   # at most this much of a caller's request_id is echoed in an error message
+
+
+def echo(text: str, limit: int = ECHO_CHARS) -> str:
+    """repr() of caller-supplied text for an error message, cut to `limit` characters."""
+    return repr(text) if len(text) <= limit else repr(text[:limit]) + f"... ({len(text)} chars)"
+
+
 @dataclass(frozen=True)
 class Limits:
     vocab_size: int
@@ -38,15 +47,21 @@ def _allowed_enum(enum) -> str:
 
 
 def to_item(req: pb.ScoreRequest, index: int, limits: Limits) -> tuple[ScoreItem, pb.ScoreOptions]:
-    where = f"requests[{index}] (request_id={req.request_id!r})"
+    where = f"requests[{index}] (request_id={echo(req.request_id)})"
 
     def bad(field: str, msg: str):
         raise InvalidRequest(f"{where}.{field}: {msg}")
 
+    rid_bytes = len(req.request_id.encode("utf-8"))
+    if rid_bytes > MAX_REQUEST_ID_BYTES:
+        bad("request_id", f"{rid_bytes} bytes; at most {MAX_REQUEST_ID_BYTES} allowed")
     if not req.HasField("token_ids"):
         bad("token_ids", "missing; send an int32 Tensor of the sequence's token ids")
+    shape = list(req.token_ids.shape)
+    if len(shape) == 1 and shape[0] > limits.max_sequence_length:  # refused before anything is decoded
+        bad("token_ids", f"length {shape[0]} exceeds the server's max_sequence_length {limits.max_sequence_length}")
     try:
-        ids = codec.decode_ids(req.token_ids)
+        ids = codec.decode_ids(req.token_ids, max_elements=limits.max_sequence_length)
     except (ValueError, Exception) as exc:  # zstd errors are not ValueErrors
         bad("token_ids", f"cannot decode: {exc}")
     if ids.ndim != 1:
@@ -86,12 +101,18 @@ def to_item(req: pb.ScoreRequest, index: int, limits: Limits) -> tuple[ScoreItem
     if H.EXTRA in stats:
         if not req.HasField("extra_ids"):
             bad("extra_ids", "EXTRA_LOGPROBS requested but extra_ids is missing: send int32 [positions, m]")
+        shape = list(req.extra_ids.shape)
+        if len(shape) == 2 and shape[1] > limits.max_extra_ids:
+            bad("extra_ids", f"{shape[1]} ids per position exceed the server's max_extra_ids {limits.max_extra_ids}")
         try:
-            extra = codec.decode_ids(req.extra_ids)
+            extra = codec.decode_ids(req.extra_ids, max_elements=P * limits.max_extra_ids)
         except Exception as exc:
             bad("extra_ids", f"cannot decode: {exc}")
         if extra.ndim != 2 or extra.shape[0] != P:
             bad("extra_ids", f"shape {list(extra.shape)} must be [{P}, m] (one row per scored position)")
+        if extra.shape[1] == 0:
+            bad("extra_ids", f"shape {list(extra.shape)} has no ids per position; send [{P}, m] with "
+                f"1 <= m <= {limits.max_extra_ids}, or leave EXTRA_LOGPROBS out")
         if extra.shape[1] > limits.max_extra_ids:
             bad("extra_ids", f"{extra.shape[1]} ids per position exceed the server's max_extra_ids {limits.max_extra_ids}")
         if extra.size and (extra.min() < 0 or extra.max() >= limits.vocab_size):
