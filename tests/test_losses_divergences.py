@@ -240,3 +240,111 @@ def test_category_closed_forms_cover_every_divergence():
             FULL_DIVERGENCES[name](lT, lS, DistillLossConfig(skew_alpha=1.0))
         with pytest.raises(ValueError):
             ANALYTIC_CATEGORY_GRADS[name](lT, lS, DistillLossConfig(skew_alpha=1.0))
+
+
+# ---- issue 17: a confident student, and padded teacher slots ----------------------------------
+
+def _coarse_ref(z_V, ids, lT_u, lT_rest, name):
+    """float64 coarsened divergence of one row from the definition: categories ``ids`` + rest."""
+    ls = torch.log_softmax(z_V, -1)
+    rest = torch.ones_like(ls, dtype=torch.bool)
+    rest[ids] = False
+    lS = torch.cat([ls[ids], torch.logsumexp(ls[rest], -1, keepdim=True)])
+    lT = torch.cat([lT_u, lT_rest.reshape(1)])
+    pT, pS = lT.exp(), lS.exp()
+    if name == "forward_kl":
+        return (pT * (lT - lS)).sum()
+    return (pS * (lS - lT.clamp_min(math.log(1e-30)))).sum()
+
+
+@pytest.mark.parametrize("mode", ["analytic", "autograd"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_forward_kl_exact_for_a_confident_student(mode, dtype):
+    """log pS = -100 on the teacher's two tokens (row 0) and a rest bucket e^-110 below the support
+    (row 1): the loss is the float64 value and d loss / d logits = pS - pT on the support (the
+    student's log-probs are not clamped; the old clamp at log(1e-30) lost the pull entirely)."""
+    import importlib
+
+    distill_mod = importlib.import_module("student_trainer.losses.distill")
+    v = 8
+    z = torch.zeros(2, v, dtype=torch.float64)
+    z[0, 2:4] = -100.0 + math.log(6.0)          # 6 ids at 0: log pS(2) = log pS(3) = -100 (to 1e-43)
+    z[1, 2:] = -110.0                          # row 1: all but e^-108 of the mass on ids 0, 1
+    ids = torch.tensor([[2, 3], [0, 1]])
+    lT = torch.log(torch.tensor([[0.4, 0.4], [0.3, 0.3]], dtype=torch.float64))
+    tail = torch.log(torch.tensor([0.2, 0.4], dtype=torch.float64))
+    stats = TeacherStats(topk_ids=ids, topk_logprobs=lT.to(dtype), tail_logmass=tail.to(dtype))
+    cfg = DistillLossConfig(divergence="forward_kl", support="topk", reduction="sum", metrics=False, chunk_size=1)
+    # hidden = logits, weight = I: the hidden gradient is d loss / d logits
+    h = z.clone().to(dtype).requires_grad_(True)
+    w = torch.eye(v, dtype=dtype)
+    old = distill_mod.GRAD_MODE
+    distill_mod.GRAD_MODE = mode
+    try:
+        loss, _ = distill_loss(h, w, torch.zeros(2, dtype=torch.long), stats, None, cfg)
+        loss.backward()
+    finally:
+        distill_mod.GRAD_MODE = old
+    zr = z.clone().requires_grad_(True)  # a leaf of its own
+    rows = [_coarse_ref(zr[r], ids[r], lT[r], tail[r], "forward_kl") for r in range(2)]
+    ref = rows[0] + rows[1]
+    ref.backward()
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-12)
+    assert abs(rows[0].item() - 0.8 * (math.log(0.4) + 100) - 0.2 * math.log(0.2)) < 1e-9
+    torch.testing.assert_close(loss.double(), ref.detach(), **tol)
+    torch.testing.assert_close(h.grad.double(), zr.grad, **tol)
+    pS = torch.softmax(z, -1)
+    # on the support: pS - pT exactly (-0.4 on row 0's teacher tokens, whatever pS's size)
+    torch.testing.assert_close(h.grad[0, 2:4].double(), pS[0, 2:4] - 0.4, **tol)
+    torch.testing.assert_close(h.grad[1, :2].double(), pS[1, :2] - 0.3, **tol)
+    # row 1's rest ids: pS_j - pT_rest pS_j / R = -0.4 / 6 each, though R ~ e^-108
+    torch.testing.assert_close(h.grad[1, 2:].double(), torch.full((6,), -0.4 / 6, dtype=torch.float64), **tol)
+
+
+@pytest.mark.parametrize("name", DIVS)
+@pytest.mark.parametrize("support", ["topk", "union"])
+def test_padding_slots_count_for_nothing(name, support):
+    """A top-k slot marked ``topk_pad`` (its id repeats a real top-k id, log-prob -inf) gives the same
+    loss and gradients as the row without it: compared with a copy of the problem whose padded
+    slots are real entries of a (k-1)-wide row, analytic and autograd paths, float64."""
+    import importlib
+
+    distill_mod = importlib.import_module("student_trainer.losses.distill")
+    hidden, weight, targets, stats, _ = make_problem(n=6, v=23, k=5, m=4 if support == "union" else None, seed=3)
+    stats.full_logprobs = None
+    # reference: the first 4 slots only; padded: slot 4 becomes padding (id of slot 0, -inf) and its
+    # mass goes into the tail
+    ref_stats = TeacherStats(topk_ids=stats.topk_ids[:, :4], topk_logprobs=stats.topk_logprobs[:, :4],
+                             tail_logmass=torch.logaddexp(stats.tail_logmass, stats.topk_logprobs[:, 4]),
+                             sampled_logprob=stats.sampled_logprob, s_topk_ids=stats.s_topk_ids,
+                             extra_logprobs=stats.extra_logprobs)
+    ids = stats.topk_ids.clone()
+    ids[:, 4] = ids[:, 0]
+    lp = stats.topk_logprobs.clone()
+    lp[:, 4] = -math.inf
+    pad = torch.zeros_like(ids, dtype=torch.bool)
+    pad[:, 4] = True
+    order = torch.argsort(ids * 2 + pad.long(), -1)  # sorted ids, the padding after its twin
+    pad_stats = TeacherStats(topk_ids=ids.gather(-1, order), topk_logprobs=lp.gather(-1, order),
+                             tail_logmass=ref_stats.tail_logmass, sampled_logprob=stats.sampled_logprob,
+                             s_topk_ids=stats.s_topk_ids, extra_logprobs=stats.extra_logprobs,
+                             topk_pad=pad.gather(-1, order))
+    if support == "union":  # an extra id equal to the padded slot's id must stay a duplicate
+        pad_stats.s_topk_ids = ref_stats.s_topk_ids = stats.s_topk_ids.clone()
+    cfg = DistillLossConfig(divergence=name, support=support, chunk_size=4)
+    out = {}
+    for mode in ("analytic", "autograd"):
+        old = distill_mod.GRAD_MODE
+        distill_mod.GRAD_MODE = mode
+        try:
+            for tag, st in (("ref", ref_stats), ("pad", pad_stats)):
+                h = hidden.clone().requires_grad_(True)
+                w = weight.clone().requires_grad_(True)
+                loss, met = distill_loss(h, w, targets, st, None, cfg)
+                loss.backward()
+                out[mode, tag] = (loss.detach(), h.grad, w.grad, met["s_mass_on_t_topk"])
+        finally:
+            distill_mod.GRAD_MODE = old
+    for mode in ("analytic", "autograd"):
+        for a, b in zip(out[mode, "pad"], out[mode, "ref"]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from student_trainer.losses import (DistillLossConfig, discounted_returns, distill_loss, grpo_advantages,
+from student_trainer.losses import (DistillLossConfig, TeacherStats, discounted_returns, distill_loss, grpo_advantages,
                                     k1, k2, k3, policy_gradient_loss)
 from tests.test_losses_divergences import make_problem
 
@@ -96,3 +96,75 @@ def test_objective_mix_is_sum_of_terms():
     parts = sum(w * distill_loss(hidden, weight, targets, stats, None, DistillLossConfig(divergence=n),
                                  advantages_N=adv)[0] for n, w in terms)
     torch.testing.assert_close(mixed, parts)
+
+
+# ---- issue 17: the teacher floor and the k3 log-ratio clamp, at the edges ----------------------
+
+LOG_FLOOR = math.log(1e-30)
+
+
+def _k_ref(name, ls, lt):
+    """float64 definitions with the documented guards: log pT floored at log(1e-30), k3's log r
+    clamped at log(1e30) in value with the gradient 1 - r of the clamped r."""
+    lt = max(lt, LOG_FLOOR)
+    log_r = lt - ls
+    if name == "k1":
+        return -log_r, 1.0
+    if name == "k2":
+        return 0.5 * log_r ** 2, -log_r
+    c = min(log_r, -LOG_FLOOR)
+    return math.expm1(c) - c, -math.expm1(c)
+
+
+@pytest.mark.parametrize("mode", ["analytic", "autograd"])
+@pytest.mark.parametrize("name", ["k1", "k2", "k3", "pg"])
+def test_sampled_terms_finite_at_the_edges(name, mode):
+    """Rows: a teacher log-prob of -inf; log pT - log pS = 100 (k3's r overflows fp32 past 88.7);
+    an ordinary row. fp32 through the fused head (the trainer's path): finite loss and gradients,
+    equal to the float64 references of the guarded definitions."""
+    import importlib
+
+    distill_mod = importlib.import_module("student_trainer.losses.distill")
+    v = 6
+    z = torch.zeros(3, v, dtype=torch.float64)
+    z[1, 0] = -100.0 - math.log(5.0)   # row 1: log pS(0) ~ -100 - log 5 ... targets 0
+    z[2] = torch.tensor([0.3, -0.2, 0.1, 0.0, 0.5, -1.0], dtype=torch.float64)
+    targets = torch.tensor([0, 0, 2])
+    ls = torch.log_softmax(z, -1).gather(-1, targets[:, None]).squeeze(-1)
+    lt = torch.tensor([-math.inf, -0.5, -1.7], dtype=torch.float64)
+    stats = TeacherStats(sampled_logprob=lt.float())
+    cfg = DistillLossConfig(divergence=name, reduction="sum", metrics=False, chunk_size=2)
+    h = z.clone().float().requires_grad_(True)
+    old = distill_mod.GRAD_MODE
+    distill_mod.GRAD_MODE = mode
+    try:
+        loss, _ = distill_loss(h, torch.eye(v), targets, stats, None, cfg)
+        loss.backward()
+    finally:
+        distill_mod.GRAD_MODE = old
+    assert torch.isfinite(loss) and torch.isfinite(h.grad).all()
+    if name == "pg":  # -A log pS with A = -(log pS - max(log pT, floor)), detached
+        vals = [(-(-(a - max(b, LOG_FLOOR))) * a, a - max(b, LOG_FLOOR)) for a, b in zip(ls.tolist(), lt.tolist())]
+    else:
+        vals = [_k_ref(name, a, b) for a, b in zip(ls.tolist(), lt.tolist())]
+    ref_loss = sum(v_ for v_, _ in vals)
+    ps = torch.softmax(z, -1)
+    onehot = torch.nn.functional.one_hot(targets, v).double()
+    ref_grad = torch.stack([d * (onehot[r] - ps[r]) for r, (_, d) in enumerate(vals)])  # d/dz of f(log pS(y))
+    assert abs(loss.item() - ref_loss) <= 1e-5 * abs(ref_loss) + 1e-5
+    torch.testing.assert_close(h.grad.double(), ref_grad, rtol=1e-5, atol=1e-5 * ref_grad.abs().max().item())
+
+
+def test_k_functions_guarded():
+    """The library functions themselves: -inf teacher and a log-ratio of 100 stay finite (float32),
+    and k3's gradient there is 1 - r of the clamped r (a saturated pull, not inf / NaN)."""
+    ls = torch.tensor([-1.0, -100.5, -2.0], requires_grad=True)
+    lt = torch.tensor([-math.inf, -0.5, -1.0])
+    for fn in (k1, k2, k3):
+        ls.grad = None
+        val = fn(ls, lt)
+        val.sum().backward()
+        assert torch.isfinite(val).all() and torch.isfinite(ls.grad).all(), fn.__name__
+    assert k3(ls, lt)[1].item() == pytest.approx(math.expm1(-LOG_FLOOR) + LOG_FLOOR, rel=1e-6)
+    torch.testing.assert_close(ls.grad[1], torch.tensor(-math.expm1(-LOG_FLOOR)), rtol=1e-6, atol=0)
+    torch.testing.assert_close(k1(ls, lt)[0], torch.tensor(-1.0 - LOG_FLOOR))

@@ -213,7 +213,9 @@ def make_analytic_chunk_fn(*, terms, cfg, stats, support, targets, sft_targets, 
             s_u = s_cols[:, :n_u]
             if valid is not None:
                 s_u = torch.where(valid, s_u, torch.full_like(s_u, NEG))
-            lS_rest = torch.where(r_e > 0, r_e.log() - log_ssum, torch.full_like(r_e, NEG))
+            # log R from the rest's own max and sum: exact however small R is (r_e = s_rest *
+            # exp(m_rest - m) underflows once the rest is e^-104 below the support)
+            lS_rest = torch.where(s_rest > 0, m_rs + s_rest.clamp_min(1.0).log() - lse, torch.full_like(r_e, NEG))
             lS = torch.cat([s_u, lS_rest.unsqueeze(-1)], -1)
             for name, tw in div_terms:
                 val, g = _category_grad(name, lT, lS, cfg)
@@ -258,36 +260,36 @@ def make_analytic_chunk_fn(*, terms, cfg, stats, support, targets, sft_targets, 
         if d_s is not None:
             d_s = d_s * cg
             gtot = gtot + d_s
-        if Gc is not None:  # G_rest / R, with R = r_e / ssum
-            ratio = torch.where(r_e > 0, Gc[:, -1] * ssum / r_e.clamp_min(torch.finfo(dt).tiny),
-                                torch.zeros_like(r_e))
-        else:
-            ratio = torch.zeros_like(loss)
-        dense = ratio - gtot  # dz_j = p_j * dense off the support and the sampled columns
-        # Sparse columns: dz_j = p_j * (-gtot if j in U else dense) + the additive terms of every
-        # entry naming j (G_i for support categories, d_y, d_y'). Written from scratch, never as
-        # "dense value + correction": G_rest / R is huge when the rest bucket is nearly empty.
-        # Scatter order makes repeated columns right without a [C, n, n] comparison: union extras
-        # first (a duplicate of a top-k id is then overwritten by the top-k entry), then the
-        # top-k ids (distinct), then the sampled columns with everything naming them summed in.
-        n_k = st.topk_ids.shape[1] if n_u else 0
+        # Off the support dz_j = p_j (G_rest / R - gtot) = e_j * dense, with e_j = exp(z_j - m_rest),
+        # p_j = e_j exp(m_rest - lse) and p_j / R = e_j / s_rest: no division by a tiny R, so the pull
+        # toward the teacher's rest mass stays exact however little the student leaves there.
+        g_rest = torch.zeros_like(loss)
+        if Gc is not None:
+            g_rest = torch.where(s_rest > 0, Gc[:, -1] / s_rest.clamp_min(1.0), torch.zeros_like(s_rest))
+        c_p = torch.where(s_rest > 0, torch.exp(m_rs - lse), torch.zeros_like(lse))  # p_j = e_j * c_p
+        dense = g_rest - c_p * gtot
+        # Sparse columns: dz_j = p_j * (-gtot if j in U else the dense value) + the additive terms
+        # of every entry naming j (G_i for support categories, d_y, d_y'). Written from scratch,
+        # never as "dense value + correction". The support columns hold 0 after the dense pass
+        # (z was -inf there), so each support id gets its one valid entry by a scatter-add in
+        # which duplicates (union extras already in the top-k, padding slots) add exactly 0;
+        # then the sampled columns are overwritten with everything naming them summed in.
         du = None
         if n_u:
             du = Gc[:, :-1] if Gc is not None else torch.zeros_like(p_cols[:, :n_u])
             if valid is not None:
                 du = du.masked_fill(~valid, 0.0)
             ex_u = p_cols[:, :n_u] * (-gtot).unsqueeze(-1) + du
-        if use_k:  # dz = exp(z - lse) * dense, one sweep, in the weight's dtype (in place if enabled)
-            out = fused_kernels.write_dz(e_src, lse, dense, out_dtype)
-        else:  # e = exp(z - m_rest): p = e * exp(m_rest - lse)
-            scale = torch.where(s_rest > 0, dense * torch.exp(m_rs - lse), torch.zeros_like(dense))
+            if valid is not None:
+                ex_u = ex_u.masked_fill(~valid, 0.0)
+        if use_k:  # dz = exp(z - m_rest) * dense, one sweep, in the weight's dtype (in place if enabled)
+            out = fused_kernels.write_dz(e_src, m_rs, dense, out_dtype)
+        else:  # e = exp(z - m_rest)
             out = e if out_dtype == dt else torch.empty(e.shape, dtype=out_dtype, device=e.device)
-            torch.mul(e, scale.unsqueeze(-1), out=out)
+            torch.mul(e, dense.unsqueeze(-1), out=out)
         del e, e_src
-        if n_u > n_k:
-            out.scatter_(-1, cols[:, n_k:n_u], ex_u[:, n_k:].to(out_dtype))
         if n_u:
-            out.scatter_(-1, cols[:, :n_k], ex_u[:, :n_k].to(out_dtype))
+            out.scatter_add_(-1, cols[:, :n_u], ex_u.to(out_dtype))
         if cols.shape[1] > n_u:
             sc = cols[:, n_u:]
             deltas = [] if du is None else [du]
@@ -297,10 +299,11 @@ def make_analytic_chunk_fn(*, terms, cfg, stats, support, targets, sft_targets, 
                 deltas.append(d_s.unsqueeze(-1))
             delta = torch.cat(deltas, -1) if len(deltas) > 1 else deltas[0]
             same = sc.unsqueeze(-1) == cols.unsqueeze(-2)  # [C, <=2, n]
-            base = dense.unsqueeze(-1).expand_as(sc)
+            # off the support: p_y (G_rest / R - gtot), with p_y / R = exp(z_y - m_rest) / s_rest
+            rest_part = torch.exp(z_cols[:, n_u:] - m_rs.unsqueeze(-1)) * g_rest.unsqueeze(-1)
             if n_u:
-                base = torch.where(same[:, :, :n_u].any(-1), -gtot.unsqueeze(-1), base)
-            ex_s = p_cols[:, n_u:] * base + (same.to(dt) * delta.unsqueeze(-2)).sum(-1)
+                rest_part = rest_part.masked_fill(same[:, :, :n_u].any(-1), 0.0)
+            ex_s = p_cols[:, n_u:] * (-gtot).unsqueeze(-1) + rest_part + (same.to(dt) * delta.unsqueeze(-2)).sum(-1)
             out.scatter_(-1, sc, ex_s.to(out_dtype))
         return loss, out, met
 
@@ -315,7 +318,8 @@ def _metrics(entropy, s_top, p_cols, st, lT, lS, logp_y, names):
         elif name in ("forward_kl", "reverse_kl"):
             cols.append(FULL_DIVERGENCES[name](lT, lS, None))
         elif name == "s_mass_on_t_topk":
-            cols.append(p_cols[:, :st.topk_ids.shape[-1]].sum(-1))
+            pk = p_cols[:, :st.topk_ids.shape[-1]]
+            cols.append((pk if st.topk_pad is None else pk.masked_fill(st.topk_pad, 0.0)).sum(-1))
         elif name == "topk_overlap":
             hit = (s_top.unsqueeze(-1) == st.topk_ids.unsqueeze(-2)).any(-1)
             cols.append(hit.to(p_cols.dtype).mean(-1))

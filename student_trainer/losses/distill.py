@@ -25,7 +25,7 @@ import torch
 
 from .analytic import make_analytic_chunk_fn
 from .divergences import FULL_DIVERGENCES, coarse_logprobs, resolve_support
-from .estimators import ESTIMATORS, opd_advantages, policy_gradient_loss, sampled_logprob
+from .estimators import ESTIMATORS, floor_teacher, opd_advantages, policy_gradient_loss, sampled_logprob
 from .fused_head import autograd_chunk_fn, fused_head_loss, map_chunks
 from .reductions import REDUCTIONS, row_coefficients
 from .stats import TeacherStats
@@ -118,7 +118,8 @@ def distill_loss(
         raise ValueError(f"loss terms {names} need TeacherStats")
     t_sampled = None
     if any(n in ("k1", "k2", "k3", "pg") for n in names):
-        t_sampled = _need("TeacherStats.sampled_logprob", stats.sampled_logprob, "k*/pg").float()
+        # floored like the divergences' teacher log-probs: a -inf teacher gives finite values
+        t_sampled = floor_teacher(_need("TeacherStats.sampled_logprob", stats.sampled_logprob, "k*/pg").float())
     if "ppo" in names:
         _need("advantages_N", adv_in, "ppo")
 
@@ -204,7 +205,8 @@ def _chunk_metrics(z, st, lT, lS, logp_y, names):
         elif name == "reverse_kl":
             cols.append(FULL_DIVERGENCES["reverse_kl"](lT.detach(), lS.detach(), None))
         elif name == "s_mass_on_t_topk":
-            cols.append(ls.gather(-1, st.topk_ids).exp().sum(-1))
+            pk = ls.gather(-1, st.topk_ids).exp()
+            cols.append((pk if st.topk_pad is None else pk.masked_fill(st.topk_pad, 0.0)).sum(-1))
         elif name == "topk_overlap":
             k = st.topk_ids.shape[-1]
             s_top = torch.topk(z, k, dim=-1).indices

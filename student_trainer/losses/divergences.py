@@ -45,7 +45,18 @@ Divergences (each returns a per-row loss [C])
 
 Zero-mass categories: terms with p_i = 0 contribute 0 (x log x -> 0); teacher log-probs that
 appear as a divisor are clamped at ``LOG_FLOOR`` so a zero-mass teacher bucket gives a large
-finite penalty instead of inf/NaN.
+finite penalty instead of inf/NaN (mixtures m, which contain the teacher, are clamped the same
+way). The student's log-probs are never clamped: they come exactly from its logits, so forward KL
+and its gradient (pS - pT on the support, with respect to the logits) stay exact however confident
+the student is (log pS = -100 on a teacher token gives loss pT * 100 and a full pull). The one
+exception is the "no such category" placeholder ``NEG`` (a duplicate id, or a rest bucket with no
+token left in it): there the student has no mass to move, so it counts as ``LOG_FLOOR`` with no
+gradient.
+
+Padded teacher slots (``TeacherStats.topk_pad``): a teacher whose logit width exceeds the
+student's vocabulary may name padding ids in its top-k. The trainer folds their mass into the tail
+and marks the slot as padding (its id repeats a real top-k id of the row, its log-prob is -inf):
+a padding slot counts for nothing on either side, so no student id is penalised for it.
 """
 from __future__ import annotations
 
@@ -56,6 +67,7 @@ import torch
 from .stats import TeacherStats
 
 NEG = -1e30          # "minus infinity" that keeps gradients finite
+NEG_PLACEHOLDER = NEG / 2  # student log-probs at or below this are the NEG placeholder, not a value
 LOG_FLOOR = math.log(1e-30)
 REST_REL_FLOOR = 1e-3
 
@@ -89,14 +101,17 @@ def support_categories(stats: TeacherStats, support: str, dtype: torch.dtype):
     ids = stats.topk_ids
     lT = stats.topk_logprobs.to(dtype)
     tail = stats.tail_logmass.to(dtype)
-    valid = None
+    valid = None if stats.topk_pad is None else ~stats.topk_pad
+    if valid is not None:
+        lT = lT.masked_fill(stats.topk_pad, -math.inf)
     if support == "union":
         dup = _dup_mask(stats.s_topk_ids, ids)
         extra = stats.extra_logprobs.to(dtype).masked_fill(dup, -math.inf)
         p_tail = tail.exp()
         p_rest = torch.maximum(p_tail - extra.exp().sum(-1), REST_REL_FLOOR * p_tail)
         tail = p_rest.log()  # -inf when the teacher's tail is exactly 0
-        valid = torch.cat([torch.ones_like(ids, dtype=torch.bool), ~dup], dim=-1)
+        top_valid = torch.ones_like(ids, dtype=torch.bool) if valid is None else valid
+        valid = torch.cat([top_valid, ~dup], dim=-1)
         ids = torch.cat([ids, stats.s_topk_ids], dim=-1)
         lT = torch.cat([lT, extra], dim=-1)
     return ids, torch.cat([lT, tail.unsqueeze(-1)], -1), valid
@@ -132,9 +147,17 @@ def _log_mix(a: float, lp: torch.Tensor, lq: torch.Tensor) -> torch.Tensor:
     return torch.logaddexp(lp + math.log(a), lq + math.log1p(-a))
 
 
+def _student_lp(lS: torch.Tensor) -> torch.Tensor:
+    """The student's category log-probs as forward KL uses them: exact, except the NEG placeholder
+    (a category the student has no token in), which counts as LOG_FLOOR."""
+    return torch.where(lS > NEG_PLACEHOLDER, lS, torch.full_like(lS, LOG_FLOOR))
+
+
 def forward_kl(lT: torch.Tensor, lS: torch.Tensor) -> torch.Tensor:
-    """KL[pT || pS] = sum pT (log pT - log pS)."""
-    return _plogp_ratio(lT, lS)
+    """KL[pT || pS] = sum pT (log pT - log pS); log pS is not clamped (see the module notes)."""
+    pT = lT.exp()
+    lT_safe = torch.where(pT > 0, lT, torch.zeros_like(lT))
+    return (pT * (lT_safe - _student_lp(lS))).sum(-1)
 
 
 def reverse_kl(lT: torch.Tensor, lS: torch.Tensor) -> torch.Tensor:
@@ -190,8 +213,8 @@ FULL_DIVERGENCES = {
 def forward_kl_with_grad(lT: torch.Tensor, lS: torch.Tensor):
     pT = lT.exp()
     lT_safe = torch.where(pT > 0, lT, torch.zeros_like(lT))
-    val = (pT * (lT_safe - lS.clamp_min(LOG_FLOOR))).sum(-1)
-    return val, -pT * (lS >= LOG_FLOOR)
+    val = (pT * (lT_safe - _student_lp(lS))).sum(-1)
+    return val, -pT * (lS > NEG_PLACEHOLDER)
 
 
 def reverse_kl_with_grad(lT: torch.Tensor, lS: torch.Tensor):

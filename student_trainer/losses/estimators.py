@@ -18,13 +18,35 @@ signal is taken as a per-token advantage instead (slime, tinker, verl style):
     loss_t = -min(ratio A_t, clip(ratio, 1-eps, 1+eps) A_t)      (rollout one step stale),
     ratio = exp(log pS_now(y_t) - log pS_rollout(y_t)).
 
-Both have gradient -A_t grad log pS at ratio = 1. The discount runs over the scored rows of a
+Both have gradient -A_t grad log pS at ratio = 1.
+
+Guards (the divergences' documented floor, ``divergences.LOG_FLOOR = log(1e-30)``): the teacher's
+sampled log-prob is floored at LOG_FLOOR in k1/k2/k3 and in the advantage, so a teacher that gives
+the sampled token probability 0 (log pT = -inf) yields a finite loss and finite gradients; and k3
+evaluates r = exp(log r) with log r clamped at -LOG_FLOOR = log(1e30) (exp(88.7) overflows fp32):
+beyond it the value is that of the clamp and the gradient 1 - r keeps the clamped r (it saturates
+at a large finite pull instead of becoming inf / NaN). The discount runs over the scored rows of a
 sequence in row order (rows of one sequence must be contiguous and in position order); excluded
 rows (tool tokens) are simply absent.
 """
 from __future__ import annotations
 
 import torch
+
+from .divergences import LOG_FLOOR
+
+LOG_RATIO_MAX = -LOG_FLOOR  # k3: log r = log pT - log pS is clamped here (r <= 1e30)
+
+
+def floor_teacher(logp_t: torch.Tensor) -> torch.Tensor:
+    """The teacher's sampled log-prob floored at LOG_FLOOR (-inf -> log 1e-30)."""
+    return logp_t.clamp_min(LOG_FLOOR)
+
+
+def _k3_log_ratio(logp_s, logp_t):
+    """log r with its value clamped at LOG_RATIO_MAX and its gradient passed straight through."""
+    log_r = floor_teacher(logp_t) - logp_s
+    return log_r - (log_r - log_r.clamp_max(LOG_RATIO_MAX)).detach()
 
 
 def sampled_logprob(z_C_V: torch.Tensor, targets_C: torch.Tensor) -> torch.Tensor:
@@ -33,15 +55,15 @@ def sampled_logprob(z_C_V: torch.Tensor, targets_C: torch.Tensor) -> torch.Tenso
 
 
 def k1(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
-    return logp_s - logp_t
+    return logp_s - floor_teacher(logp_t)
 
 
 def k2(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
-    return 0.5 * (logp_t - logp_s) ** 2
+    return 0.5 * (floor_teacher(logp_t) - logp_s) ** 2
 
 
 def k3(logp_s: torch.Tensor, logp_t: torch.Tensor) -> torch.Tensor:
-    log_r = logp_t - logp_s
+    log_r = _k3_log_ratio(logp_s, logp_t)
     return torch.expm1(log_r) - log_r
 
 
@@ -70,7 +92,7 @@ def discounted_returns(a_N: torch.Tensor, seq_ids_N: torch.Tensor | None, gamma:
 
 def opd_advantages(logp_s_N: torch.Tensor, logp_t_N: torch.Tensor, seq_ids_N=None, gamma: float = 0.0):
     """Per-token reverse-KL advantage a_t = -(log pS - log pT), discounted within sequences."""
-    return discounted_returns(-(logp_s_N - logp_t_N).detach(), seq_ids_N, gamma)
+    return discounted_returns(-(logp_s_N - floor_teacher(logp_t_N)).detach(), seq_ids_N, gamma)
 
 
 def policy_gradient_loss(
@@ -91,8 +113,8 @@ def policy_gradient_loss(
 
 ESTIMATOR_GRADS = {
     "k1": lambda logp_s, logp_t: torch.ones_like(logp_s),
-    "k2": lambda logp_s, logp_t: logp_s - logp_t,
-    "k3": lambda logp_s, logp_t: -torch.expm1(logp_t - logp_s),
+    "k2": lambda logp_s, logp_t: logp_s - floor_teacher(logp_t),
+    "k3": lambda logp_s, logp_t: -torch.expm1((floor_teacher(logp_t) - logp_s).clamp_max(LOG_RATIO_MAX)),
 }
 
 

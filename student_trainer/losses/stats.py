@@ -6,7 +6,8 @@ that the student applies to its own logits (``logits / T`` before log-softmax).
 
 Id contract: every id is a STUDENT vocabulary index, ``0 <= id < V``. Teachers of the same
 family may pad their vocabulary (e.g. 152,064 vs 151,936 rows); the caller must drop or remap
-padded teacher ids before building ``TeacherStats`` (``validate`` checks it).
+padded teacher ids before building ``TeacherStats`` (``validate`` checks it): the trainer folds
+their mass into the tail and marks the slots in ``topk_pad`` (``batching.teacher_arrays``).
 """
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ class TeacherStats:
     s_topk_ids: Optional[torch.Tensor] = None        # [N, M] int64, the student's own top-M ids
     extra_logprobs: Optional[torch.Tensor] = None    # [N, M] fp32, log pT at s_topk_ids
     full_logprobs: Optional[torch.Tensor] = None     # [N, V] exact mode (small vocab only)
+    # [N, K] bool, optional: padding slots of the top-k (a teacher vocabulary padded beyond the
+    # student's: the id repeats a real top-k id of the row and the slot counts for nothing; its
+    # mass is already in tail_logmass). See batching.teacher_arrays.
+    topk_pad: Optional[torch.Tensor] = None
 
     def _tensors(self):
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -54,6 +59,8 @@ class TeacherStats:
             raise ValueError("TeacherStats.topk_ids and topk_logprobs must be given together")
         if self.topk_ids is not None and self.tail_logmass is None:
             raise ValueError("TeacherStats.tail_logmass is required with topk_ids (use -inf if k = V)")
+        if self.topk_pad is not None and (self.topk_ids is None or self.topk_pad.shape != self.topk_ids.shape):
+            raise ValueError("TeacherStats.topk_pad must have the shape of topk_ids")
         if (self.s_topk_ids is None) != (self.extra_logprobs is None):
             raise ValueError("TeacherStats.s_topk_ids and extra_logprobs must be given together")
         for k in ("topk_ids", "s_topk_ids"):
