@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import signal
@@ -73,7 +74,24 @@ def add_arguments(p):
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None, help="PEM CA bundle; when given, clients must present certificates")
     p.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus metrics on this port (HTTP /metrics)")
+    p.add_argument("--http-port", type=_port, default=None,
+                   help="also answer HTTP on this port (0 = any free port): vLLM's /v1/completions with prompt_logprobs "
+                        "(TRL) and SGLang's /generate input log-probs (slime, miles), same engine and token "
+                        "(docs/interop.md)")
+    p.add_argument("--served-model-name", default=None,
+                   help="model id the HTTP front reports in /v1/models and accepts as 'model' (default: the --model "
+                        "directory's name)")
     p.add_argument("--log-level", default="INFO", help="logging level")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a port in [0, 65535] (0 = any free port)")
+    return port
 
 
 def main(args) -> int:
@@ -83,6 +101,11 @@ def main(args) -> int:
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
+    if args.http_port and args.http_port in (args.port, args.metrics_port):
+        print(f"opd teacher: --http-port {args.http_port}: the same port as "
+              f"{'--port' if args.http_port == args.port else '--metrics-port'}; expected another port (or 0)",
+              file=sys.stderr)
+        return 2
     server_cfg = ServerConfig(host=args.host, port=args.port, max_workers=args.max_workers, queue_wait_s=args.queue_wait_s,
                               max_unread_mb_per_stream=args.max_unread_mb_per_stream,
                               auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -119,8 +142,22 @@ def main(args) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    http = None
+    if args.http_port is not None:
+        from teacher_server.http_front import HttpFront
+
+        try:  # bound now, served once the engine is warm
+            http = HttpFront(server, args.host, args.http_port, args.served_model_name, args.model)
+        except OSError as exc:
+            print(f"opd teacher: --http-port {args.http_port}: cannot bind {args.host}:{args.http_port} ({exc})",
+                  file=sys.stderr)
+            return 2
     server.start()
     server.warm_up_and_serve()
+    if http is not None:
+        http.start()
+        print(f"opd teacher: HTTP (vLLM /v1/completions, SGLang /generate) for {http.model_name} on "
+              f"{args.host}:{http.port}", flush=True)
     info = server.servicer.info
     print(f"opd teacher: serving {info.model_name} ({info.dtype}, vocab {info.vocab_size}) on "
           f"{args.host}:{server.port}", flush=True)
@@ -128,6 +165,8 @@ def main(args) -> int:
     # thread blocked in a plain wait, and its Python handler would never run
     while not stop.wait(0.5):
         pass
+    if http is not None:
+        http.stop(args.grace_s)
     server.stop(args.grace_s)
     print("opd teacher: stopped", flush=True)
     return 0
