@@ -1,100 +1,408 @@
-"""Trainer-side halves of SGLang's GPU weight-sync paths. GPU only; not run by the CPU tests.
+"""Trainer's weights into SGLang engines (and `opd rollout-server`) after every optimizer step.
 
-NCCL broadcast (trainer and engines on different hosts), per optimizer step:
-    engine = SGLangEngine(urls)
-    group = await init_nccl_weight_group(engine, "10.0.0.5", 29613, gpus_per_engine=[1, 1])  # once
-    await sync_weights_nccl(engine, group, model.named_parameters(), version=step)
-The engine side (SGLang 0.5.23 `init_weights_update_group`) joins ranks rank_offset+tp_rank of a
-group rendezvoused over tcp://master_address:master_port with the store prefixed by group_name;
-the trainer is rank 0 and hosts that store. We build the trainer's group the same way, separate
-from the trainer's default process group, so DeepSpeed's collectives are untouched.
+Three ways, chosen by `rollout.weight_sync` (docs/rollout.md):
 
-CUDA IPC (trainer and engine on the same GPUs): `serialize_for_sglang` + `update_weights_from_tensor`.
+- `distributed`: the trainer and the engines share a process group of their own (NCCL on GPUs,
+  gloo on CPU), opened once with `/init_weights_update_group`; every step broadcasts the weights
+  bucket by bucket, each bucket announced by `/update_weights_from_distributed`.
+- `tensor`: CUDA-IPC handles of the trainer's GPU tensors, for an engine on the same GPU
+  (`/update_weights_from_tensor`).
+- `disk`: the trainer writes a Hugging Face directory and each engine loads it
+  (`/update_weights_from_disk`).
+
+One step, for the first two (SGLang 0.5.23 makes the begin/end session mandatory):
+    pause_generation(retract) -> flush_cache -> begin_weight_update
+    -> per bucket: update call (flush_cache false; weight_version on the last bucket) + tensors
+    -> end_weight_update -> flush_cache -> continue_generation
+An update answered with `success: false` (SGLang's answer when, for instance, the cache could not
+be flushed under load) is sent again, up to `retries` times. Afterwards every engine must report
+the new version in /model_info, or the step fails.
+
+The process group. SGLang's engine joins with its `init_custom_process_group`: a tcp:// rendezvous
+at master_address:master_port (the trainer, rank 0, hosts the store), the store wrapped in
+`PrefixStore(group_name)`, then torch's `_new_process_group_helper`, which adds the prefixes
+"{group_name}/" and "{device}/" and builds the backend. `open_group` builds the same group from
+public torch classes (the private helper's signature changed in torch 2.13, and it would register
+the group in torch's global registry next to DeepSpeed's default group): same store keys, same
+backend, so either side may be SGLang. tests/test_rollout_weight_sync.py checks that a group
+opened here and one opened through torch's helper, as SGLang does, talk to each other.
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Iterable
+import base64
+import concurrent.futures as cf
+import copyreg
+import datetime
+import io
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Iterable, Sequence
+from urllib.parse import urlparse
 
 import torch
 
+log = logging.getLogger("opd.weight_sync")
 
-def _new_trainer_group(master_address: str, master_port: int, world_size: int, group_name: str, backend: str):
-    """Rank 0 of a standalone group, created like SGLang's engine-side helper (tcp:// rendezvous,
-    PrefixStore(group_name), its own NCCL communicator). Uses torch's private helper, as SGLang does."""
+DEFAULT_GROUP = "weight_update_group"
+
+
+class WeightSyncError(RuntimeError):
+    pass
+
+
+# ---- the process group ------------------------------------------------------------------------
+def open_group(master_address: str, master_port: int, rank: int, world_size: int,
+               group_name: str = DEFAULT_GROUP, backend: str = "gloo", timeout_s: float = 600.0):
+    """Join (rank > 0) or host (rank 0) the weight-update group; returns the torch backend object
+    (`.broadcast([tensor], opts)`). Blocks until all `world_size` ranks arrived."""
     import torch.distributed as dist
-    from torch.distributed.distributed_c10d import _new_process_group_helper, rendezvous
 
-    store, rank, world_size = next(rendezvous(f"tcp://{master_address}:{master_port}", 0, world_size))
-    store = dist.PrefixStore(group_name, store)
-    pg, _ = _new_process_group_helper(world_size, rank, [], backend, store, group_name=group_name)
+    if backend not in ("gloo", "nccl"):
+        raise ValueError(f"backend {backend!r}: expected gloo or nccl")
+    if not group_name:
+        raise ValueError("group_name must not be empty")
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store, rank, world_size = next(dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
+                                                   timeout=timeout))
+    store.set_timeout(timeout)
+    # SGLang's PrefixStore(group_name), then the two prefixes torch's group helper adds
+    device = "cpu" if backend == "gloo" else "cuda"
+    store = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store)))
+    if backend == "gloo":
+        pg = dist.ProcessGroupGloo(store, rank, world_size, timeout)
+    else:
+        opts = dist.ProcessGroupNCCL.Options()
+        opts.is_high_priority_stream = False
+        opts._timeout = timeout
+        opts.global_ranks_in_group = []
+        opts.group_name = group_name
+        pg = dist.ProcessGroupNCCL(store, rank, world_size, opts)
+    # rank 0 publishes the group's sequence number in the store and the others read it, as the
+    # helper does; a peer that waits for it would otherwise time out
+    pg._set_sequence_number_for_group()
     return pg
 
 
-async def init_nccl_weight_group(engine, master_address: str, master_port: int, gpus_per_engine: list[int],
-                                 group_name: str = "weight_update_group", backend: str = "nccl"):
-    world_size = 1 + sum(gpus_per_engine)
-    # The engines block in rendezvous until the trainer joins: start their calls, then join.
-    engines_joined = asyncio.ensure_future(engine.init_weights_update_group(
-        master_address, master_port, gpus_per_engine, group_name, backend))
-    await asyncio.sleep(0.5)
-    pg = await asyncio.to_thread(_new_trainer_group, master_address, master_port, world_size, group_name, backend)
-    await engines_joined
-    return pg
-
-
-def _buckets(named: Iterable[tuple[str, torch.Tensor]], bucket_bytes: int):
-    bucket, size = [], 0
-    for name, t in named:
-        if bucket and size + t.numel() * t.element_size() > bucket_bytes:
-            yield bucket
-            bucket, size = [], 0
-        bucket.append((name, t))
-        size += t.numel() * t.element_size()
-    if bucket:
-        yield bucket
-
-
-async def sync_weights_nccl(engine, pg, named_tensors: Iterable[tuple[str, torch.Tensor]], version: int,
-                            group_name: str = "weight_update_group", bucket_bytes: int = 1 << 30) -> None:
-    """SGLang 0.5.23 order: pause(retract) -> flush -> begin -> per bucket (post metadata, broadcast
-    each tensor in list order from rank 0, await replies) -> end -> flush -> continue.
-    Tensors must be full (unsharded, gathered) HF-named CUDA tensors."""
+def broadcast(pg, tensor: torch.Tensor) -> None:
+    """One broadcast from rank 0 of the group (the trainer), in place on the receivers."""
     import torch.distributed as dist
 
-    await engine.pause_generation("retract")
-    await engine.flush_cache()
-    await engine.begin_weight_update()
-    try:
-        for bucket in _buckets(named_tensors, bucket_bytes):
-            names = [n for n, _ in bucket]
-            dtypes = [str(t.dtype).removeprefix("torch.") for _, t in bucket]
-            shapes = [list(t.shape) for _, t in bucket]
-            reply = asyncio.ensure_future(engine.update_weights_from_distributed(
-                names, dtypes, shapes, version, group_name=group_name))
+    opts = dist.BroadcastOptions()
+    opts.rootRank, opts.rootTensor = 0, 0
+    pg.broadcast([tensor], opts).wait()
 
-            def broadcast():
-                for _, t in bucket:
-                    opts = dist.BroadcastOptions()
-                    opts.rootRank = 0
-                    pg.broadcast([t.detach().contiguous()], opts).wait()
+
+def close_group(pg) -> None:
+    shutdown = getattr(pg, "shutdown", None)  # NCCL; gloo closes its pairs when collected
+    if shutdown is not None:
+        try:
+            shutdown()
+        except Exception:  # best effort at teardown
+            pass
+
+
+def free_port(host: str = "") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def local_address_for(urls: Sequence[str]) -> str:
+    """The trainer's address as the engines see it: loopback if every engine is local, else the
+    address of the interface that routes to the first engine."""
+    hosts = [urlparse(u).hostname or "127.0.0.1" for u in urls]
+
+    def loopback(h):
+        if h == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(h).is_loopback
+        except ValueError:
+            return False
+    if all(loopback(h) for h in hosts):
+        return "127.0.0.1"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((hosts[0], 9))  # no packet is sent for a UDP connect
+        return s.getsockname()[0]
+
+
+# ---- buckets --------------------------------------------------------------------------------------
+def plan_buckets(named_sizes: Iterable[tuple[str, int]], bucket_bytes: int) -> list[list[str]]:
+    """Consecutive names grouped so a bucket holds at most bucket_bytes (a larger tensor is alone)."""
+    buckets, cur, size = [], [], 0
+    for name, nbytes in named_sizes:
+        if cur and size + nbytes > bucket_bytes:
+            buckets.append(cur)
+            cur, size = [], 0
+        cur.append(name)
+        size += nbytes
+    if cur:
+        buckets.append(cur)
+    return buckets
+
+
+def dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+# ---- HTTP to the engines ---------------------------------------------------------------------------
+class _Engines:
+    """Blocking control calls to a set of engine URLs, concurrently, with SGLang's reply checks."""
+
+    def __init__(self, urls: Sequence[str], api_key: str | None = None, timeout_s: float = 3600.0):
+        self.urls = [u.rstrip("/") for u in urls]
+        self.api_key, self.timeout_s = api_key or None, timeout_s
+        self._pool = cf.ThreadPoolExecutor(max_workers=max(2, 2 * len(self.urls)), thread_name_prefix="wsync-http")
+
+    def call(self, url: str, path: str, body: dict | None = None, method: str = "POST"):
+        from rollout.sglang_client import http_json
+
+        return http_json(url + path, body, method=method, timeout_s=self.timeout_s, api_key=self.api_key)
+
+    def start(self, path: str, bodies: Sequence[dict], urls: Sequence[str] | None = None) -> list[cf.Future]:
+        return [self._pool.submit(self.call, u, path, b) for u, b in zip(urls or self.urls, bodies)]
+
+    def all(self, path: str, body: dict | None = None, ok_text: bool = False) -> list:
+        futs = self.start(path, [body or {}] * len(self.urls))
+        return [self.check(u, path, f.result(), ok_text) for u, f in zip(self.urls, futs)]
+
+    @staticmethod
+    def check(url: str, path: str, reply, ok_text: bool = False):
+        status, body = reply
+        if status == 200 and not (isinstance(body, dict) and body.get("success") is False):
+            return body
+        raise WeightSyncError(f"{url}{path} answered {status}: {body}")
+
+    @staticmethod
+    def failed(reply) -> bool:
+        """success: false (SGLang answers 400 with it): the call may be sent again."""
+        status, body = reply
+        return isinstance(body, dict) and body.get("success") is False and status in (200, 400)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class EngineSync:
+    """Base: the engines this trainer rank pushes to, the session around an update, the retries."""
+
+    def __init__(self, urls: Sequence[str], *, api_key: str | None = None, retries: int = 3,
+                 backoff_s: float = 0.5, timeout_s: float = 600.0):
+        self.engines = _Engines(urls, api_key)
+        self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
+        self.updates_retried = 0  # over the run
+
+    @property
+    def urls(self) -> list[str]:
+        return self.engines.urls
+
+    def _with_retries(self, what: str, attempt):
+        """attempt() -> list of (url, reply); repeat while any answer is success: false."""
+        for k in range(self.retries + 1):
+            replies = attempt()
+            bad = [(u, r) for u, r in replies if self.engines.failed(r)]
+            if not bad:
+                for u, r in replies:
+                    self.engines.check(u, what, r)
+                return [r for _, r in replies]
+            if k == self.retries:
+                raise WeightSyncError(f"{what} failed after {self.retries + 1} attempts: "
+                                      + "; ".join(f"{u}: {r[1]}" for u, r in bad))
+            self.updates_retried += 1
+            log.warning("%s answered success: false (%s); retry %d/%d", what, bad[0][1], k + 1, self.retries)
+            time.sleep(self.backoff_s * (2 ** k))
+
+    def _begin(self) -> None:
+        replies = [(u, f.result()) for u, f in zip(self.urls, self.engines.start(
+            "/begin_weight_update", [{"selector": "all"}] * len(self.urls)))]
+        for u, r in replies:
+            if self.engines.failed(r) and "already open" in str(r[1].get("message", "")):
+                # a session left open by an interrupted update: close it and start over
+                self.engines.check(u, "/end_weight_update", self.engines.call(u, "/end_weight_update", {}))
+                r = self.engines.call(u, "/begin_weight_update", {"selector": "all"})
+            self.engines.check(u, "/begin_weight_update", r)
+
+    def _session(self, body):
+        """pause(retract) -> flush -> begin -> body() -> end -> flush -> continue."""
+        self.engines.all("/pause_generation", {"mode": "retract"})
+        try:
+            self.engines.all("/flush_cache", ok_text=True)
+            self._begin()
+            try:
+                body()
+            finally:
+                self.engines.all("/end_weight_update", {})
+            self.engines.all("/flush_cache", ok_text=True)
+        finally:
+            self.engines.all("/continue_generation", {"torch_empty_cache": False})
+
+    def verify_version(self, version: int) -> None:
+        """Each engine must now report the new weight_version (what rollouts will carry)."""
+        for u in self.urls:
+            s, info = self.engines.call(u, "/model_info", method="GET")
+            got = info.get("weight_version") if isinstance(info, dict) else None
+            if s != 200 or got != str(version):
+                raise WeightSyncError(f"{u} reports weight_version {got!r} after the update to {version} "
+                                      f"(/model_info answered {s})")
+
+    def connect(self) -> None:
+        pass
+
+    def close(self) -> None:
+        self.engines.close()
+
+
+class DiskSync(EngineSync):
+    """Each engine loads a Hugging Face directory the trainer wrote (one call per engine per step)."""
+
+    def push(self, path: str, version: int) -> None:
+        body = {"model_path": str(path), "weight_version": str(version), "flush_cache": True,
+                "abort_all_requests": False}
+        self._with_retries("/update_weights_from_disk", lambda: [
+            (u, f.result()) for u, f in zip(self.urls, self.engines.start(
+                "/update_weights_from_disk", [body] * len(self.urls)))])
+        self.verify_version(version)
+
+
+class DistributedSync(EngineSync):
+    """The trainer is rank 0 of a group with its engines (engine i: ranks rank_offset_i + tp)."""
+
+    def __init__(self, urls: Sequence[str], *, address: str = "", port: int = 0, group_name: str = DEFAULT_GROUP,
+                 backend: str = "gloo", **kw):
+        super().__init__(urls, **kw)
+        self.address = address or local_address_for(self.urls)
+        self.port, self.group_name, self.backend = port, group_name, backend
+        self.pg = None
+
+    def tp_sizes(self) -> list[int]:
+        sizes = []
+        for u in self.urls:
+            s, info = self.engines.call(u, "/server_info", method="GET")
+            if s != 200 or not isinstance(info, dict):
+                raise WeightSyncError(f"{u}/server_info answered {s}: {info}")
+            if int(info.get("dp_size") or 1) != 1:
+                raise WeightSyncError(f"{u} runs dp_size {info.get('dp_size')}; SGLang's distributed weight "
+                                      "update needs dp_size 1 (run one server per replica)")
+            sizes.append(int(info.get("tp_size") or 1))
+        return sizes
+
+    def connect(self) -> None:
+        """Once: every engine joins (its HTTP call returns after the rendezvous), the trainer hosts it."""
+        sizes = self.tp_sizes()
+        world = 1 + sum(sizes)
+        port = self.port or free_port()
+        offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
+        bodies = [{"master_address": self.address, "master_port": port, "rank_offset": off, "world_size": world,
+                   "group_name": self.group_name, "backend": self.backend} for off in offsets]
+        futs = self.engines.start("/init_weights_update_group", bodies)
+        try:
+            self.pg = open_group(self.address, port, 0, world, self.group_name, self.backend, self.timeout_s)
+        finally:
+            for u, f in zip(self.urls, futs):
+                self.engines.check(u, "/init_weights_update_group", f.result())
+        log.info("weight-update group %r: trainer + %d engine rank(s) at %s:%d (%s)", self.group_name, world - 1,
+                 self.address, port, self.backend)
+
+    def push(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], n_buckets: int, version: int) -> None:
+        """buckets: full HF-named tensors, bucket by bucket (consumed in order, exactly once)."""
+        if self.pg is None:
+            raise WeightSyncError("DistributedSync.connect() was not called")
+
+        def body():
+            for i, bucket in enumerate(buckets):
+                self._send_bucket(bucket, str(version) if i == n_buckets - 1 else None)
+        self._session(body)
+        self.verify_version(version)
+
+    def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
+        req = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t) for _, t in bucket],
+               "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
+               "flush_cache": False, "abort_all_requests": False, "weight_version": version}
+
+        def attempt():
+            futs = self.engines.start("/update_weights_from_distributed", [req] * len(self.urls))
+            for _, t in bucket:  # the engines receive once per name, in list order
+                broadcast(self.pg, t.detach().contiguous())
+            if self.backend == "nccl":
                 torch.cuda.synchronize()
-            await asyncio.to_thread(broadcast)
-            await reply
-    finally:
-        await engine.end_weight_update()
-        await engine.flush_cache()
-        await engine.continue_generation()
+            return [(u, f.result()) for u, f in zip(self.urls, futs)]
+        self._with_retries("/update_weights_from_distributed", attempt)
+
+    def close(self) -> None:
+        if self.pg is not None:
+            try:
+                self.engines.all("/destroy_weights_update_group", {"group_name": self.group_name})
+            except Exception as e:  # an engine that went away has no group left to destroy
+                log.warning("destroy_weights_update_group: %s", e)
+            close_group(self.pg)
+            self.pg = None
+        super().close()
 
 
-def serialize_for_sglang(named_tensors: list[tuple[str, torch.Tensor]], tp_size: int = 1) -> list[str]:
-    """CUDA-IPC payload for /update_weights_from_tensor (load_format null): the same serialized
-    [(name, tensor)] list for every TP rank. Needs sglang importable in the trainer's env; keep the
-    tensors alive until the engine replies."""
-    from sglang.srt.utils import MultiprocessingSerializer
-    from sglang.srt.utils.patch_torch import monkey_patch_torch_reductions
+# ---- CUDA IPC (/update_weights_from_tensor) ------------------------------------------------------
+def _reduce_cuda_tensor_by_uuid(t: torch.Tensor):
+    """torch's CUDA-IPC reduction with the device index replaced by the GPU's UUID, as SGLang's
+    `monkey_patch_torch_reductions` does, so the engine maps the right GPU whatever its
+    CUDA_VISIBLE_DEVICES. The rebuild function stays torch's `rebuild_cuda_tensor`, which SGLang's
+    allow-listed unpickler accepts and, patched there, resolves the UUID."""
+    from torch.multiprocessing import reductions
 
-    monkey_patch_torch_reductions()
-    payload = MultiprocessingSerializer.serialize(named_tensors, output_str=True)
+    fn, args = reductions.reduce_tensor(t)
+    if t.is_cuda:
+        args = (*args[:6], str(torch.cuda.get_device_properties(args[6]).uuid), *args[7:])
+    return fn, args
+
+
+def serialize_named_tensors(named_tensors: list[tuple[str, torch.Tensor]], tp_size: int = 1) -> list[str]:
+    """`serialized_named_tensors` for /update_weights_from_tensor with load_format null: base64 of a
+    ForkingPickler pickle of [(name, tensor), ...] (CUDA-IPC handles, not data), one entry per TP rank
+    (the same list for each). Keep the tensors alive until the engine replies."""
+    from multiprocessing.reduction import ForkingPickler
+
+    import torch.multiprocessing  # noqa: F401  (registers torch's reductions with ForkingPickler)
+
+    items = []
+    for name, t in named_tensors:
+        if not t.is_cuda:
+            raise ValueError(f"{name}: CUDA-IPC weight sync needs CUDA tensors, got {t.device}")
+        items.append((name, t.detach()))
+    buf = io.BytesIO()
+    pickler = ForkingPickler(buf)
+    pickler.dispatch_table = dict(pickler.dispatch_table or copyreg.dispatch_table)
+    pickler.dispatch_table[torch.Tensor] = _reduce_cuda_tensor_by_uuid
+    pickler.dispatch_table[torch.nn.Parameter] = _reduce_cuda_tensor_by_uuid
+    pickler.dump(items)
+    payload = base64.b64encode(buf.getvalue()).decode()
     return [payload] * tp_size
+
+
+class TensorSync(EngineSync):
+    """CUDA-IPC handles to engines on this trainer's GPU (their tp ranks each read their entry)."""
+
+    def connect(self) -> None:
+        if not torch.cuda.is_available():
+            raise WeightSyncError("rollout.weight_sync=tensor hands CUDA-IPC handles to an engine on the trainer's "
+                                  "GPU, and CUDA is not available here; use rollout.weight_sync=distributed or disk")
+        self.tp = [int((self.engines.call(u, "/server_info", method="GET")[1] or {}).get("tp_size") or 1)
+                   for u in self.urls]
+
+    def push(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], n_buckets: int, version: int) -> None:
+        def body():
+            for i, bucket in enumerate(buckets):
+                torch.cuda.synchronize()  # the optimizer's writes land before another process reads
+                reqs = [{"serialized_named_tensors": serialize_named_tensors(bucket, tp), "load_format": None,
+                         "flush_cache": False, "abort_all_requests": False,
+                         "weight_version": str(version) if i == n_buckets - 1 else None} for tp in self.tp]
+                self._with_retries("/update_weights_from_tensor", lambda: [
+                    (u, f.result()) for u, f in zip(self.urls, self.engines.start("/update_weights_from_tensor",
+                                                                                   reqs))])
+        self._session(body)
+        self.verify_version(version)
+
+
+def engines_of_rank(urls: Sequence[str], rank: int, world: int) -> list[str]:
+    """Engine i is pushed to by trainer rank i % world: each engine gets one update per step."""
+    return [u for i, u in enumerate(urls) if i % world == rank]

@@ -110,6 +110,29 @@ class Engine:
                 return {k: v.detach().cpu().clone() for k, v in student.state_dict().items()}
         return {k: v.detach().cpu() for k, v in student.state_dict().items()}
 
+    def weight_buckets(self, bucket_bytes: int):
+        """(number of buckets, iterator of buckets of (HF name, full tensor)) without a host copy
+        of the model: under ZeRO-2 the parameters are whole on every rank and are read in place;
+        under ZeRO-3 each bucket is gathered (every rank must consume the iterator, in step) and
+        released before the next. The tensors are valid until the next bucket is taken."""
+        from rollout.weight_sync import plan_buckets
+
+        named = dict(self.module.student.named_parameters())  # tied weights appear once
+
+        def nbytes(p):
+            return (p.ds_numel if hasattr(p, "ds_numel") else p.numel()) * p.element_size()
+        plan = plan_buckets(((n, nbytes(p)) for n, p in named.items()), bucket_bytes)
+
+        def gen():
+            for names in plan:
+                params = [named[n] for n in names]
+                if self.zero_stage == 3:
+                    with self._ds.zero.GatheredParameters(params, modifier_rank=None):
+                        yield [(n, p.data) for n, p in zip(names, params)]
+                else:
+                    yield [(n, p.data) for n, p in zip(names, params)]
+        return len(plan), gen()
+
     def save(self, path: str, tag: str, client_state: dict) -> None:
         self.engine.save_checkpoint(path, tag=tag, client_state=client_state, save_latest=False)
 
