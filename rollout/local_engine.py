@@ -47,6 +47,9 @@ class _Seq:
     done: Callable[[SeqResult], None]
     out_ids: list[int] = field(default_factory=list)
     out_lp: list[float] = field(default_factory=list)
+    rid: str | None = None
+    abort_at: int | None = None  # finish with "abort" once this many tokens exist (0: before any)
+    abort_message: str = "Aborted"
 
 
 class LocalEngine:
@@ -74,6 +77,8 @@ class LocalEngine:
         self._unpaused = threading.Event()
         self._unpaused.set()
         self._queue: queue.Queue[_Seq | None] = queue.Queue()
+        self._live: dict[int, _Seq] = {}  # submitted and not finished (for abort)
+        self._live_lock = threading.Lock()
         self._worker = threading.Thread(target=self._work, daemon=True, name="local-engine")
         self._worker.start()
 
@@ -93,8 +98,9 @@ class LocalEngine:
         return self._policy_version
 
     def submit(self, prompt_ids: Sequence[int], params: SamplingParams, seed: int | None,
-               done: Callable[[SeqResult], None]) -> None:
-        """Queue one sequence (n is ignored here); `done` is called from the worker thread."""
+               done: Callable[[SeqResult], None], rid: str | None = None, abort_at: int | None = None) -> None:
+        """Queue one sequence (n is ignored here); `done` is called from the worker thread.
+        `rid` names it for `abort`; `abort_at` aborts it once it has that many tokens (a test hook)."""
         prompt_ids = [int(t) for t in prompt_ids]
         if not prompt_ids:
             raise ValueError("prompt_ids is empty: a prompt needs at least one token")
@@ -103,9 +109,27 @@ class LocalEngine:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; pass stop token ids instead")
-        self._queue.put(_Seq(prompt_ids, params, seed, done))
+        seq = _Seq(prompt_ids, params, seed, done, rid=rid, abort_at=abort_at)
+        with self._live_lock:
+            self._live[id(seq)] = seq
+        self._queue.put(seq)
 
-    def generate_blocking(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int | None]]) -> list[SeqResult]:
+    def abort(self, rid: str | None = None, message: str = "Aborted") -> int:
+        """Abort the unfinished sequence named `rid` (every one if None), as SGLang's /abort_request:
+        each finishes with finish_reason "abort" and the tokens it has so far. Returns how many."""
+        with self._live_lock:
+            hit = [s for s in self._live.values() if rid is None or s.rid == rid]
+            for s in hit:
+                s.abort_at, s.abort_message = len(s.out_ids), message
+        return len(hit)
+
+    def num_unfinished(self) -> int:
+        with self._live_lock:
+            return len(self._live)
+
+    def generate_blocking(self, requests: Sequence[tuple[Sequence[int], SamplingParams, int | None]],
+                          rids: Sequence[str | None] | None = None,
+                          abort_at: Sequence[int | None] | None = None) -> list[SeqResult]:
         """Run (prompt_ids, params, seed) requests and wait; results in request order."""
         results: list[SeqResult | None] = [None] * len(requests)
         left = threading.Semaphore(0)
@@ -116,7 +140,8 @@ class LocalEngine:
                 left.release()
             return done
         for i, (ids, params, seed) in enumerate(requests):
-            self.submit(ids, params, seed, make_done(i))
+            self.submit(ids, params, seed, make_done(i), rid=rids[i] if rids else None,
+                        abort_at=abort_at[i] if abort_at else None)
         for _ in requests:
             left.acquire()
         return results  # type: ignore[return-value]
@@ -210,12 +235,14 @@ class LocalEngine:
                 except Exception as e:  # report to every waiter instead of killing the worker
                     for s in batch:
                         if s.done is not None:
-                            s.done(SeqResult(s.out_ids, s.out_lp, "abort", None, self._policy_version,
-                                             len(s.prompt_ids), error=repr(e)))
-                            s.done = None
+                            self._finish(s, "abort", None, self._policy_version, error=repr(e))
 
-    def _finish(self, s: _Seq, reason: str, matched, version: int) -> None:
-        s.done(SeqResult(s.out_ids, s.out_lp, reason, matched, version, len(s.prompt_ids)))
+    def _finish(self, s: _Seq, reason: str, matched, version: int, error: str | None = None) -> None:
+        with self._live_lock:
+            self._live.pop(id(s), None)
+        if reason == "abort" and error is None:
+            error = s.abort_message
+        s.done(SeqResult(s.out_ids, s.out_lp, reason, matched, version, len(s.prompt_ids), error=error))
         s.done = None
 
     def _stop_reason(self, s: _Seq, tok: int):
@@ -238,7 +265,9 @@ class LocalEngine:
 
         version = self._policy_version
         for s in seqs:
-            if s.params.max_new_tokens == 0:
+            if s.abort_at == 0:
+                self._finish(s, "abort", None, version)
+            elif s.params.max_new_tokens == 0:
                 self._finish(s, "length", None, version)
         seqs = [s for s in seqs if s.done is not None]
         if not seqs:
@@ -273,6 +302,8 @@ class LocalEngine:
                 s.out_ids.append(ids[i])
                 s.out_lp.append(lps[i])
                 reason, matched = self._stop_reason(s, ids[i])
+                if reason is None and s.abort_at is not None and len(s.out_ids) >= s.abort_at:
+                    reason, matched = "abort", None
                 if reason is None:
                     keep.append(i)
                 else:
