@@ -5,6 +5,12 @@ pack whole samples into one row of at most `budget` tokens (no padding): positio
 for every sample and a block-diagonal causal mask keeps samples from attending to each other.
 Row r of a sample's statistics describes response token r, predicted at position
 prompt_len + r - 1 of the packed sequence (the teacher server uses the same convention).
+
+Attention implementations: the block mask is a 4-D boolean mask, which SDPA takes as is; eager
+attention ADDS its mask to the scores (a boolean one would add 0/1 and let samples see each
+other), so it gets the same mask as an additive float mask (0 / the dtype's minimum):
+``attention_mask_for``. Implementations that take no 4-D mask (flash_attention_2, flex) are
+refused by the config (``model.attn_implementation``).
 """
 
 from __future__ import annotations
@@ -75,11 +81,16 @@ def _stats(samples: list[Sample]) -> TeacherStats | None:
             return None
         return torch.from_numpy(np.concatenate([s.teacher[key] for s in samples])).to(dtype)
 
+    pad = None
+    if any(s.teacher.get("topk_pad") is not None for s in samples):
+        pad = torch.from_numpy(np.concatenate([
+            s.teacher["topk_pad"] if s.teacher.get("topk_pad") is not None
+            else np.zeros(s.teacher["topk_ids"].shape, dtype=bool) for s in samples]))
     return TeacherStats(topk_ids=cat("topk_ids", torch.long), topk_logprobs=cat("topk_logprobs", torch.float32),
                         tail_logmass=cat("tail_logmass", torch.float32),
                         sampled_logprob=cat("sampled_logprobs", torch.float32),
                         s_topk_ids=cat("s_topk_ids", torch.long), extra_logprobs=cat("extra_logprobs", torch.float32),
-                        full_logprobs=cat("full_logprobs", torch.float32))
+                        full_logprobs=cat("full_logprobs", torch.float32), topk_pad=pad)
 
 
 def build_micro_batch(samples: list[Sample], seq_offset: int = 0) -> MicroBatch:
@@ -109,24 +120,48 @@ def build_micro_batch(samples: list[Sample], seq_offset: int = 0) -> MicroBatch:
         advantages=torch.tensor(adv, dtype=torch.float32), stats=_stats(samples))
 
 
-def teacher_arrays(stats, student_vocab: int) -> dict:
-    """Client `TeacherStats` -> the arrays a Sample carries. A teacher whose logit width exceeds
-    the student's by padding rows may name ids >= student_vocab: their (negligible) mass moves
-    into the tail bucket and the slot gets an unused in-range id with log-prob -1e4 (p = 0)."""
+def attention_mask_for(mask: torch.Tensor | None, attn_implementation: str, dtype: torch.dtype):
+    """The micro-batch's boolean block mask in the form ``attn_implementation`` honours."""
+    if mask is None or attn_implementation == "sdpa":
+        return mask
+    if attn_implementation == "eager":
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, torch.finfo(dtype).min)
+    raise ValueError(f"packed micro-batches need sdpa or eager attention, not {attn_implementation!r}")
+
+
+def teacher_arrays(stats, student_vocab: int, s_topk_ids: np.ndarray | None = None) -> dict:
+    """Client `TeacherStats` -> the arrays a Sample carries.
+
+    A teacher whose logit width exceeds the student's by padding rows may name ids >= student_vocab
+    in its top-k: their mass moves into the tail bucket (log-add), and the slot becomes padding
+    (``topk_pad``): its id repeats the row's most probable real id and its log-prob is -inf, so it
+    counts for nothing in the loss (no student id is penalised for it). A row whose whole top-k is
+    padding keeps id 0 as a real category with log-prob -inf. ``full_logprobs`` wider than the
+    student is cut to the student's ids and renormalised. ``s_topk_ids``: the student's top ids
+    the teacher was asked about (``extra_logprobs`` are its log-probs there)."""
     out = {"sampled_logprobs": stats.sampled_logprobs, "topk_ids": stats.topk_ids,
            "topk_logprobs": stats.topk_logprobs, "tail_logmass": stats.tail_logmass,
            "extra_logprobs": stats.extra_logprobs, "full_logprobs": stats.full_logprobs}
+    if s_topk_ids is not None:
+        out["s_topk_ids"] = np.asarray(s_topk_ids, dtype=np.int64)
     ids = stats.topk_ids
     if ids is not None and ids.size and ids.max() >= student_vocab:
-        ids, lps, tail = ids.copy(), stats.topk_logprobs.copy(), stats.tail_logmass.copy()
-        for r in np.nonzero((ids >= student_vocab).any(1))[0]:
-            bad = ids[r] >= student_vocab
+        ids, lps, tail = ids.copy(), stats.topk_logprobs.astype(np.float32), stats.tail_logmass.astype(np.float32)
+        pad = ids >= student_vocab
+        for r in np.nonzero(pad.any(1))[0]:
+            bad = pad[r]
             tail[r] = np.logaddexp(tail[r], np.logaddexp.reduce(lps[r][bad]))
-            free = np.setdiff1d(np.arange(student_vocab), ids[r][~bad])[: int(bad.sum())]
-            ids[r][bad], lps[r][bad] = free, -1e4
-            order = np.argsort(ids[r])
-            ids[r], lps[r] = ids[r][order], lps[r][order]
-        out.update(topk_ids=ids, topk_logprobs=lps, tail_logmass=tail)
+            if bad.all():
+                ids[r], lps[r], pad[r] = 0, -np.inf, True
+                pad[r, 0] = False
+                continue
+            good = np.nonzero(~bad)[0]
+            ids[r][bad] = ids[r][good[np.argmax(lps[r][good])]]
+            lps[r][bad] = -np.inf
+            order = np.lexsort((pad[r], ids[r]))  # by id, the padding after its twin
+            ids[r], lps[r], pad[r] = ids[r][order], lps[r][order], pad[r][order]
+        out.update(topk_ids=ids, topk_logprobs=lps, tail_logmass=tail, topk_pad=pad)
     if stats.full_logprobs is not None and stats.full_logprobs.shape[1] > student_vocab:
-        out["full_logprobs"] = stats.full_logprobs[:, :student_vocab]
+        full = stats.full_logprobs[:, :student_vocab].astype(np.float64)
+        out["full_logprobs"] = (full - np.logaddexp.reduce(full, axis=1, keepdims=True)).astype(np.float32)
     return out
