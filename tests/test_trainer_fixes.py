@@ -304,3 +304,30 @@ def test_zero_signal_steps_warned_and_counted(models, tmp_path, caplog):
     assert all(r["loss"] == 0.0 for r in rows)
     msgs = [r.getMessage() for r in caplog.records if "trains nothing" in r.getMessage()]
     assert len(msgs) == 2 and "every GRPO advantage is 0" in msgs[0] and "equal rewards" in msgs[0]
+
+
+def test_zero_signal_reasons():
+    """The other ways a step trains nothing (PACED weights all 0, no scored token) are named; a
+    mix with a distillation term never counts, even when every GRPO advantage is 0."""
+    import torch as _t
+
+    from student_trainer import losses as L
+    from student_trainer.batching import Sample
+    from student_trainer.trainer import _zero_signal_reason
+
+    def mk(reward, group, mask=(1, 1)):
+        return Sample(token_ids=[1, 2, 3, 4], prompt_len=2, response_mask=list(mask), rollout_logprobs=[0.0, 0.0],
+                      group=group, reward=reward)
+
+    ss = [mk(0.0, 0), mk(0.0, 0), mk(1.0, 1), mk(1.0, 1)]
+    w = L.paced_weights(_t.tensor([s.reward for s in ss]), group_ids_B=_t.tensor([s.group for s in ss]))
+    for s, x in zip(ss, w.tolist()):
+        s.weight = x
+    assert "PACED" in _zero_signal_reason(ss, (("reverse_kl", 1.0),))
+    ss = [mk(0.5, 0, (0, 0)), mk(0.5, 0, (0, 0))]
+    assert "no model-generated token" in _zero_signal_reason(ss, (("reverse_kl", 1.0),))
+    ss = [mk(0.0, 0), mk(0.0, 0)]  # advantages 0
+    assert "GRPO advantage" in _zero_signal_reason(ss, (("ppo", 1.0),))
+    assert _zero_signal_reason(ss, (("reverse_kl", 1.0), ("ppo", 0.5))) is None
+    ss[0].advantage = 0.7
+    assert _zero_signal_reason(ss, (("ppo", 1.0),)) is None
