@@ -10,6 +10,7 @@ source. Fixtures under tests/fixtures/sglang/ were written by hand from sglang 0
 import asyncio
 import json
 import logging
+import sys
 import time
 
 import pytest
@@ -183,9 +184,12 @@ def test_stand_in_matches_sglang_classes(sgl, engine, models):
                 want = 200 if d.allowed else d.error_status_code
                 assert auth_status("POST", path, header, api_key, admin) == want, (path, api_key, admin, header)
 
-    # ... and over HTTP, through the trainer's client.
-    svc = RolloutService(engine, models[1], api_key=KEY)
-    with ServerThread(svc) as url:
+    # ... and over HTTP: `opd rollout-server --api-key`, through the trainer's client.
+    from rollout.launcher import launch_server
+
+    with launch_server(models[1], command=[sys.executable, "-m", "opd", "rollout-server"],
+                       extra_args=["--api-key", KEY], timeout_s=120) as srv:
+        url = srv.url
         assert http_json(url + "/generate", {"input_ids": PROMPT}) == (401, {"error": "Unauthorized"})
         assert http_json(url + "/model_info", method="GET")[0] == 401
         assert http_json(url + "/update_weights_from_disk", {"model_path": "/x"})[0] == 401
@@ -214,7 +218,8 @@ def test_aborts_and_a_dead_engine(engine, models, tmp_path, caplog, monkeypatch)
     ta, tb = ServerThread(svc_a), ServerThread(svc_b)
     url_a, url_b = ta.__enter__(), tb.__enter__()
     port_b = tb.server.server_address[1]
-    client = SGLangEngine([url_a, url_b], max_attempts=2, retry_backoff_s=0.01, probe_backoff_s=0.2)
+    client = SGLangEngine([url_a, url_b], max_attempts=2, retry_backoff_s=0.01, probe_backoff_s=0.2,
+                          max_probe_backoff_s=0.8)
     try:
         p = SamplingParams(n=2, max_new_tokens=4, ignore_eos=True, seed=1)
         # Retried: one abort, then a full sample.
@@ -278,11 +283,16 @@ def test_aborts_and_a_dead_engine(engine, models, tmp_path, caplog, monkeypatch)
         th_b = threading.Thread(target=srv.serve_forever, daemon=True)
         th_b.start()
         try:
-            time.sleep(0.25)
+            out, deadline = [], time.monotonic() + 30
             with caplog.at_level(logging.WARNING, logger="opd.rollout"):
-                out = asyncio.run(collect(client, [PROMPT] * 3, p))
-            assert len(out) == 6 and client.stats["engine_rejoined"] == 1
-            assert svc_b2.weight_version == "7" and svc_b2.generated > 0
+                while not client.stats["engine_rejoined"] and time.monotonic() < deadline:
+                    time.sleep(0.1)  # the next probe is due within the capped backoff (0.8 s)
+                    got = asyncio.run(collect(client, [PROMPT], p))
+                    assert len(got) == 2
+                    out += got
+            assert client.stats["engine_rejoined"] == 1 and svc_b2.weight_version == "7"
+            out += asyncio.run(collect(client, [PROMPT] * 2, p))  # round-robin over both again
+            assert svc_b2.generated >= 2 and client.alive_urls() == [url_a, url_b]
             assert {r.policy_version for r in out} == {7}
             assert any("rejoins" in r.message for r in caplog.records)
         finally:
