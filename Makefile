@@ -12,7 +12,7 @@ export DS_ACCELERATOR ?= cpu
 export OMP_NUM_THREADS ?= 2
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup prereqs demo test test-all proto clean
+.PHONY: setup prereqs demo test test-all proto clean sglang-reference
 
 # A C++ compiler, OpenMP and the Python headers (DeepSpeed compiles its CPU Adam on first use):
 # checked before anything is installed, with one line saying what to install.
@@ -37,6 +37,12 @@ test: setup prereqs
 
 test-all: setup prereqs
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# SGLang 0.5.23's own request/response classes for tests/test_rollout_sglang_semantics.py: its pure-
+# Python wheel (pip download --no-deps, from PyPI) unpacked into $$OPD_SGLANG_CACHE (default
+# ~/.cache/opd/sglang-0.5.23). The test does the same on first use; this target does it ahead.
+sglang-reference: setup
+	$(BIN)/python -c "from tests.sglang_reference import ensure_source; print(ensure_source())"
 
 # Regenerate the Python message module from proto/ (the generated file is committed).
 proto: setup
