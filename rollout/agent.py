@@ -38,10 +38,12 @@ class ToolAgent:
             return text
         return self.tokenizer.decode(ids[:self.config.max_tool_response_tokens]) + " ...[truncated]"
 
-    async def _turn(self, ids: list[int], params: SamplingParams) -> Rollout:
+    async def _turn(self, ids: list[int], params: SamplingParams) -> Rollout | None:
+        """One model turn, or None if the engine dropped it (SGLangEngine leaves out samples that
+        stayed aborted or failed after its retries)."""
         out = [r async for r in self.engine.generate([ids], params)]
-        assert len(out) == 1
-        return out[0]
+        assert len(out) <= 1
+        return out[0] if out else None
 
     async def run(self, prompt_ids: Sequence[int], params: SamplingParams, *, prompt_index: int = 0,
                   sample_index: int = 0, group_id: int | None = None, metadata: dict | None = None) -> Rollout:
@@ -58,6 +60,9 @@ class ToolAgent:
                 break
             turn_seed = None if seed is None else seed + 7919 * turns
             r = await self._turn(prompt_ids + resp, replace(params, n=1, max_new_tokens=remaining, seed=turn_seed))
+            if r is None:  # the trajectory is incomplete: reported as aborted (never trained on)
+                finish = "abort"
+                break
             turns += 1
             version = r.policy_version if version is None else min(version, r.policy_version)
             resp += r.response_ids

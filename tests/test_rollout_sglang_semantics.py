@@ -235,6 +235,23 @@ def test_aborts_and_a_dead_engine(engine, models, tmp_path, caplog, monkeypatch)
             return [r async for r in eng.generate(prompts, params)]
         assert asyncio.run(collect(one, [PROMPT], SamplingParams(max_new_tokens=3))) == []
         assert one.stats["dropped"] == 1 and one.stats["aborted"] == 3 and one.stats["retried"] == 2
+        # The tool loop over such an engine ends that trajectory as aborted (the trainer drops it).
+        from rollout.agent import ToolAgent
+        from rollout.tools import default_tools
+
+        svc_a.abort_next(2)
+        traj = asyncio.run(ToolAgent(one, engine.tokenizer, default_tools()).run(PROMPT, SamplingParams(max_new_tokens=3)))
+        assert traj.finish_reason == "abort" and traj.response_ids == [] and one.stats["dropped"] == 2
+        # Through a router: /generate goes to the router URL only, control calls to the workers only.
+        routed = SGLangEngine([url_b], router_url=url_a)
+        before = (svc_a.generated, svc_b.generated)
+        assert len(asyncio.run(collect(routed, [PROMPT], SamplingParams(n=2, max_new_tokens=2)))) == 2
+        assert (svc_a.generated, svc_b.generated) == (before[0] + 2, before[1])
+        asyncio.run(routed.pause_generation("retract"))
+        assert svc_b.paused and not svc_a.paused
+        asyncio.run(routed.continue_generation())
+        assert not svc_b.paused
+        routed.close()
         one.close()
 
         # Real aborts through SGLang's routes: pause_generation(mode=abort) ends what is running
