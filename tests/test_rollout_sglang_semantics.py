@@ -162,13 +162,27 @@ def test_stand_in_matches_sglang_classes(sgl, engine, models):
         not_applicable = {"output_top_logprobs", "input_top_logprobs", "output_token_ids_logprobs",
                           "input_token_ids_logprobs", "hidden_states", "image_tokens", "audio_tokens", "video_tokens"}
         meta_fields = set(sgl.api_types.GenerateMetaInfo.__struct_fields__) - not_applicable
+        at = sgl.api_types
         for item in [single, aborted] + batch:
-            decoded = sgl.api_types.GenerateResponse.from_json_value(item)
+            decoded = at.GenerateResponse.from_json_value(item)
+            # the decoder falls back to a plain dict for a finish_reason that does not fit its structs
+            assert isinstance(decoded.meta_info.finish_reason, (at.FinishStop, at.FinishLength, at.FinishAbort))
+            assert [e.token_id for e in decoded.meta_info.output_token_logprobs] == item["output_ids"]
             assert decoded.output_ids == item["output_ids"] and decoded.meta_info.id == item["meta_info"]["id"]
             assert meta_fields <= set(item["meta_info"]), meta_fields - set(item["meta_info"])
             assert set(item) <= set(sgl.api_types.GenerateResponse.__struct_fields__)
         s, info = http_json(url + "/model_info", method="GET")
         assert s == 200 and set(info) == sgl.model_info_keys
+    # The client reads what SGLang's own encoder writes (here an aborted sample and a stop).
+    from rollout.sglang_client import parse_generate_item
+
+    lp = [at.LogprobEntry(logprob=-0.5, token_id=17), at.LogprobEntry(logprob=-1.5, token_id=4)]
+    for fr, kind in [(at.FinishAbort(message="Abort before prefill"), "abort"), (at.FinishStop(matched=4), "stop")]:
+        wire = at.GenerateResponse(output_ids=[17, 4], meta_info=at.GenerateMetaInfo(
+            id="r", prompt_tokens=9, completion_tokens=2, finish_reason=fr, output_token_logprobs=lp,
+            weight_version="3")).to_json_value()
+        got = parse_generate_item(json.loads(json.dumps(wire)))
+        assert (got.finish_reason, got.output_ids, got.logprobs, got.weight_version) == (kind, [17, 4], [-0.5, -1.5], "3")
 
     # 5. API keys: the stand-in's decision equals SGLang's middleware on every route either serves.
     assert ADMIN_OPTIONAL_ROUTES <= {p for p, r in sgl.routes.items() if r["auth"] == "ADMIN_OPTIONAL"}
