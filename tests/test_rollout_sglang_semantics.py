@@ -384,3 +384,22 @@ def test_trainer_sglang_warmup_engine_aborts_and_api_key(models, tmp_path):
     assert [s.weight_version for s in students] == ["2", "2"] and warm.weight_version == "default"
     rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("groups_dropped") for r in rows if "groups_dropped" in r] == [1, 0]
+
+
+@pytest.mark.parametrize("args,parts", [
+    (["rollout.engine=sglang", "rollout.urls=http://a:1", "warmup.steps=2"], ["warmup.steps", "warmup.rollout_url"]),
+    (["rollout.engine=sglang", "rollout.urls=http://a:1,http://b:1", "warmup.steps=2", "warmup.rollout_url=http://b:1/"],
+     ["warmup.rollout_url", "http://b:1", "student engine"]),
+    (["rollout.engine=sglang", "rollout.urls=http://a:1", "warmup.steps=2", "warmup.rollout_url=http://t:1",
+      "warmup.teacher_model=/t"], ["warmup.teacher_model", "'/t'", "warmup.rollout_url"]),
+    (["warmup.steps=2", "warmup.teacher_model=/t", "warmup.rollout_url=http://t:1"], ["warmup.rollout_url", "sglang"]),
+    (["warmup.rollout_url=http://t:1"], ["warmup.rollout_url", "warmup.steps > 0"]),
+    (["rollout.api_key=k"], ["rollout.api_key", "rollout.engine=sglang"]),
+    (["rollout.engine=sglang", "rollout.urls=http://a:1", "rollout.max_attempts=0"], ["rollout.max_attempts", "0", ">= 1"]),
+])
+def test_sglang_keys_checked_when_parsed(args, parts):
+    from student_trainer.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["model.student=/x", "data.task=arithmetic", "teacher.url=127.0.0.1:1", *args])
+    assert all(p in str(e.value) for p in parts), str(e.value)
