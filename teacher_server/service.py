@@ -183,6 +183,8 @@ class TeacherServicer:
         context.abort(code, _details(msg))
 
     def GetInfo(self, request: bytes, context):
+        if self.draining:
+            self._abort(context, grpc.StatusCode.UNAVAILABLE, "teacher is draining (shutting down); use another replica")
         try:
             pb.GetInfoRequest.FromString(request)
         except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends

@@ -162,8 +162,8 @@ def inproc(tiny_model_dir):
 
 def _bf16_ids():
     r = _req([1, 2, 3])
-    r.token_ids.dtype = pb.BFLOAT16   # the same 2-byte lanes would pass for uint16 ids
-    r.token_ids.data = np.asarray([0x3F80, 0x4000, 0x4040], dtype="<u2").tobytes()
+    r.token_ids.dtype = pb.BFLOAT16   # tiny bf16 numbers whose bits read as uint16 are ids 1, 2, 3
+    r.token_ids.data = np.asarray([1, 2, 3], dtype="<u2").tobytes()
     return r
 
 
@@ -227,20 +227,20 @@ def test_decompression_bomb_is_refused_without_inflating(proc, tiny_model_dir):
     server's peak RSS does not grow by anything like it (with and without a size in the frame)."""
     pid = proc.p.pid
     before = _proc_status(pid)
+    answers = []
     for content_size in (True, False):
         bomb = _bomb(256 << 20, content_size)
         assert len(bomb) < 16 << 10
         t = pb.Tensor(data=bomb, shape=[16], dtype=pb.INT32, compression=pb.ZSTD)
-        r = pb.ScoreRequest(request_id="bomb", token_ids=t)
-        _, code, details = _score(proc.url, [r])
-        assert code == grpc.StatusCode.INVALID_ARGUMENT
-        assert "token_ids: cannot decode: zstd" in details and "need 64" in details
+        answers.append(("token_ids", "need 64", _score(proc.url, [pb.ScoreRequest(request_id="bomb", token_ids=t)])))
         e = _req([1, 2, 3], statistics=[pb.EXTRA_LOGPROBS], extra=np.zeros((2, 1), np.int32))
         e.extra_ids.CopyFrom(pb.Tensor(data=bomb, shape=[2, 1], dtype=pb.INT32, compression=pb.ZSTD))
-        _, code, details = _score(proc.url, [e])
-        assert code == grpc.StatusCode.INVALID_ARGUMENT and "extra_ids: cannot decode: zstd" in details
+        answers.append(("extra_ids", "need 8", _score(proc.url, [e])))
     after = _proc_status(pid)
-    assert after["VmHWM"] - before["VmHWM"] < 48 << 20, (before, after)
+    assert after["VmHWM"] - before["VmHWM"] < 48 << 20, (before, after)   # 256 MiB if inflated
+    for field, need, (_, code, details) in answers:
+        assert code == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{field}: cannot decode: zstd" in details and need in details, details
     # a well-formed zstd tensor still works
     ids = np.arange(3, 40)
     r = _req(ids)
@@ -436,6 +436,13 @@ def test_sigterm_drains_with_health_not_serving_and_exits_zero(proc, tiny_model_
         assert statuses[-1] == health_pb2.HealthCheckResponse.NOT_SERVING, statuses
         _, code, details = _score(proc.url, [_req(ids)])
         assert code == grpc.StatusCode.UNAVAILABLE and "draining" in details
+        ch = grpc.insecure_channel(proc.url)
+        try:
+            with pytest.raises(grpc.RpcError) as ei:
+                ch.unary_unary(f"/{SERVICE}/GetInfo")(b"", timeout=10)
+            assert ei.value.code() == grpc.StatusCode.UNAVAILABLE and "draining" in ei.value.details()
+        finally:
+            ch.close()
     finally:
         draining.set()
     [t.join(60) for t in threads]
@@ -445,6 +452,41 @@ def test_sigterm_drains_with_health_not_serving_and_exits_zero(proc, tiny_model_
     assert sorted(done) == list(range(6)) and all(len(v) == 11 for v in done.values())
     _check_sampled(tiny_model_dir, done[0][-1], ids)
     assert any("opd teacher: stopped" in line for line in proc.lines)
+
+
+@pytest.mark.slow
+def test_sigterm_under_plain_load_exits_zero_every_time(tiny_model_dir):
+    """Five fresh servers, each stopped by SIGTERM while four clients stream work: every run exits
+    0 within the grace period, and each client either got all its results or was refused cleanly."""
+    from teacher_server.client import TeacherUnavailableError
+
+    seqs = [list(range(1, 150))] * 30
+    for run in range(5):
+        p = Proc(tiny_model_dir)
+        try:
+            outcomes = []
+
+            def load():
+                try:
+                    with TeacherClient(p.url, max_retries=0) as c:
+                        got = c.score(seqs, [1] * len(seqs))
+                    outcomes.append(len(got) == len(seqs) and all(g.num_positions == 148 for g in got))
+                except TeacherUnavailableError:
+                    outcomes.append(True)   # refused (draining or stopped): the client moves on
+
+            threads = [threading.Thread(target=load) for _ in range(4)]
+            [t.start() for t in threads]
+            time.sleep(0.3 + 0.2 * run)
+            t0 = time.monotonic()
+            p.p.send_signal(signal.SIGTERM)
+            assert p.p.wait(GRACE_S + 10) == 0, f"run {run}"
+            assert time.monotonic() - t0 < GRACE_S + 5
+            [t.join(60) for t in threads]
+            assert outcomes == [True] * 4, (run, outcomes)
+        finally:
+            if p.p.poll() is None:
+                p.p.kill()
+                p.p.wait(10)
 
 
 # ---- batch isolation (in-process server: a test-only way to poison one item) -------------------
@@ -627,7 +669,7 @@ def test_fuzz_long(inproc, tiny_model_dir, seed):
     ("--max-unread-mb-per-stream", "nan", "--max-unread-mb-per-stream nan: expected a number of MiB"),
     ("--max-workers", "0", "--max-workers 0: expected at least 1"),
     ("--grace-s", "-1", "--grace-s -1: expected >= 0 seconds"),
-])
+], ids=["unread-zero", "unread-nan", "workers-zero", "grace-negative"])
 def test_bad_fault_flags_exit_2_before_the_model_loads(tmp_path, monkeypatch, capsys, flag, value, message):
     from opd.cli import main
 
