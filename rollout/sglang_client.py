@@ -147,7 +147,7 @@ class SGLangEngine:
                  timeout_s: float = 3600.0, api_key: str | None = None, admin_api_key: str | None = None,
                  sync_dir: str | None = None, base_model_dir: str | None = None, policy_version: int = 0,
                  max_attempts: int = 3, retry_backoff_s: float = 0.5, probe_backoff_s: float = 1.0,
-                 max_probe_backoff_s: float = 30.0):
+                 max_probe_backoff_s: float = 30.0, wait_for_engine_s: float = 600.0):
         self.urls = [urls] if isinstance(urls, str) else list(urls)
         if not self.urls:
             raise ValueError("SGLangEngine needs at least one server URL")
@@ -162,6 +162,7 @@ class SGLangEngine:
         self.sync_dir, self.base_model_dir = sync_dir, base_model_dir
         self.max_attempts, self.retry_backoff_s = max(1, max_attempts), retry_backoff_s
         self.probe_backoff_s, self.max_probe_backoff_s = probe_backoff_s, max_probe_backoff_s
+        self.wait_for_engine_s = wait_for_engine_s  # every engine down: a request waits this long for one
         # aborted: samples that came back with finish_reason abort; failed: requests that errored;
         # retried: attempts after the first; dropped: samples given up; engine_down / engine_rejoined.
         self.stats: collections.Counter = collections.Counter()
@@ -262,9 +263,15 @@ class SGLangEngine:
 
     # ---- generation ------------------------------------------------------------------------
     def _generate_sync(self, body: dict) -> GenerateOutput:
-        url = self._pick()
-        if url is None:
-            raise EngineDown("no rollout engine is reachable: " + ", ".join(self._targets))
+        url, deadline = self._pick(), time.monotonic() + self.wait_for_engine_s
+        while url is None:  # every engine is down: wait for the next probe rather than spend attempts
+            with self._lock:
+                due = min(self._workers[u].next_probe for u in self._targets)
+            if time.monotonic() >= deadline:
+                raise EngineDown(f"no rollout engine answered for {self.wait_for_engine_s:.0f} s: "
+                                 + ", ".join(self._targets))
+            time.sleep(min(max(due - time.monotonic(), 0.05), max(deadline - time.monotonic(), 0.0), 5.0))
+            url = self._pick()
         key = self.api_key
         try:
             status, resp = http_json(url + "/generate", body, timeout_s=self.timeout_s, api_key=key)

@@ -329,6 +329,24 @@ def test_aborts_and_a_dead_engine(engine, models, tmp_path, caplog, monkeypatch)
         finally:
             srv.shutdown()
             srv.server_close()
+        # Every engine down: a request waits for one to come back instead of spending its attempts.
+        only_b = SGLangEngine([url_b], max_attempts=1, probe_backoff_s=0.1, max_probe_backoff_s=0.2)
+        only_b._mark_down(url_b, "test")
+        srv = make_server(RolloutService(engine, models[1]), "127.0.0.1", port_b)
+        later = threading.Timer(0.5, srv.serve_forever)
+        later.daemon = True
+        later.start()
+        try:
+            got = asyncio.run(only_b.sample(PROMPT, SamplingParams(max_new_tokens=2)))
+            assert got is not None and only_b.stats["failed"] == 0 and only_b.stats["engine_rejoined"] == 1
+            only_b.wait_for_engine_s = 0.3
+            only_b._mark_down(url_b, "test")
+            srv.shutdown()
+            srv.server_close()
+            assert asyncio.run(only_b.sample(PROMPT, SamplingParams(max_new_tokens=2))) is None
+            assert "no rollout engine answered" in only_b.last_error
+        finally:
+            only_b.close()
     finally:
         client.close()
         ta.__exit__(None, None, None)
