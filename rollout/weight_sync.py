@@ -65,9 +65,11 @@ def open_group(master_address: str, master_port: int, rank: int, world_size: int
     if not group_name:
         raise ValueError("group_name must not be empty")
     timeout = datetime.timedelta(seconds=timeout_s)
-    store, rank, world_size = next(dist.rendezvous(f"tcp://{master_address}:{master_port}", rank, world_size,
-                                                   timeout=timeout))
-    store.set_timeout(timeout)
+    # What torch's tcp:// rendezvous makes outside torchrun: rank 0 hosts the store. (Under torchrun,
+    # TORCHELASTIC_USE_AGENT_STORE makes that rendezvous a client of the launcher's store on every
+    # rank, and a trainer started by torchrun would wait for a store nobody hosts.)
+    store = dist.TCPStore(master_address, int(master_port), world_size, is_master=rank == 0, timeout=timeout,
+                          multi_tenant=True)
     # SGLang's PrefixStore(group_name), then the two prefixes torch's group helper adds
     device = "cpu" if backend == "gloo" else "cuda"
     store = dist.PrefixStore(f"{device}/", dist.PrefixStore(f"{group_name}/", dist.PrefixStore(group_name, store)))
@@ -199,15 +201,20 @@ class EngineSync:
     def urls(self) -> list[str]:
         return self.engines.urls
 
-    def _with_retries(self, what: str, attempt):
-        """attempt() -> list of (url, reply); repeat while any answer is success: false."""
+    def _with_retries(self, what: str, attempt, together: bool = False):
+        """attempt(urls) -> list of (url, reply); while some answer success: false, send it again to
+        those engines (to all of them if `together`: a broadcast needs every rank of the group)."""
+        urls = list(self.urls)
         for k in range(self.retries + 1):
-            replies = attempt()
+            replies = attempt(urls)
             bad = [(u, r) for u, r in replies if self.engines.failed(r)]
-            if not bad:
-                for u, r in replies:
+            for u, r in replies:
+                if (u, r) not in bad:
                     self.engines.check(u, what, r)
-                return [r for _, r in replies]
+            if not bad:
+                return
+            if not together:
+                urls = [u for u, _ in bad]
             if k == self.retries:
                 raise WeightSyncError(f"{what} failed after {self.retries + 1} attempts: "
                                       + "; ".join(f"{u}: {r[1]}" for u, r in bad))
@@ -261,9 +268,9 @@ class DiskSync(EngineSync):
     def push(self, path: str, version: int) -> None:
         body = {"model_path": str(path), "weight_version": str(version), "flush_cache": True,
                 "abort_all_requests": False}
-        self._with_retries("/update_weights_from_disk", lambda: [
-            (u, f.result()) for u, f in zip(self.urls, self.engines.start(
-                "/update_weights_from_disk", [body] * len(self.urls)))])
+        self._with_retries("/update_weights_from_disk", lambda urls: [
+            (u, f.result()) for u, f in zip(urls, self.engines.start("/update_weights_from_disk", [body] * len(urls),
+                                                                     urls))])
         self.verify_version(version)
 
 
@@ -322,14 +329,14 @@ class DistributedSync(EngineSync):
                "shapes": [list(t.shape) for _, t in bucket], "group_name": self.group_name,
                "flush_cache": False, "abort_all_requests": False, "weight_version": version}
 
-        def attempt():
-            futs = self.engines.start("/update_weights_from_distributed", [req] * len(self.urls))
+        def attempt(urls):
+            futs = self.engines.start("/update_weights_from_distributed", [req] * len(urls), urls)
             for _, t in bucket:  # the engines receive once per name, in list order
                 broadcast(self.pg, t.detach().contiguous())
             if self.backend == "nccl":
                 torch.cuda.synchronize()
-            return [(u, f.result()) for u, f in zip(self.urls, futs)]
-        self._with_retries("/update_weights_from_distributed", attempt)
+            return [(u, f.result()) for u, f in zip(urls, futs)]
+        self._with_retries("/update_weights_from_distributed", attempt, together=True)
 
     def close(self) -> None:
         if self.pg is not None:
@@ -396,9 +403,10 @@ class TensorSync(EngineSync):
                 reqs = [{"serialized_named_tensors": serialize_named_tensors(bucket, tp), "load_format": None,
                          "flush_cache": False, "abort_all_requests": False,
                          "weight_version": str(version) if i == n_buckets - 1 else None} for tp in self.tp]
-                self._with_retries("/update_weights_from_tensor", lambda: [
-                    (u, f.result()) for u, f in zip(self.urls, self.engines.start("/update_weights_from_tensor",
-                                                                                   reqs))])
+                by_url = dict(zip(self.urls, reqs))
+                self._with_retries("/update_weights_from_tensor", lambda urls: [
+                    (u, f.result()) for u, f in zip(urls, self.engines.start(
+                        "/update_weights_from_tensor", [by_url[u] for u in urls], urls))])
         self._session(body)
         self.verify_version(version)
 

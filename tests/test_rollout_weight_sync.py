@@ -193,3 +193,122 @@ def test_distributed_sync_zero2_two_servers_with_a_failed_update(models, tmp_pat
                 tr.close()
     finally:
         servers.close()
+
+
+def test_distributed_sync_zero3_gathers_bucket_by_bucket(models, tmp_path):
+    """ZeRO-3, one trainer rank, one server: the parameters are partitioned, each bucket is
+    gathered, broadcast and released; the server still ends every step with the trainer's weights."""
+    from student_trainer.trainer import Trainer
+
+    teacher, student = models
+    servers = Servers(student, 1)
+    try:
+        with running_server(teacher) as (_, url):
+            tr = Trainer(_cfg(student, url, tmp_path / "z3", "run.steps=2", "optim.zero_stage=3",
+                              f"rollout.urls={servers.urls[0]}", "rollout.sync_bucket_mb=0.1"))
+            try:
+                n_buckets, it = tr.engine.weight_buckets(int(0.1 * 2**20))
+                assert n_buckets > 2
+                for bucket in it:  # whole tensors inside the gather, partitions (empty) outside
+                    assert all(t.numel() > 0 for _, t in bucket)
+                assert all(p.data.numel() == 0 for p in tr.engine.module.student.parameters())
+                _run_and_check(tr, servers, 2)
+                calls = servers.svcs[0].weight_calls
+                assert calls["/begin_weight_update"] == calls["/end_weight_update"] == 3  # start + 2 steps
+                assert calls["/update_weights_from_distributed"] == 3 * n_buckets
+            finally:
+                tr.close()
+        assert servers.svcs[0].weight_calls["/destroy_weights_update_group"] == 1
+    finally:
+        servers.close()
+
+
+def test_disk_sync_reloads_each_engine_once_per_step(models, tmp_path):
+    """weight_sync=disk with two servers: one /update_weights_from_disk per server per step; one of
+    them answers SGLang's under-load success: false (weights loaded, cache not flushed) once, and
+    the trainer sends that update again."""
+    from student_trainer.trainer import Trainer
+
+    teacher, student = models
+    servers = Servers(student, 2)
+    try:
+        with running_server(teacher) as (_, url):
+            tr = Trainer(_cfg(student, url, tmp_path / "disk", "run.steps=2", "rollout.weight_sync=disk",
+                              f"rollout.urls={','.join(servers.urls)}", f"rollout.sync_dir={tmp_path / 'sync'}"))
+            try:
+                def fail_once(step, m):
+                    if step == 1:
+                        servers.svcs[0].fail_updates = 1
+                _run_and_check(tr, servers, 2, fail_once)
+                assert tr.wsync.updates_retried == 1
+            finally:
+                tr.close()
+        assert (tmp_path / "sync" / "model.safetensors").exists()
+        # start + 2 steps, plus the one retried call on the first server
+        assert [s.weight_calls["/update_weights_from_disk"] for s in servers.svcs] == [4, 3]
+        assert all(s.weight_calls["/begin_weight_update"] == 0 for s in servers.svcs)
+    finally:
+        servers.close()
+
+
+def _torchrun(student, teacher_url, out, *extra):
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    r = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "opd", "train",
+         "--teacher-url", teacher_url, f"--model.student={student}", "--model.dtype=fp32", "--data.task=arithmetic",
+         "--data.prompts_per_step=2", "--rollout.n=2", "--rollout.max_new_tokens=6", "--run.steps=2",
+         f"--run.out_dir={out}", "--run.plot=false", "--run.progress=false", "--run.tensorboard=false",
+         "--rollout.engine=sglang", "--rollout.sync_timeout_s=60", "--log-level", "WARNING", *extra],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _record_sessions(svc):
+    """Each server's weights (sha256 per tensor) and version at the end of every update session."""
+    seen, end = [], svc._w_end_weight_update
+
+    def recording_end(req):
+        ok, msg = end(req)
+        seen.append((svc.weight_version, checksums(svc.engine.model.state_dict())))
+        return ok, msg
+    svc._w_end_weight_update = recording_end
+    return seen
+
+
+@pytest.mark.slow
+def test_two_trainer_ranks_each_push_to_their_own_engine(models, tmp_path):
+    """torchrun, 2 ranks, 2 servers. distributed (ZeRO-3: both ranks gather every bucket, rank r
+    pushes to server r), then disk (rank 0 writes, each server reloads once per step, not once per
+    rank). After each run both servers hold the exported final weights."""
+    from safetensors.torch import load_file
+
+    teacher, student = models
+    with running_server(teacher) as (_, url):
+        for mode, stage in (("distributed", 3), ("disk", 2)):
+            servers = Servers(student, 2)
+            try:
+                sessions = [_record_sessions(s) for s in servers.svcs]
+                out = tmp_path / mode
+                rows = _torchrun(student, url, out, f"--rollout.urls={','.join(servers.urls)}",
+                                 f"--rollout.weight_sync={mode}", f"--optim.zero_stage={stage}",
+                                 "--rollout.sync_bucket_mb=0.1")
+                assert [(r["step"], r["policy_version_min"], r["policy_version_max"]) for r in rows] == [(1, 0, 0), (2, 1, 1)]
+                final = checksums(load_file(str(out / "hf" / "model.safetensors")))
+                for svc in servers.svcs:
+                    assert svc.weight_version == "2"
+                    assert checksums(svc.engine.model.state_dict()) == final
+                    assert svc.generated > 0  # both ranks' rollouts reach both servers
+                    if mode == "disk":
+                        assert svc.weight_calls["/update_weights_from_disk"] == 3  # start + one per step
+                        assert svc.weight_calls["/begin_weight_update"] == 0
+                    else:
+                        assert svc.weight_calls["/begin_weight_update"] == 3
+                        assert svc.weight_calls["/init_weights_update_group"] == 1
+                for rec in sessions if mode == "distributed" else []:
+                    assert [v for v, _ in rec] == ["0", "1", "2"] and rec[-1][1] == final
+                    assert rec[0][1] != rec[1][1] != rec[2][1]
+            finally:
+                servers.close()
