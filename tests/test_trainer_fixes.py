@@ -21,15 +21,16 @@ PAD_VOCAB = 520  # the padded teacher's logit width (the tokenizer and the stude
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, tiny_model_dir):
     """(teacher, padded teacher, student): the padded teacher is the teacher with 8 extra lm-head
-    rows (no token of the tokenizer) whose logits are large enough to enter its top-k often."""
+    rows (no token of the tokenizer) whose logits are large enough to enter its top-k often. The
+    tokenizer is the session's (conftest.tiny_model_dir): built once."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd.tiny import build_model
 
     root = tmp_path_factory.mktemp("fixes")
-    teacher = build_model(root / "teacher", "test", seed=1)
+    teacher = build_model(root / "teacher", "test", seed=1, tokenizer_dir=tiny_model_dir)
     student = build_model(root / "student", "test", seed=2, tokenizer_dir=teacher)
     m = AutoModelForCausalLM.from_pretrained(str(teacher), dtype=torch.float32)
     m.resize_token_embeddings(PAD_VOCAB, mean_resizing=False)
