@@ -40,6 +40,7 @@ from rollout.types import Rollout, SamplingParams
 
 SGLANG_VERSION_CHECKED = "0.5.23"
 API_KEY_ENV = "OPD_ROLLOUT_API_KEY"  # read when no api_key is passed (SGLang itself takes --api-key only)
+ADMIN_API_KEY_ENV = "OPD_ROLLOUT_ADMIN_API_KEY"
 log = logging.getLogger("opd.rollout")
 
 
@@ -158,6 +159,7 @@ class SGLangEngine:
         self._rr_next = 0
         self._lock = threading.Lock()
         api_key = api_key if api_key is not None else (os.environ.get(API_KEY_ENV) or None)
+        admin_api_key = admin_api_key if admin_api_key is not None else (os.environ.get(ADMIN_API_KEY_ENV) or None)
         self.timeout_s, self.api_key, self.admin_api_key = timeout_s, api_key, admin_api_key
         self.sync_dir, self.base_model_dir = sync_dir, base_model_dir
         self.max_attempts, self.retry_backoff_s = max(1, max_attempts), retry_backoff_s

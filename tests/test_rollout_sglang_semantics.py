@@ -18,7 +18,7 @@ import pytest
 from rollout import SamplingParams
 from rollout.local_engine import LocalEngine
 from rollout.server import RolloutService, ServerThread, make_server
-from rollout.sglang_client import SGLangEngine, http_json, to_sglang_sampling_params
+from rollout.sglang_client import SGLangEngine, SGLangError, http_json, to_sglang_sampling_params
 from rollout.sglang_contract import ADMIN_OPTIONAL_ROUTES, auth_status
 from tests import sglang_reference
 
@@ -202,18 +202,24 @@ def test_stand_in_matches_sglang_classes(sgl, engine, models):
     from rollout.launcher import launch_server
 
     with launch_server(models[1], command=[sys.executable, "-m", "opd", "rollout-server"],
-                       extra_args=["--api-key", KEY], timeout_s=120) as srv:
+                       extra_args=["--api-key", KEY, "--admin-api-key", "adm"], timeout_s=120) as srv:
         url = srv.url
         assert http_json(url + "/generate", {"input_ids": PROMPT}) == (401, {"error": "Unauthorized"})
         assert http_json(url + "/model_info", method="GET")[0] == 401
         assert http_json(url + "/update_weights_from_disk", {"model_path": "/x"})[0] == 401
         assert http_json(url + "/health", method="GET")[0] == 200  # open, as in SGLang
         assert http_json(url + "/health_generate", method="GET")[0] == 200
-        good = SGLangEngine(url, api_key=KEY)
+        good = SGLangEngine(url, api_key=KEY, admin_api_key="adm")
         nokey = SGLangEngine(url, max_attempts=3)
         try:
             assert asyncio.run(good.model_info())["weight_version"] == "default"
             assert asyncio.run(good.health())
+            asyncio.run(good.pause_generation("retract"))  # a control route: the admin key
+            asyncio.run(good.continue_generation())
+            plain = SGLangEngine(url, api_key=KEY)
+            with pytest.raises(SGLangError, match="401"):  # the api key alone does not open it
+                asyncio.run(plain.continue_generation())
+            plain.close()
             out = asyncio.run(good.sample(PROMPT, SamplingParams(max_new_tokens=2)))
             assert out is not None and len(out.output_ids) == 2
             assert asyncio.run(nokey.sample(PROMPT, SamplingParams(max_new_tokens=2))) is None
