@@ -25,6 +25,27 @@ def ensure_dist_env(local_rank: int = 0) -> None:
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK=str(local_rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
+def cache_cpu_info() -> None:
+    """DeepSpeed's CPU Adam asks py-cpuinfo about the CPU at every construction (twice), and
+    py-cpuinfo runs subprocesses for each answer (a second or more on a busy host); the CPU does not
+    change within a process, so the first answer is kept."""
+    try:
+        import cpuinfo
+    except ImportError:
+        return
+    if getattr(cpuinfo.get_cpu_info, "opd_cached", False):
+        return
+    original, kept = cpuinfo.get_cpu_info, []
+
+    def get_cpu_info():
+        if not kept:
+            kept.append(original())
+        return dict(kept[0])
+
+    get_cpu_info.opd_cached = True
+    cpuinfo.get_cpu_info = get_cpu_info
+
+
 def ds_config(optim, dtype: str, grad_accum: int = 1) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": 1,
@@ -65,6 +86,7 @@ class Engine:
         else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         ensure_dist_env(index)
+        cache_cpu_info()
         import deepspeed
 
         self._ds = deepspeed
