@@ -35,7 +35,9 @@ class RunLog:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(self.out / "tensorboard"))
-            except Exception:  # tensorboard is optional
+            except Exception as exc:  # tensorboard is optional (torch's writer needs the tensorboard package)
+                log.info("run.tensorboard: no event files (%s: %s; pip install tensorboard); metrics.jsonl has "
+                         "every value", type(exc).__name__, exc)
                 self.tb = None
 
     def step(self, m: dict) -> None:
