@@ -41,6 +41,9 @@ def add_arguments(p):
     p.add_argument("--eval-size", type=int, default=256, help="held-out problems for the accuracy numbers")
     p.add_argument("--eval-every", type=int, default=50, help="greedy eval during training every N steps (0 = off)")
     p.add_argument("--teacher-steps", type=int, default=300, help="SFT steps for the demo teacher (first run only)")
+    p.add_argument("--teacher-min-accuracy", type=float, default=0.9,
+                   help="the demo teacher trains (up to 3 extra rounds) until its greedy accuracy reaches this; "
+                        "tests pass 0 with a few --teacher-steps for a quick smoke run of the whole pipeline")
 
 
 def start_teacher_process(model_dir: Path, log_path: Path):
@@ -73,7 +76,8 @@ def main(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(f"[demo] {msg}", flush=True)  # noqa: E731
-    teacher_dir = demo_prep.prepare_teacher(args.cache_dir, steps=args.teacher_steps, log=say)
+    teacher_dir = demo_prep.prepare_teacher(args.cache_dir, steps=args.teacher_steps,
+                                            min_accuracy=args.teacher_min_accuracy, log=say)
     student_dir = demo_prep.prepare_student(args.cache_dir, log=say)
     evals = demo_prep.eval_examples(n=args.eval_size)
     teacher_acc = demo_prep.evaluate_accuracy(str(teacher_dir), None, evals)
