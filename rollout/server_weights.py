@@ -94,6 +94,26 @@ class WeightUpdates:
         self._groups: dict[str, object] = {}
         self.fail_updates = 0
         self.weight_calls: collections.Counter = collections.Counter()  # path -> calls (tests)
+        self.released: set[str] = set()  # memory tags released and not resumed
+        self.memory_log: list = []
+
+    def memory_route(self, path: str, body: dict) -> tuple[int, object]:
+        """/release_memory_occupation, /resume_memory_occupation (tags checked by the caller). As
+        SGLang without --enable-weights-cpu-backup: released weights lose their contents (here: NaN)
+        until weights are pushed again; release needs an idle server."""
+        tags = set(body.get("tags") or ("weights", "kv_cache", "cuda_graph"))
+        self.weight_calls[path] += 1
+        self.memory_log.append((path, sorted(tags)))
+        if path == "/resume_memory_occupation":
+            self.released -= tags
+            return 200, None
+        if not self.paused and self.engine.num_unfinished():
+            return 400, {"error": {"message": "release_memory_occupation should be called only when server is idle."}}
+        if "weights" in tags and "weights" not in self.released:
+            self.engine.load_state_dict_({k: torch.full_like(v, float("nan"))
+                                          for k, v in self.engine.model.state_dict().items()})
+        self.released |= tags
+        return 200, None
 
     def weight_route(self, path: str, body: dict) -> tuple[int, dict]:
         try:
@@ -223,5 +243,78 @@ class WeightUpdates:
     def _w_update_weights_from_tensor(self, req) -> tuple[bool, str]:
         if self._session is None:
             return False, "update_weights_from_tensor must run between begin_weight_update() and end_weight_update()"
-        return False, ("update_weights_from_tensor takes CUDA-IPC handles; opd rollout-server runs on CPU and cannot "
-                       "open them (use /update_weights_from_distributed with backend gloo)")
+        if self.engine.device.type != "cuda":
+            return False, ("update_weights_from_tensor takes CUDA-IPC handles; this opd rollout-server runs on "
+                           f"{self.engine.device} and cannot open them (start it with --device cuda, or use "
+                           "/update_weights_from_distributed with backend gloo)")
+        if req["load_format"] not in (None, "direct"):
+            return False, f"load_format {req['load_format']!r} is not supported by opd rollout-server (null or direct)"
+        payloads = req["serialized_named_tensors"]
+        try:
+            if not payloads or not isinstance(payloads[0], str):
+                raise ValueError("serialized_named_tensors must hold one base64 string per TP rank")
+            named = load_named_tensors(payloads[0])  # TP rank 0 reads entry 0
+        except Exception as e:
+            return False, f"Failed to deserialize serialized_named_tensors: {e}"
+        self._wait_idle()
+        try:
+            self.engine.load_state_dict_(dict(named))
+            torch.cuda.synchronize()  # done reading the sender's memory before it is told so
+        except Exception as e:
+            return False, f"Failed to update weights from tensor: {e}"
+        return self._finish_update(req, True, "Success")
+
+    def get_weights_by_name(self, body: dict) -> tuple[int, object]:
+        """/get_weights_by_name {"name", "truncate_size": 100}: the parameter as float lists, cut
+        after `truncate_size` entries of its first dimension (as SGLang's models answer it)."""
+        name, size = body.get("name"), body.get("truncate_size", 100)
+        if not isinstance(name, str) or not isinstance(size, int) or isinstance(size, bool):
+            return 400, {"object": "error", "message": "name (str) and truncate_size (int) are required",
+                         "type": "Bad Request", "param": None, "code": 400}
+        own = self.engine.model.state_dict()
+        if name not in own:
+            return 400, {"error": {"message": "Get parameter by name failed"}}
+        return 200, own[name].detach().float().cpu()[:size].tolist()
+
+
+# The globals a pickled [(name, CUDA tensor), ...] list refers to; all are on SGLang's allow-list.
+_TENSOR_GLOBALS = {("torch", "Tensor"), ("torch.nn.parameter", "Parameter"), ("torch", "Size"),
+                   ("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage"),
+                   ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"), ("collections", "OrderedDict")}
+_DTYPES = {"float32", "float", "float16", "half", "bfloat16", "float64", "double", "int64", "long", "int32", "int",
+           "int16", "int8", "uint8", "bool", "float8_e4m3fn", "float8_e5m2"}
+
+
+def _rebuild_cuda_tensor(*args):
+    """torch's rebuild_cuda_tensor with the device given as a GPU UUID (SGLang's patched form)."""
+    from torch.multiprocessing import reductions
+
+    dev = args[6]
+    if isinstance(dev, str):
+        found = [i for i in range(torch.cuda.device_count()) if str(torch.cuda.get_device_properties(i).uuid) == dev]
+        if not found:
+            raise ValueError(f"no GPU with uuid {dev} is visible to this server")
+        dev = found[0]
+    return reductions.rebuild_cuda_tensor(*args[:6], dev, *args[7:])
+
+
+def load_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
+    """One entry of `serialized_named_tensors` (base64 pickle of CUDA-IPC handles) opened with an
+    allow-list, as SGLang's SafeUnpickler does: any other global is refused."""
+    import base64
+    import io
+    import pickle
+
+    class Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
+                return _rebuild_cuda_tensor
+            if (module, name) in _TENSOR_GLOBALS or (module == "torch" and name in _DTYPES):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"Blocked unsafe global ({module}.{name}) during pickle deserialization")
+
+    obj = Unpickler(io.BytesIO(base64.b64decode(payload, validate=True))).load()
+    if not isinstance(obj, list) or not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str)
+                                            and isinstance(x[1], torch.Tensor) for x in obj):
+        raise ValueError("expected a list of (name, tensor) pairs (load_format null)")
+    return obj

@@ -258,6 +258,19 @@ class EngineSync:
     def connect(self) -> None:
         pass
 
+    def release_memory(self) -> None:
+        """Before training on a GPU the engine shares: its KV cache and weights give the memory back."""
+        if self.urls:
+            self.engines.all("/release_memory_occupation", {"tags": ["kv_cache", "weights"]})
+            self._released = {"kv_cache", "weights"}
+
+    def resume_memory(self, tags: Sequence[str]) -> None:
+        """Only what was released (SGLang fails on resuming a tag it did not release)."""
+        tags = [t for t in tags if t in getattr(self, "_released", ())]
+        if self.urls and tags:
+            self.engines.all("/resume_memory_occupation", {"tags": tags})
+            self._released -= set(tags)
+
     def close(self) -> None:
         self.engines.close()
 

@@ -90,7 +90,9 @@ def test_weight_sync_config_is_checked_when_parsed(tmp_path):
                        "memory, disk)"),
                       (sg + ["rollout.weight_sync=tensor"], "'tensor' (CUDA-IPC handles) needs run.device=cuda"),
                       (sg + ["rollout.weight_sync=nccl"], "rollout.weight_sync: 'nccl' is not one of auto, memory"),
-                      (sg + ["rollout.sync_bucket_mb=0"], "rollout.sync_bucket_mb: 0.0 must be > 0")]:
+                      (sg + ["rollout.sync_bucket_mb=0"], "rollout.sync_bucket_mb: 0.0 must be > 0"),
+                      (sg + ["rollout.release_memory=true", "rollout.staleness=1"],
+                       "rollout.release_memory: true needs rollout.engine=sglang and rollout.staleness=0")]:
         with pytest.raises(ConfigError) as ei:
             load_config(None, args)
         assert msg in str(ei.value)
@@ -197,7 +199,9 @@ def test_distributed_sync_zero2_two_servers_with_a_failed_update(models, tmp_pat
 
 def test_distributed_sync_zero3_gathers_bucket_by_bucket(models, tmp_path):
     """ZeRO-3, one trainer rank, one server: the parameters are partitioned, each bucket is
-    gathered, broadcast and released; the server still ends every step with the trainer's weights."""
+    gathered, broadcast and released; the server still ends every step with the trainer's weights.
+    With release_memory the server's KV cache and weights are released for training (the server
+    loses the weights' contents, as SGLang without a CPU backup) and resumed for the push."""
     from student_trainer.trainer import Trainer
 
     teacher, student = models
@@ -205,7 +209,8 @@ def test_distributed_sync_zero3_gathers_bucket_by_bucket(models, tmp_path):
     try:
         with running_server(teacher) as (_, url):
             tr = Trainer(_cfg(student, url, tmp_path / "z3", "run.steps=2", "optim.zero_stage=3",
-                              f"rollout.urls={servers.urls[0]}", "rollout.sync_bucket_mb=0.1"))
+                              f"rollout.urls={servers.urls[0]}", "rollout.sync_bucket_mb=0.1",
+                              "rollout.release_memory=true"))
             try:
                 n_buckets, it = tr.engine.weight_buckets(int(0.1 * 2**20))
                 assert n_buckets > 2
@@ -216,6 +221,10 @@ def test_distributed_sync_zero3_gathers_bucket_by_bucket(models, tmp_path):
                 calls = servers.svcs[0].weight_calls
                 assert calls["/begin_weight_update"] == calls["/end_weight_update"] == 3  # start + 2 steps
                 assert calls["/update_weights_from_distributed"] == 3 * n_buckets
+                rel, res = "/release_memory_occupation", "/resume_memory_occupation"
+                assert servers.svcs[0].memory_log == 2 * [(rel, ["kv_cache", "weights"]), (res, ["weights"]),
+                                                          (res, ["kv_cache"])]
+                assert servers.svcs[0].released == set()
             finally:
                 tr.close()
         assert servers.svcs[0].weight_calls["/destroy_weights_update_group"] == 1
@@ -312,3 +321,65 @@ def test_two_trainer_ranks_each_push_to_their_own_engine(models, tmp_path):
                     assert rec[0][1] != rec[1][1] != rec[2][1]
             finally:
                 servers.close()
+
+
+@pytest.mark.gpu
+def test_tensor_payload_opens_in_another_process():
+    """serialize_named_tensors (CUDA-IPC handles, the GPU named by UUID) opens in another process
+    through the stand-in's allow-listed unpickler, which takes what SGLang's SafeUnpickler takes:
+    the other process sees the sender's values without a copy over the wire."""
+    from rollout.weight_sync import serialize_named_tensors
+
+    named = [("a", torch.randn(64, 32, device="cuda")), ("b", torch.arange(10.0, device="cuda").to(torch.bfloat16))]
+    payload = serialize_named_tensors(named, tp_size=2)
+    assert len(payload) == 2 and payload[0] == payload[1] and len(payload[0]) < 4096  # handles, not data
+    code = ("import sys, json, hashlib; from rollout.server_weights import load_named_tensors; "
+            "named = load_named_tensors(sys.stdin.read()); "
+            "print(json.dumps({n: [str(t.dtype), list(t.shape), hashlib.sha256(t.float().cpu().numpy().tobytes())"
+            ".hexdigest()] for n, t in named}))")
+    r = subprocess.run([sys.executable, "-c", code], input=payload[0], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    want = {n: [str(t.dtype), list(t.shape), hashlib.sha256(t.float().cpu().numpy().tobytes()).hexdigest()]
+            for n, t in named}
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == want
+
+
+@pytest.mark.gpu
+def test_tensor_sync_into_a_rollout_server_on_the_same_gpu(models, tmp_path):
+    """weight_sync=tensor: trainer on cuda:0 and `opd rollout-server --device cuda` (its own
+    process) on the same GPU; after every step the server's weights (read back with
+    /get_weights_by_name) are the trainer's and it reports the step's version."""
+    from student_trainer.trainer import Trainer
+
+    teacher, student = models
+    proc = subprocess.Popen([sys.executable, "-m", "opd", "rollout-server", "--model-path", student, "--port", "0",
+                             "--device", "cuda", "--dtype", "float32"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        for line in proc.stdout:
+            if "serving" in line and " at http://" in line:
+                url = line.rsplit(" at ", 1)[1].strip()
+                break
+        else:
+            raise RuntimeError("rollout-server did not start")
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        with running_server(teacher) as (_, turl):
+            tr = Trainer(_cfg(student, turl, tmp_path / "t", "run.steps=2", "run.device=cuda",
+                              "rollout.weight_sync=tensor", f"rollout.urls={url}", "rollout.sync_bucket_mb=0.1"))
+            seen = []
+
+            def on_step(step, m):
+                for name, t in tr.engine.full_state_dict().items():
+                    s, got = http_json(url + "/get_weights_by_name", {"name": name, "truncate_size": 1 << 20})
+                    assert s == 200 and torch.equal(torch.tensor(got), t.float().cpu()), f"{name} after step {step}"
+                assert http_json(url + "/model_info", method="GET")[1]["weight_version"] == str(step)
+                seen.append((m["policy_version_min"], m["policy_version_max"]))
+            tr.on_step = on_step
+            try:
+                tr.run()
+            finally:
+                tr.close()
+        assert seen == [(0, 0), (1, 1)]
+    finally:
+        proc.kill()
+        proc.wait()
