@@ -388,6 +388,8 @@ class SGLangEngine:
     async def model_info(self) -> dict:
         url = (self.alive_urls() or self.urls)[0]
         s, r = await self._post(url + "/model_info", None, method="GET", timeout_s=60)
+        if 400 <= s < 500:
+            raise SGLangRequestError(f"{url}/model_info returned {s}: {r}")
         if s != 200:
             raise SGLangError(f"{url}/model_info returned {s}: {r}")
         return r

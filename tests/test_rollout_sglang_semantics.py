@@ -222,6 +222,12 @@ def test_stand_in_matches_sglang_classes(sgl, engine, models):
             plain.close()
             out = asyncio.run(good.sample(PROMPT, SamplingParams(max_new_tokens=2)))
             assert out is not None and len(out.output_ids) == 2
+            from student_trainer.config import ConfigError
+            from student_trainer.trainer import engine_info
+
+            with pytest.raises(ConfigError, match=r"rollout.urls: .*401.*rollout.api_key"):
+                engine_info(nokey, "rollout.urls")  # what the trainer checks at start
+            assert engine_info(good, "rollout.urls")["model_path"] == models[1]
             assert asyncio.run(nokey.sample(PROMPT, SamplingParams(max_new_tokens=2))) is None
             assert nokey.stats["failed"] == 1 and nokey.stats["dropped"] == 1  # a 401 is not retried
             assert "401" in nokey.last_error
@@ -351,6 +357,11 @@ def test_aborts_and_a_dead_engine(engine, models, tmp_path, caplog, monkeypatch)
             srv.server_close()
             assert asyncio.run(only_b.sample(PROMPT, SamplingParams(max_new_tokens=2))) is None
             assert "no rollout engine answered" in only_b.last_error
+            from student_trainer.config import ConfigError
+            from student_trainer.trainer import engine_info
+
+            with pytest.raises(ConfigError, match="warmup.rollout_url: no SGLang engine answered"):
+                engine_info(only_b, "warmup.rollout_url", poll_s=0.05)  # nothing listens there any more
         finally:
             only_b.close()
     finally:
