@@ -165,8 +165,13 @@ def main(args) -> int:
     # thread blocked in a plain wait, and its Python handler would never run
     while not stop.wait(0.5):
         pass
-    if http is not None:
-        http.stop(args.grace_s)
+    drain_http = None
+    if http is not None:  # both fronts drain at once, within one grace period, health NOT_SERVING from the start
+        server.begin_drain()
+        drain_http = threading.Thread(target=http.stop, args=(args.grace_s,), name="opd-http-drain", daemon=True)
+        drain_http.start()
     server.stop(args.grace_s)
+    if drain_http is not None:
+        drain_http.join(args.grace_s + 5)
     print("opd teacher: stopped", flush=True)
     return 0

@@ -427,6 +427,11 @@ class TeacherServer:
         self.engine.score([item], use_cache=False)  # a real forward, even with a warm cache
         self.set_serving(True)
 
+    def begin_drain(self) -> None:
+        """Health NOT_SERVING and new calls refused from now on (`stop` does it too)."""
+        self.set_serving(False)
+        self.servicer.draining = True
+
     def stop(self, grace: float | None = None) -> None:
         """Drain, then stop. While draining (up to the grace period) the server keeps answering:
         health says NOT_SERVING, new Score and GetInfo calls get UNAVAILABLE, open streams
@@ -434,8 +439,7 @@ class TeacherServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.set_serving(False)
-        self.servicer.draining = True
+        self.begin_drain()
         grace = self.cfg.grace_s if grace is None else grace
         deadline = time.monotonic() + grace
         while self.servicer.open_streams and time.monotonic() < deadline:
