@@ -38,6 +38,7 @@ import io
 import ipaddress
 import logging
 import socket
+import threading
 import time
 from collections.abc import Iterable, Sequence
 from urllib.parse import urlparse
@@ -201,6 +202,10 @@ class EngineSync:
     def urls(self) -> list[str]:
         return self.engines.urls
 
+    # success: false answers after which the broadcast stream is out of step (nothing or part of
+    # the bucket was received): sending it again would feed the engine the wrong bytes
+    NOT_RETRYABLE = ("must run between", "Failed to receive weights", "init_weights_update_group")
+
     def _with_retries(self, what: str, attempt, together: bool = False):
         """attempt(urls) -> list of (url, reply); while some answer success: false, send it again to
         those engines (to all of them if `together`: a broadcast needs every rank of the group)."""
@@ -209,7 +214,7 @@ class EngineSync:
             replies = attempt(urls)
             bad = [(u, r) for u, r in replies if self.engines.failed(r)]
             for u, r in replies:
-                if (u, r) not in bad:
+                if (u, r) not in bad or any(m in str(r[1].get("message")) for m in self.NOT_RETRYABLE):
                     self.engines.check(u, what, r)
             if not bad:
                 return
@@ -318,11 +323,27 @@ class DistributedSync(EngineSync):
         bodies = [{"master_address": self.address, "master_port": port, "rank_offset": off, "world_size": world,
                    "group_name": self.group_name, "backend": self.backend} for off in offsets]
         futs = self.engines.start("/init_weights_update_group", bodies)
-        try:
-            self.pg = open_group(self.address, port, 0, world, self.group_name, self.backend, self.timeout_s)
-        finally:
+        # Host the group on a daemon thread, so that an engine refusing to join (its reply comes
+        # back at once) fails the start now instead of after the rendezvous timeout.
+        joined: dict = {}
+
+        def host():
+            try:
+                joined["pg"] = open_group(self.address, port, 0, world, self.group_name, self.backend, self.timeout_s)
+            except BaseException as e:  # reported below
+                joined["error"] = e
+        t = threading.Thread(target=host, daemon=True, name="wsync-rendezvous")
+        t.start()
+        while t.is_alive():
+            t.join(0.05)
             for u, f in zip(self.urls, futs):
-                self.engines.check(u, "/init_weights_update_group", f.result())
+                if f.done() and t.is_alive():
+                    self.engines.check(u, "/init_weights_update_group", f.result())  # raises on a refusal
+        for u, f in zip(self.urls, futs):
+            self.engines.check(u, "/init_weights_update_group", f.result())
+        if "error" in joined:
+            raise WeightSyncError(f"weight-update group at {self.address}:{port}: {joined['error']}")
+        self.pg = joined["pg"]
         log.info("weight-update group %r: trainer + %d engine rank(s) at %s:%d (%s)", self.group_name, world - 1,
                  self.address, port, self.backend)
 

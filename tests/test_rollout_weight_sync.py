@@ -168,6 +168,18 @@ def test_stand_in_weight_update_protocol(models):
                                                               "backend": "gloo"})
         assert s == 400 and "already been created" in r["message"]
         assert http_json(url + "/destroy_weights_update_group", {"group_name": name})[1]["success"] is True
+
+        # the trainer side: an engine that cannot join (NCCL on a CPU server) fails the start at
+        # once with the engine's answer, not after the rendezvous timeout
+        import time
+
+        from rollout.weight_sync import DistributedSync, WeightSyncError
+
+        sync, t0 = DistributedSync([url], backend="nccl", group_name="never", timeout_s=20), time.time()
+        with pytest.raises(WeightSyncError, match="backend nccl needs CUDA"):
+            sync.connect()
+        assert time.time() - t0 < 15
+        sync.engines.close()
     finally:
         servers.close()
 
