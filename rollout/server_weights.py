@@ -47,7 +47,8 @@ REQUESTS = {  # field -> (JSON type, default; REQUIRED if none), from io_struct.
                                   "abort_all_requests": (bool, False), "weight_version": ((str, None), None),
                                   "is_async": (bool, False), "torch_empty_cache": (bool, False),
                                   "keep_pause": (bool, False), "recapture_cuda_graph": (bool, False),
-                                  "token_step": (int, 0), "flush_cache": (bool, True), "manifest": ((dict, None), None)},
+                                  "token_step": (int, 0), "flush_cache": (bool, True),
+                                  "manifest": ((dict, None), None)},
     "/update_weights_from_tensor": {"serialized_named_tensors": (list, ...), "load_format": ((str, None), None),
                                     "flush_cache": (bool, True), "abort_all_requests": (bool, False),
                                     "weight_version": ((str, None), None), "selector": (str, "all"),
@@ -77,8 +78,8 @@ def parse_request(path: str, body: dict) -> dict:
         ok = any((v is None) if t is None else (isinstance(v, t) and not (t is int and isinstance(v, bool)))
                  for t in types)
         if not ok:
-            raise BadRequest(f"{path}: field `{name}` expected {' or '.join('null' if t is None else t.__name__ for t in types)}, "
-                             f"got {type(v).__name__}")
+            expected = " or ".join("null" if t is None else t.__name__ for t in types)
+            raise BadRequest(f"{path}: field `{name}` expected {expected}, got {type(v).__name__}")
         out[name] = v
     if "selector" in out and out["selector"] not in SELECTORS:
         raise BadRequest(f"{path}: selector {out['selector']!r} is not one of {', '.join(SELECTORS)}")
@@ -146,7 +147,8 @@ class WeightUpdates:
         except OSError as e:
             return False, f"Failed to initialize custom process group: {req['master_address']!r}: {e}."
         if req["backend"] == "nccl" and not torch.cuda.is_available():
-            return False, "Failed to initialize custom process group: backend nccl needs CUDA; this server runs on CPU (use gloo)."
+            return False, ("Failed to initialize custom process group: backend nccl needs CUDA; this server runs on "
+                           "CPU (use gloo).")
         try:
             pg = open_group(req["master_address"], req["master_port"], req["rank_offset"] + 0, req["world_size"],
                             name, req["backend"], timeout_s=getattr(self, "group_timeout_s", 600.0))
@@ -209,7 +211,8 @@ class WeightUpdates:
         names, dtypes, shapes = req["names"], req["dtypes"], req["shapes"]
         try:
             if not (len(names) == len(dtypes) == len(shapes)):
-                raise ValueError(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) differ in length")
+                raise ValueError(f"names ({len(names)}), dtypes ({len(dtypes)}) and shapes ({len(shapes)}) differ "
+                                 "in length")
             if req["group_name"] not in self._groups:
                 raise AssertionError(f"Group {req['group_name']} not in {list(self._groups)}. "
                                      "Please call `init_weights_update_group` first.")
@@ -228,8 +231,8 @@ class WeightUpdates:
         try:
             self.engine.load_state_dict_(received)
         except Exception as e:
-            return self._finish_update(req, False, f"Failed to update parameter online: {e}. The full weights of the "
-                                                   "ModelRunner are partially updated. Please discard the whole weights.")
+            return False, (f"Failed to update parameter online: {e}. The full weights of the ModelRunner are "
+                           "partially updated. Please discard the whole weights.")
         return self._finish_update(req, True, "Succeeded to update parameter online.")
 
     def _w_update_weights_from_disk(self, req) -> tuple[bool, str]:

@@ -119,7 +119,8 @@ def test_stand_in_weight_update_protocol(models):
             "success": False, "message": "update_weights_from_distributed must run between begin_weight_update() "
                                          "and end_weight_update()"})
         assert http_json(url + "/end_weight_update", {})[1]["success"] is False
-        assert http_json(url + "/begin_weight_update", {"selector": "all"}) == (200, {"success": True, "message": "Success"})
+        assert http_json(url + "/begin_weight_update", {"selector": "all"}) == (200, {"success": True,
+                                                                                     "message": "Success"})
         s, r = http_json(url + "/begin_weight_update", {})
         assert s == 400 and "already open" in r["message"]
         # request validation as SGLang's classes: a required field, a JSON type, a Literal
@@ -316,7 +317,8 @@ def test_two_trainer_ranks_each_push_to_their_own_engine(models, tmp_path):
                 rows = _torchrun(student, url, out, f"--rollout.urls={','.join(servers.urls)}",
                                  f"--rollout.weight_sync={mode}", f"--optim.zero_stage={stage}",
                                  "--rollout.sync_bucket_mb=0.1")
-                assert [(r["step"], r["policy_version_min"], r["policy_version_max"]) for r in rows] == [(1, 0, 0), (2, 1, 1)]
+                versions = [(r["step"], r["policy_version_min"], r["policy_version_max"]) for r in rows]
+                assert versions == [(1, 0, 0), (2, 1, 1)]
                 final = checksums(load_file(str(out / "hf" / "model.safetensors")))
                 for svc in servers.svcs:
                     assert svc.weight_version == "2"
