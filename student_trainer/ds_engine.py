@@ -91,7 +91,14 @@ class Engine:
 
         self._ds = deepspeed
         if not torch.distributed.is_initialized():
-            deepspeed.init_distributed(dist_backend="nccl" if device.startswith("cuda") else "gloo")
+            backend = "nccl" if device.startswith("cuda") else "gloo"
+            if os.environ.get("WORLD_SIZE") == "1":
+                # one process: an in-memory store, so no MASTER_PORT has to stay free between being
+                # chosen and being bound (on a busy host another process can take it in between:
+                # EADDRINUSE); DeepSpeed adopts the initialised group
+                torch.distributed.init_process_group(backend, store=torch.distributed.HashStore(), rank=0,
+                                                     world_size=1)
+            deepspeed.init_distributed(dist_backend=backend)
         cfg = ds_config(optim, dtype)
         self.zero_stage = optim.zero_stage
         schedule = lr_lambda(optim, total_steps)
