@@ -282,10 +282,14 @@ class WeightUpdates:
 
 # The globals a pickled [(name, CUDA tensor), ...] list refers to; all are on SGLang's allow-list.
 _TENSOR_GLOBALS = {("torch", "Tensor"), ("torch.nn.parameter", "Parameter"), ("torch", "Size"),
-                   ("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage"),
+                   ("torch.storage", "TypedStorage"), ("torch.storage", "UntypedStorage"), ("torch", "UntypedStorage"),
                    ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"), ("collections", "OrderedDict")}
 _DTYPES = {"float32", "float", "float16", "half", "bfloat16", "float64", "double", "int64", "long", "int32", "int",
            "int16", "int8", "uint8", "bool", "float8_e4m3fn", "float8_e5m2"}
+
+
+def tensor_global_allowed(module: str, name: str) -> bool:
+    return (module, name) in _TENSOR_GLOBALS or (module == "torch" and name in _DTYPES)
 
 
 def _rebuild_cuda_tensor(*args):
@@ -312,7 +316,7 @@ def load_named_tensors(payload: str) -> list[tuple[str, torch.Tensor]]:
         def find_class(self, module, name):
             if (module, name) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor"):
                 return _rebuild_cuda_tensor
-            if (module, name) in _TENSOR_GLOBALS or (module == "torch" and name in _DTYPES):
+            if tensor_global_allowed(module, name):
                 return super().find_class(module, name)
             raise pickle.UnpicklingError(f"Blocked unsafe global ({module}.{name}) during pickle deserialization")
 

@@ -337,6 +337,41 @@ def test_two_trainer_ranks_each_push_to_their_own_engine(models, tmp_path):
                 servers.close()
 
 
+def test_tensor_payload_globals_are_allowed():
+    """CPU part of the CUDA-IPC path: a payload refers to exactly the globals torch's CUDA reduction
+    emits (built here with the same argument types, device as a UUID string); the stand-in's
+    unpickler allows each of them, and nothing else gets through."""
+    import io
+    import pickle
+    from multiprocessing.reduction import ForkingPickler
+
+    from torch.multiprocessing import reductions
+
+    from rollout.server_weights import load_named_tensors, tensor_global_allowed
+
+    class FakeCudaTensor:  # what reductions.reduce_tensor returns for a CUDA tensor
+        def __reduce__(self):
+            return (reductions.rebuild_cuda_tensor,
+                    (torch.Tensor, torch.Size([2, 3]), (3, 1), 0, torch.storage.TypedStorage, torch.bfloat16,
+                     "GPU-8d2c5b5e", b"handle", 12, 0, False, b"refcount", 0, b"event", True))
+    buf = io.BytesIO()
+    ForkingPickler(buf).dump([("model.norm.weight", FakeCudaTensor())])
+    found = set()
+
+    class Recorder(pickle.Unpickler):  # lists the globals without building anything
+        def find_class(self, module, name):
+            found.add((module, name))
+            return lambda *a, **k: None
+    Recorder(io.BytesIO(buf.getvalue())).load()
+    assert ("torch.storage", "TypedStorage") in found and ("torch", "Tensor") in found, found
+    assert all(tensor_global_allowed(m, n) or (m, n) == ("torch.multiprocessing.reductions", "rebuild_cuda_tensor")
+               for m, n in found), found
+    assert not tensor_global_allowed("os", "system") and not tensor_global_allowed("torch", "load")
+    evil = base64.b64encode(pickle.dumps([("x", __import__("os").system)])).decode()
+    with pytest.raises(pickle.UnpicklingError, match="Blocked unsafe global"):
+        load_named_tensors(evil)
+
+
 @pytest.mark.gpu
 def test_tensor_payload_opens_in_another_process():
     """serialize_named_tensors (CUDA-IPC handles, the GPU named by UUID) opens in another process
