@@ -341,6 +341,7 @@ def test_tensor_payload_globals_are_allowed():
     """CPU part of the CUDA-IPC path: a payload refers to exactly the globals torch's CUDA reduction
     emits (built here with the same argument types, device as a UUID string); the stand-in's
     unpickler allows each of them, and nothing else gets through."""
+    import base64
     import io
     import pickle
     from multiprocessing.reduction import ForkingPickler
