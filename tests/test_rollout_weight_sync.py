@@ -185,6 +185,60 @@ def test_stand_in_weight_update_protocol(models):
         servers.close()
 
 
+def test_weight_requests_match_sglang_classes(models):
+    """The stand-in's weight-route fields (names, defaults' presence) are those of SGLang 0.5.23's
+    request classes (io_struct.py, read with ast; tests/sglang_reference.py fetches the wheel once),
+    and every body the trainer's pushers send names only fields those classes have (SGLang drops
+    unknown fields silently, so a typo would go unnoticed there)."""
+    from rollout import weight_sync as ws
+    from rollout.server_weights import REQUESTS
+    from tests import sglang_reference as ref
+
+    try:
+        root = ref.ensure_source()
+    except RuntimeError as e:
+        pytest.fail(f"{e}\n(needs PyPI once, or OPD_SGLANG_CACHE pointing at an unpacked sglang 0.5.23 wheel)")
+    routes, fields = ref.routes(root), ref.request_fields(root)
+    internal = {"rid", "http_worker_ipc"}
+    for path, spec in REQUESTS.items():
+        assert set(spec) == fields[routes[path]["body"]] - internal, path
+
+    _, student = models
+    servers = Servers(student, 1)
+    sent = []
+    real_call = ws._Engines.call
+
+    def recording(self, url, path, body=None, method="POST"):
+        sent.append((path, body))
+        return real_call(self, url, path, body, method)
+    ws._Engines.call = recording
+    try:
+        own = {k: v + 1 for k, v in servers.svcs[0].engine.model.state_dict().items()}
+        sync = ws.DistributedSync(servers.urls, group_name="fields-test", retries=0, timeout_s=60)
+        sync.connect()
+        plan = ws.plan_buckets(((k, v.numel() * 4) for k, v in own.items()), 100_000)
+        sync.push(([(n, own[n]) for n in names] for names in plan), len(plan), 11)
+        sync.close()
+        disk = ws.DiskSync(servers.urls, retries=0)
+        with pytest.raises(ws.WeightSyncError, match="update_weights_from_disk"):
+            disk.push("/nonexistent", 12)
+        disk.close()
+    finally:
+        ws._Engines.call = real_call
+        servers.close()
+    assert checksums(own) == checksums(servers.svcs[0].engine.model.state_dict()) and len(plan) > 1
+    paths = [p for p, _ in sent]
+    assert paths.index("/pause_generation") < paths.index("/begin_weight_update") < \
+        paths.index("/update_weights_from_distributed") < paths.index("/end_weight_update") < \
+        paths.index("/continue_generation")
+    for path, body in sent:
+        cls = routes[path]["body"]
+        if cls in fields:
+            assert set(body or {}) <= fields[cls] - internal, (path, body)
+        else:  # /model_info, /server_info (GET), /flush_cache (a query parameter only)
+            assert not body, (path, body)
+
+
 def test_distributed_sync_zero2_two_servers_with_a_failed_update(models, tmp_path):
     """ZeRO-2, one trainer rank, two servers in one gloo group (ranks 1 and 2). Step 2's update is
     answered success: false once by the second server: the trainer sends that bucket again."""
