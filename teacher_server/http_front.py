@@ -124,6 +124,7 @@ class HttpFront:
             except Exception as exc:  # noqa: BLE001 - decoded_token / text become null
                 log.warning("http front: no tokenizer in %s (%s): decoded_token and text are null", tokenizer_dir, exc)
         self._slots = threading.BoundedSemaphore(max(1, self.cfg.max_workers))
+        self._local = threading.local()
         self._inflight = 0
         self._lock = threading.Lock()
         self.closing = False
@@ -261,15 +262,23 @@ class HttpFront:
                 res = results[index[id(it)]]
                 if isinstance(res, BaseException):
                     raise RuntimeError(f"scoring failed: {type(res).__name__}: {res}")
-            if self.metrics is not None:
-                for it in items:
-                    try:
-                        self.metrics.scored(it, time.monotonic() - t0, 0)
-                    except Exception:  # noqa: BLE001 - metrics never fail a request
-                        pass
+            self._local.scored = (items, t0)   # counted once the reply's size is known (`record`)
             return results
         finally:
             self._slots.release()
+
+    def record(self, nbytes: int) -> None:
+        """Count this thread's last scored request in the server's metrics, its reply's bytes
+        shared out over its sequences (the same counters gRPC feeds)."""
+        items, t0 = getattr(self._local, "scored", ((), 0.0))
+        self._local.scored = ((), 0.0)
+        if self.metrics is None or not items:
+            return
+        for it in items:
+            try:
+                self.metrics.scored(it, time.monotonic() - t0, nbytes // len(items))
+            except Exception:  # noqa: BLE001 - metrics never fail a request
+                log.debug("http front: metrics failed", exc_info=True)
 
     # ---- vLLM: /v1/completions -----------------------------------------------------------------
     def models(self) -> dict:
@@ -335,12 +344,14 @@ class HttpFront:
         if k:
             tids, tvals = _by_rank(res["topk_ids"], res["topk_logprobs"])
             tids, tvals = tids.tolist(), _floats(tvals, VLLM_NEG_INF)
-        dec = self.decoded
+        dec = self.decoded if self._tokenizer is not None else (lambda t: None)
+        ranks = range(1, k + 1)
         for r, t in enumerate(targets):
             pos = {str(t): {"logprob": sampled[r], "rank": k + 1, "decoded_token": dec(t)}}
             if k:
-                for rank, (tid, v) in enumerate(zip(tids[r], tvals[r]), 1):
-                    pos[str(tid)] = {"logprob": v, "rank": rank, "decoded_token": dec(tid)}
+                row = tids[r]
+                pos.update({str(tid): {"logprob": v, "rank": rank, "decoded_token": dec(tid)}
+                            for tid, v, rank in zip(row, tvals[r], ranks)})
             out.append(pos)
         return out
 
@@ -435,24 +446,26 @@ class HttpFront:
         return 200, (out if batch else out[0])
 
     def _sglang_lists(self, ids: np.ndarray, s: int, res: dict | None, k: int, extra, text: bool) -> dict:
-        dec = self.decoded if text else (lambda t: None)
         toks = ids[s:].tolist()
         lps = [None] + (_floats(res[H.SAMPLED], None) if res is not None else [])
-        meta = {"input_token_logprobs": [[v, t, dec(t)] for v, t in zip(lps, toks)],
-                "output_token_logprobs": [], "output_token_logprobs_length": 0}
+        if text:
+            dec = self.decoded
+            entries = lambda vals, tids: [[v, t, dec(t)] for t, v in zip(tids, vals)]  # noqa: E731
+        else:
+            entries = lambda vals, tids: [[v, t, None] for t, v in zip(tids, vals)]  # noqa: E731
+        meta = {"input_token_logprobs": entries(lps, toks), "output_token_logprobs": [],
+                "output_token_logprobs_length": 0}
         if k > 0:
             rows: list = [None]
             if res is not None:
                 tids, tvals = _by_rank(res["topk_ids"], res["topk_logprobs"])
-                for r_ids, r_vals in zip(tids.tolist(), _floats(tvals, None)):
-                    rows.append([[v, t, dec(t)] for t, v in zip(r_ids, r_vals)])
+                rows += map(entries, _floats(tvals, None), tids.tolist())
             meta["input_top_logprobs"], meta["output_top_logprobs"] = rows, []
         if extra is not None:
             rows = [None]
             if res is not None:
                 e_ids = extra.tolist()
-                for r_vals in _floats(res[H.EXTRA], None):
-                    rows.append([[v, t, dec(t)] for t, v in zip(e_ids, r_vals)])
+                rows += (entries(r_vals, e_ids) for r_vals in _floats(res[H.EXTRA], None))
             meta["input_token_ids_logprobs"], meta["output_token_ids_logprobs"] = rows, []
         return meta
 
@@ -482,7 +495,7 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, fmt, *args):  # quiet: one line per scoring call is too much
         log.debug("http %s - %s", self.address_string(), fmt % args)
 
-    def _send(self, code: int, obj=None, raw: bytes | None = None) -> None:
+    def _send(self, code: int, obj=None, raw: bytes | None = None) -> int:
         data = raw if raw is not None else (b"" if obj is None else dumps(obj))
         self.send_response(code)
         if obj is not None or raw is not None:
@@ -493,6 +506,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if data:
             self.wfile.write(data)
+        return len(data)
 
     def _error(self, code: int, msg: str, field: str | None, vllm: bool) -> None:
         if self.front.metrics is not None:
@@ -509,9 +523,11 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _body(self) -> dict:
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
             raise BadRequest(None, "chunked request bodies are not supported; send Content-Length", 411)
         n = int(self.headers.get("Content-Length") or 0)
         if n > MAX_BODY_BYTES:
+            self.close_connection = True   # the body is left unread
             raise BadRequest(None, f"request body of {n} bytes exceeds {MAX_BODY_BYTES}", 413)
         raw = self.rfile.read(n) if n else b""
         try:
@@ -554,7 +570,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise BadRequest(None, f"{method} {path} is not served here; this teacher answers {known}, GET /health",
                                  404)
             code, obj = fn(body)
-            self._send(code, obj)
+            front.record(self._send(code, obj))
         except BadRequest as exc:
             self._error(exc.status, str(exc), exc.field, vllm)
         except Unavailable as exc:

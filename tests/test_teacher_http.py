@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -31,9 +32,13 @@ class _Teacher:
 
     def __init__(self, model_dir):
         env = dict(os.environ, PYTHONUNBUFFERED="1", OPD_TEACHER_TOKEN=TOKEN)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.metrics = f"http://127.0.0.1:{s.getsockname()[1]}/metrics"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--port", "0", "--http-port", "0",
-             "--dtype", "fp32", "--max-top-k", "32", "--served-model-name", "teacher-x"],
+             "--dtype", "fp32", "--max-top-k", "32", "--served-model-name", "teacher-x",
+             "--metrics-port", self.metrics.split(":")[2].split("/")[0]],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.log, self.grpc, self.http = [], None, None
         ready = threading.Event()
@@ -284,6 +289,24 @@ def test_bearer_token_guards_everything_but_health(teacher):
     assert requests.get(f"{teacher.http}/v1/models", headers=AUTH, timeout=30).json()["data"][0]["id"] == "teacher-x"
     r = requests.post(f"{teacher.http}/v1/completions", data=b"{not json", headers=AUTH, timeout=30)
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+
+
+def _metric(text: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+
+
+def test_http_scoring_counts_in_the_servers_metrics(teacher):
+    before = requests.get(teacher.metrics, timeout=30).text
+    body = {"input_ids": [[1, 2, 3, 4], [5, 6, 7]], "sampling_params": {"max_new_tokens": 0},
+            "return_logprob": True, "logprob_start_len": 0, "top_logprobs_num": 3}
+    r = requests.post(f"{teacher.http}/generate", json=body, headers=AUTH, timeout=60)
+    assert r.status_code == 200
+    requests.post(f"{teacher.http}/generate", json={"input_ids": [1]}, headers=AUTH, timeout=60)   # a 400
+    after = requests.get(teacher.metrics, timeout=30).text
+    assert _metric(after, "opd_teacher_requests_total") - _metric(before, "opd_teacher_requests_total") == 2
+    grown = _metric(after, "opd_teacher_response_bytes_total") - _metric(before, "opd_teacher_response_bytes_total")
+    assert len(r.content) - 2 <= grown <= len(r.content)     # the reply's bytes, shared over its 2 sequences
+    assert _metric(after, "opd_teacher_errors_total") - _metric(before, "opd_teacher_errors_total") == 1
 
 
 @pytest.mark.parametrize("argv,needle", [
