@@ -56,7 +56,7 @@ def _cfg(student, url, out, *extra):
                               "teacher.max_backoff_s=0.5", "rollout.engine=sglang", *extra])
 
 
-def _run_and_check(tr, servers, steps, after_step=None):
+def _run_and_check(tr, servers, steps, after_step=None, stale=None):
     """Run; after every step each server holds the trainer's weights (sha256 per tensor) and
     reports the step as its weight_version; the step's rollouts carry the version they were sampled
     with (staleness 0: exactly the step's)."""
@@ -72,7 +72,8 @@ def _run_and_check(tr, servers, steps, after_step=None):
             after_step(step, m)
     tr.on_step = on_step
     tr.run()
-    assert [(s, lo, hi, st) for s, lo, hi, st, _ in seen] == [(k + 1, k, k, 0) for k in range(steps)]
+    assert [(s, lo, hi, st) for s, lo, hi, st, _ in seen] == [(k + 1, k, k, (stale or [0] * steps)[k])
+                                                              for k in range(steps)]
     assert seen[0][4] != seen[-1][4]  # the weights really changed
 
 
@@ -302,7 +303,8 @@ def test_distributed_sync_zero3_gathers_bucket_by_bucket(models, tmp_path):
 def test_disk_sync_reloads_each_engine_once_per_step(models, tmp_path):
     """weight_sync=disk with two servers: one /update_weights_from_disk per server per step; one of
     them answers SGLang's under-load success: false (weights loaded, cache not flushed) once, and
-    the trainer sends that update again."""
+    the trainer sends that update again. In step 2 one rollout comes back saying it was sampled with
+    version 0: the trainer goes by what the engine says, counts it stale and does not train on it."""
     from student_trainer.trainer import Trainer
 
     teacher, student = models
@@ -312,11 +314,22 @@ def test_disk_sync_reloads_each_engine_once_per_step(models, tmp_path):
             tr = Trainer(_cfg(student, url, tmp_path / "disk", "run.steps=2", "rollout.weight_sync=disk",
                               f"rollout.urls={','.join(servers.urls)}", f"rollout.sync_dir={tmp_path / 'sync'}"))
             try:
+                svc = servers.svcs[1]
+                item, lie = svc._item, []
+
+                def item_once_stale(*a, **k):  # the engine reports an old version for one rollout
+                    out = item(*a, **k)
+                    if lie:
+                        out["meta_info"]["weight_version"] = lie.pop()
+                    return out
+                svc._item = item_once_stale
+
                 def fail_once(step, m):
                     if step == 1:
                         servers.svcs[0].fail_updates = 1
-                _run_and_check(tr, servers, 2, fail_once)
-                assert tr.wsync.updates_retried == 1
+                        lie.append("0")
+                _run_and_check(tr, servers, 2, fail_once, stale=[0, 1])
+                assert tr.wsync.updates_retried == 1 and not lie
             finally:
                 tr.close()
         assert (tmp_path / "sync" / "model.safetensors").exists()
