@@ -469,7 +469,7 @@ class SGLangEngine:
 
     async def update_weights_from_tensor(self, serialized_named_tensors: Sequence[str], version: int | None,
                                          load_format: str | None = None) -> None:
-        """CUDA-IPC path; one serialized entry per TP rank (see weight_sync.serialize_for_sglang)."""
+        """CUDA-IPC path; one serialized entry per TP rank (see weight_sync.serialize_named_tensors)."""
         await self._all("/update_weights_from_tensor", {
             "serialized_named_tensors": list(serialized_named_tensors), "load_format": load_format,
             "flush_cache": False, "weight_version": None if version is None else str(version)})
