@@ -31,6 +31,9 @@ from tests.teacher_helpers import running_server
 ROOT = Path(__file__).resolve().parents[1]
 
 
+REWARD = "tests.test_train_settings:parity_reward"  # loss.reward_fn / --reward of the data-file runs
+
+
 def parity_reward(text: str, answer) -> float:
     """A reward for the data-file runs that varies between rollouts (random tiny models never solve
     a problem) and depends on the answer the file gives for the prompt."""
@@ -191,14 +194,15 @@ def test_warmup_schedule_tip_eval_outputs_and_resume(models, teacher_url, tmp_pa
     out = tmp_path / "run"
     extra = ["warmup.steps=1", f"warmup.teacher_model={teacher}", "loss.fkl_to_rkl_switch_step=2",
              "loss.token_keep_ratio=0.5", "run.eval_every=2", "run.eval_prompts=4", "run.progress=true",
-             "run.plot=true", "run.tensorboard=true", "rollout.max_new_tokens=10"]
+             "run.tensorboard=true", "rollout.max_new_tokens=10"]
     a = Trainer(load_config(None, _args(student, out, *extra, "run.steps=2", url=teacher_url)))
     got = _capture(a)
     try:
         a.run()
     finally:
         a.close()
-    b = Trainer(load_config(None, _args(student, out, *extra, "run.steps=3", url=teacher_url)), resume=True)
+    b = Trainer(load_config(None, _args(student, out, *extra, "run.steps=3", "run.plot=true", url=teacher_url)),
+                resume=True)  # the plot at the end of the resumed run draws all three steps
     assert b.start_step == 2
     got_b = _capture(b)
     try:
@@ -242,7 +246,8 @@ def test_warmup_schedule_tip_eval_outputs_and_resume(models, teacher_url, tmp_pa
     # the progress line, with rate and ETA, once per step
     err = capsys.readouterr().err
     for done, total in ((1, 2), (2, 2), (3, 3)):
-        assert re.search(rf"\[train\] step {done}/{total} \| loss [0-9.]+ .*\| [0-9.]+ step/s ETA \d+s", err), err[-2000:]
+        line = rf"\[train\] step {done}/{total} \| loss [0-9.]+ .*\| [0-9.]+ step/s ETA \d+s"
+        assert re.search(line, err), err[-2000:]
     assert "eval_acc" in err
 
     # the plot: a PNG of the curves of all three steps
@@ -306,7 +311,8 @@ def test_divergences_differ(divergence_run):
     values = [reference_loss(ref, data.samples, ((n, 1.0),)) for n in DIVERGENCES]
     for i in range(len(values)):
         for j in range(i + 1, len(values)):
-            assert abs(values[i] - values[j]) > 1e-3 * max(abs(values[i]), abs(values[j])), (DIVERGENCES[i], DIVERGENCES[j])
+            gap = abs(values[i] - values[j])
+            assert gap > 1e-3 * max(abs(values[i]), abs(values[j])), (DIVERGENCES[i], DIVERGENCES[j])
 
 
 def _write_jsonl(path, records):
@@ -344,7 +350,7 @@ def test_grpo_objective_on_a_jsonl_file(models, tmp_path):
 
     _, student = models
     cfg = load_config(None, _args(student, tmp_path / "g", f"data.path={_math500(tmp_path)}", "loss.objective=grpo",
-                                  "loss.reward_fn=tests.test_train_settings:parity_reward", "rollout.n=4",
+                                  f"loss.reward_fn={REWARD}", "rollout.n=4",
                                   "run.steps=1"))
     tr = Trainer(cfg)
     assert tr.teacher is None
@@ -382,8 +388,8 @@ def test_paced_weights_on_a_jsonl_file(models, teacher_url, tmp_path):
 
     _, student = models
     cfg = load_config(None, _args(student, tmp_path / "p", f"data.path={_math500(tmp_path)}",
-                                  "loss.sample_weighting=paced", "loss.reward_fn=tests.test_train_settings:parity_reward",
-                                  "rollout.n=4", "data.prompts_per_step=3", "run.steps=1", url=teacher_url))
+                                  "loss.sample_weighting=paced", f"loss.reward_fn={REWARD}", "rollout.n=4",
+                                  "data.prompts_per_step=3", "run.steps=1", url=teacher_url))
     tr = Trainer(cfg)
     got = _capture(tr)
     ref = Reference(student)
@@ -424,7 +430,7 @@ def test_opd_plus_grpo_with_reward_weights_on_a_parquet_file(models, teacher_url
         for p, a in PROBLEMS]), path)
     cfg = load_config(None, _args(student, tmp_path / "og", f"data.path={path}", "loss.objective=opd+grpo",
                                   "loss.rl_weight=0.5", "loss.sample_weighting=reward", "loss.reward_beta=0.5",
-                                  "loss.reward_fn=tests.test_train_settings:parity_reward", "rollout.n=4",
+                                  f"loss.reward_fn={REWARD}", "rollout.n=4",
                                   "run.steps=1", url=teacher_url))
     tr = Trainer(cfg)
     got = _capture(tr)
@@ -558,7 +564,7 @@ def test_opd_demo_short_run(tmp_path):
     report.json, one metrics.jsonl row per step, the plot, the HF export, and the loss falls."""
     out, steps = tmp_path / "demo", 10
     r = _run_cli("demo", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--steps", str(steps),
-                 "--prompts-per-step", "8", "--eval-size", "16", "--eval-every", "0", "--teacher-steps", "4",
+                 "--prompts-per-step", "8", "--eval-size", "8", "--eval-every", "0", "--teacher-steps", "2",
                  "--teacher-min-accuracy", "0")
     assert "student accuracy after" in r.stdout
     rep = json.loads((out / "report.json").read_text())
@@ -568,7 +574,7 @@ def test_opd_demo_short_run(tmp_path):
         assert rep["student_over_teacher"] == pytest.approx(rep["student_accuracy_after"] / rep["teacher_accuracy"])
     else:
         assert rep["student_over_teacher"] is None
-    assert rep["steps"] == steps and rep["eval_problems"] == 16 and rep["wall_seconds"] > 0
+    assert rep["steps"] == steps and rep["eval_problems"] == 8 and rep["wall_seconds"] > 0
     assert rep["wire_bytes_per_token"] > 0 and 0.0 <= rep["teacher_wait_frac_last_step"] <= 1.0
     assert Path(rep["metrics_jsonl"]) == out / "metrics.jsonl" and Path(rep["student_final"]) == out / "hf"
     rows = _rows(out)
@@ -596,11 +602,10 @@ def test_opd_eval_cli_avg_and_pass_at_k(tiny_model_dir, tmp_path):
     samples = tmp_path / "samples.jsonl"
     n = 4
     r = _run_cli("eval", "--model", tiny_model_dir, "--data", str(data), "--n", str(n), "--k", "1,2,4",
-                 "--temperature", "1.0", "--max-new-tokens", "6", "--reward", "tests.test_train_settings:parity_reward",
+                 "--temperature", "1.0", "--max-new-tokens", "6", "--reward", REWARD,
                  "--out", str(samples))
     rows = [json.loads(x) for x in samples.read_text().splitlines()]
     assert len(rows) == n * len(PROBLEMS)
-    answers = dict(PROBLEMS)
     by = {}
     for row in rows:
         assert row["reward"] == parity_reward(row["response"], row["answer"])
@@ -612,7 +617,7 @@ def test_opd_eval_cli_avg_and_pass_at_k(tiny_model_dir, tmp_path):
     for line in lines[head + 1:head + 3]:
         name, *vals = line.split()
         printed[name] = dict(zip(cols, map(float, vals)))
-    assert set(printed) == {"alpha", "beta"} and set(answers.values())
+    assert set(printed) == {"alpha", "beta"}
     mixed = 0
     for src, problems in by.items():
         rewards = list(problems.values())
