@@ -2,8 +2,10 @@
 
 Same paths, request fields and response shapes as SGLang 0.5.23 (docs/rollout.md lists them), so
 `SGLangEngine` and other SGLang clients run against it on a CPU machine. Concurrent /generate
-requests are batched by the engine's queue. Paths that only make sense on a GPU (NCCL groups,
-CUDA-IPC tensors) answer SGLang's failure shape; memory release/resume are accepted no-ops.
+requests are batched by the engine's queue. The weight-update protocol (process group over gloo,
+or NCCL with --device cuda; the begin/end session; bucketed broadcasts; CUDA-IPC tensors with
+--device cuda; versions; memory release/resume, where released weights lose their contents as in
+SGLang without a CPU backup) is in rollout/server_weights.py.
 
     opd tiny-model /tmp/tiny && opd rollout-server --model-path /tmp/tiny --port 0
 """
@@ -18,50 +20,46 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
 from rollout.local_engine import LocalEngine, SeqResult
+from rollout.server_weights import WEIGHT_ROUTES, WeightUpdates
+from rollout.sglang_contract import (TOP_K_ALL, ContractError, auth_status, check_generate_body,
+                                     check_sampling_params, verify_sampling_params)
 from rollout.types import SamplingParams
 
-# sampling_params keys SGLang 0.5.23 knows; any other key is a 400, as there.
-SUPPORTED_SAMPLING_KEYS = {"max_new_tokens", "temperature", "top_p", "top_k", "stop", "stop_token_ids", "ignore_eos",
-                           "skip_special_tokens", "spaces_between_special_tokens", "no_stop_trim", "n",
-                           "sampling_seed", "stream_interval", "min_p", "min_new_tokens", "frequency_penalty",
-                           "presence_penalty", "repetition_penalty"}
+# sampling_params keys SGLang 0.5.23 knows (and how they are checked): sglang_contract.SAMPLING_FIELDS.
+# Keys SGLang implements and this stand-in does not (refused here with 400 when not null):
 KNOWN_UNSUPPORTED_KEYS = {"stop_regex", "json_schema", "regex", "ebnf", "structural_tag", "logit_bias",
                           "custom_params", "beam_width", "choice", "watermark"}
 # Keys accepted only at their neutral value here.
 NEUTRAL = {"min_p": 0.0, "min_new_tokens": 0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
            "repetition_penalty": 1.0}
 MEMORY_TAGS = {"weights", "kv_cache", "cuda_graph"}
-GPU_ONLY_PATHS = {"/init_weights_update_group", "/update_weights_from_distributed", "/update_weights_from_tensor",
-                  "/destroy_weights_update_group"}
 
 
 class RequestError(ValueError):
     pass
 
 
-def to_sampling_params(sp: dict) -> tuple[SamplingParams, int | None]:
-    """SGLang `sampling_params` dict -> (SamplingParams with n, sampling_seed)."""
-    if not isinstance(sp, dict):
-        raise RequestError(f"sampling_params must be an object, got {type(sp).__name__}")
-    unknown = sorted(set(sp) - SUPPORTED_SAMPLING_KEYS - KNOWN_UNSUPPORTED_KEYS)
-    if unknown:
-        raise RequestError(f"unknown sampling_params keys {unknown}; valid keys: {sorted(SUPPORTED_SAMPLING_KEYS)}")
+def to_sampling_params(sp: dict, vocab_size: int = 1 << 31) -> tuple[SamplingParams, int | None]:
+    """SGLang `sampling_params` dict -> (SamplingParams with n, sampling_seed), refused as SGLang
+    refuses it: ContractError for a wrong JSON type or an unknown key, VerifyError for a value out
+    of range (rollout/sglang_contract.py); RequestError for what SGLang takes but this stand-in
+    does not implement (penalties, grammars, ...)."""
+    check_sampling_params(sp)
+    r = verify_sampling_params(sp, vocab_size)
     unsupported = sorted(k for k in sp if k in KNOWN_UNSUPPORTED_KEYS and sp[k] is not None)
     unsupported += sorted(k for k, v in NEUTRAL.items() if k in sp and sp[k] is not None and sp[k] != v)
     if unsupported:
         raise RequestError(f"sampling_params {unsupported} are not supported by opd rollout-server")
     stop = sp.get("stop") or []
     stop = [stop] if isinstance(stop, str) else list(stop)
-    top_k = sp.get("top_k", -1)
-    try:
-        params = SamplingParams(
-            n=int(sp.get("n", 1)), temperature=float(sp.get("temperature", 1.0)), top_p=float(sp.get("top_p", 1.0)),
-            top_k=-1 if top_k is None else int(top_k), max_new_tokens=int(sp.get("max_new_tokens", 128)),
-            stop=tuple(stop) + tuple(int(t) for t in sp.get("stop_token_ids") or ()),
-            ignore_eos=bool(sp.get("ignore_eos", False)))
-    except (TypeError, ValueError) as e:
-        raise RequestError(str(e)) from e
-    seed = sp.get("sampling_seed")
+    max_new = r["max_new_tokens"]
+    params = SamplingParams(
+        n=int(r["n"]), temperature=0.0 if r["greedy"] else float(r["temperature"]), top_p=float(r["top_p"]),
+        top_k=-1 if r["top_k"] >= TOP_K_ALL or r["greedy"] else int(r["top_k"]),
+        max_new_tokens=128 if max_new is None else max_new,
+        stop=tuple(stop) + tuple(int(t) for t in sp.get("stop_token_ids") or ()),
+        ignore_eos=bool(sp.get("ignore_eos") or False))
+    seed = r["sampling_seed"]
     return params, None if seed is None else int(seed)
 
 
@@ -73,16 +71,48 @@ def finish_reason_json(res: SeqResult, params: SamplingParams) -> dict:
     return {"type": "abort", "message": res.error or "aborted", "status_code": None, "err_type": None}
 
 
-class RolloutService:
-    """The HTTP-independent part: request dicts in, SGLang-shaped response objects out."""
+class RolloutService(WeightUpdates):
+    """The HTTP-independent part: request dicts in, SGLang-shaped response objects out. The weight
+    routes (process group, session, updates) are in rollout/server_weights.py."""
 
     def __init__(self, engine: LocalEngine, model_path: str, weight_version: str = "default",
-                 skip_tokenizer_init: bool = False):
+                 skip_tokenizer_init: bool = False, api_key: str | None = None, admin_api_key: str | None = None):
         self.engine = engine
         self.model_path = model_path
         self.weight_version = weight_version
         self.skip_tokenizer_init = skip_tokenizer_init or engine.tokenizer is None
         self.paused = False
+        self._init_weight_updates()
+        self.api_key, self.admin_api_key = api_key or None, admin_api_key or None
+        self.generated = 0  # sequences this server was asked for (tests check where rollouts come from)
+        self._abort_next, self._abort_after_tokens = 0, 1
+        self._lock = threading.Lock()
+
+    def abort_next(self, count: int, after_tokens: int = 1) -> None:
+        """Test hook: the next `count` sequences finish as SGLang's aborted requests do (HTTP 200,
+        finish_reason abort, the `after_tokens` tokens generated so far)."""
+        with self._lock:
+            self._abort_next, self._abort_after_tokens = count, after_tokens
+
+    def abort(self, body: dict) -> None:
+        """/abort_request: {"rid": str, "abort_all": bool}; unknown rids are ignored, as there."""
+        if body.get("abort_all"):
+            self.engine.abort(None, "Abort all requests")
+        elif body.get("rid"):
+            self.engine.abort(str(body["rid"]), "Abort request")
+
+    def pause(self, mode: str) -> None:
+        """/pause_generation: `abort` ends everything in flight (partial outputs come back) and
+        returns once nothing runs; `retract` / `in_place` hold new batches (the running one ends)."""
+        if mode not in ("abort", "retract", "in_place"):
+            raise ValueError(f"pause_generation mode {mode!r} is not one of abort, retract, in_place")
+        if mode == "abort":
+            deadline = time.time() + 60
+            while self.engine.num_unfinished() and time.time() < deadline:
+                self.engine.abort(None, "Abort all requests")
+                time.sleep(0.01)
+        self.paused = True
+        self.engine.pause()
 
     def _set_version(self, version) -> None:
         if version is None:
@@ -103,10 +133,12 @@ class RolloutService:
 
     def server_info(self) -> dict:
         return {"model_path": self.model_path, "max_total_num_tokens": None, "version": "opd-rollout-server",
-                "frontend": "python", "max_batch_size": self.engine.max_batch_size, "paused": self.paused}
+                "frontend": "python", "max_batch_size": self.engine.max_batch_size, "paused": self.paused,
+                "tp_size": 1, "dp_size": 1}
 
     def generate(self, body: dict) -> dict | list:
         t0 = time.time()
+        check_generate_body(body)  # SGLang's JSON contract: 400 {"error": str}
         if ("text" in body) == ("input_ids" in body):
             raise RequestError("send exactly one of `text` and `input_ids`")
         if body.get("stream"):
@@ -130,7 +162,7 @@ class RolloutService:
         sps = sps if isinstance(sps, list) else [sps] * len(prompts)
         if len(sps) != len(prompts):
             raise RequestError(f"sampling_params has {len(sps)} entries for {len(prompts)} inputs")
-        parsed = [to_sampling_params(sp) for sp in sps]
+        parsed = [to_sampling_params(sp, self.engine.vocab_size) for sp in sps]
         rid = body.get("rid")
         return_logprob = body.get("return_logprob", False)
         if isinstance(return_logprob, list):
@@ -154,8 +186,14 @@ class RolloutService:
                 metas.append((r, params, lp, sps[i]))
         if any(p.n > 1 for p, _ in parsed):
             single = False  # SGLang turns n > 1 into a batch: the response is a list
+        with self._lock:
+            self.generated += len(requests)
+            aborts = [None] * len(requests)
+            for k in range(min(self._abort_next, len(requests))):
+                aborts[k] = self._abort_after_tokens
+            self._abort_next -= min(self._abort_next, len(requests))
         try:
-            results = self.engine.generate_blocking(requests)
+            results = self.engine.generate_blocking(requests, rids=[m[0] for m in metas], abort_at=aborts)
         except ValueError as e:
             raise RequestError(str(e)) from e
         out = [self._item(res, *m, t0) for res, m in zip(results, metas)]
@@ -178,14 +216,6 @@ class RolloutService:
                 text = text[:text.find(res.matched)] if res.matched in text else text
             item = {"text": text, **item}
         return item
-
-    def update_weights_from_disk(self, body: dict) -> dict:
-        if not body.get("model_path"):
-            raise RequestError("model_path is required")
-        version = body.get("weight_version")
-        self.engine.load_from_disk_(body["model_path"])
-        self._set_version(version)
-        return {"success": True, "message": "Succeeded to update model weights.", "num_paused_requests": 0}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -222,6 +252,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _route(self):
         svc, path = self.service, urlparse(self.path).path
+        status = auth_status(self.command, path, self.headers.get("Authorization"), svc.api_key, svc.admin_api_key)
+        if status != 200:  # SGLang's middleware answers before reading the body
+            n = int(self.headers.get("Content-Length") or 0)
+            if n:
+                self.rfile.read(n)
+            return self._send(status, {"error": "Unauthorized" if status == 401 else "Forbidden"})
         try:
             body = self._body()
             if path in ("/health", "/ready"):
@@ -235,10 +271,10 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, svc.server_info())
             if path == "/generate":
                 return self._send(200, svc.generate(body))
-            if path == "/update_weights_from_disk":
-                return self._send(200, svc.update_weights_from_disk(body))
-            if path in ("/begin_weight_update", "/end_weight_update"):
-                return self._send(200, {"success": True, "message": ""})
+            if path in WEIGHT_ROUTES:
+                return self._send(*svc.weight_route(path, body))
+            if path == "/get_weights_by_name":
+                return self._send(*svc.get_weights_by_name(body))
             if path == "/update_weight_version":
                 svc._set_version(body.get("new_version"))
                 return self._send(200, {"success": True, "message": "", "new_version": svc.weight_version})
@@ -248,25 +284,24 @@ class _Handler(BaseHTTPRequestHandler):
                 bad = sorted(set(body.get("tags") or []) - MEMORY_TAGS)
                 if bad:
                     return self._send(400, {"error": {"message": f"unknown memory tags {bad}; valid: {sorted(MEMORY_TAGS)}"}})
-                return self._send(200, None)
+                return self._send(*svc.memory_route(path, body))
             if path == "/pause_generation":
-                svc.paused = True
-                svc.engine.pause()
+                svc.pause(body.get("mode") or "abort")
                 return self._send(200, {"message": "Generation paused successfully.", "status": "ok"})
             if path == "/continue_generation":
                 svc.paused = False
                 svc.engine.resume()
                 return self._send(200, {"message": "Generation continued successfully.", "status": "ok"})
             if path == "/abort_request":
+                svc.abort(body)
                 return self._send(200, ...)
-            if path in GPU_ONLY_PATHS:
-                return self._send(400, {"success": False, "message": f"{path} needs SGLang on a GPU; opd rollout-server "
-                                        "supports /update_weights_from_disk"})
             return self._send(404, {"error": f"no route {path}"})
+        except ContractError as e:  # SGLang's JSON-contract gate
+            return self._send(400, {"error": str(e)})
         except (RequestError, ValueError) as e:  # json.JSONDecodeError is a ValueError
             if path.startswith("/update_weights"):
                 return self._send(400, {"success": False, "message": str(e)})
-            return self._send(400, {"error": str(e)})
+            return self._send(400, {"error": {"message": str(e)}})  # SGLang's ValueError shape
         except Exception as e:  # keep serving; report like SGLang's runtime errors
             return self._send(500, {"error": {"message": repr(e)}})
 
@@ -306,6 +341,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--weight-version", default="default")
     parser.add_argument("--skip-tokenizer-init", action="store_true", help="omit `text` in responses, as SGLang")
     parser.add_argument("--random-seed", type=int, default=None, help="seeds torch for unseeded requests")
+    parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every route but "
+                        "/health*, /ready, /metrics, as SGLang does")
+    parser.add_argument("--admin-api-key", default=None, help="the key the control routes (weights, pause, abort, "
+                        "memory, cache) take instead of --api-key, as SGLang does")
 
 
 def main(args) -> int:
@@ -315,7 +354,8 @@ def main(args) -> int:
         torch.manual_seed(args.random_seed)
     engine = LocalEngine.from_pretrained(args.model_path, device=args.device, dtype=getattr(torch, args.dtype),
                                          max_batch_size=args.max_batch_size)
-    svc = RolloutService(engine, args.model_path, args.weight_version, args.skip_tokenizer_init)
+    svc = RolloutService(engine, args.model_path, args.weight_version, args.skip_tokenizer_init,
+                         api_key=args.api_key, admin_api_key=args.admin_api_key)
     server = make_server(svc, args.host, args.port)
     host, port = server.server_address[:2]
     print(f"opd rollout-server: serving {args.model_path} at http://{host}:{port}", flush=True)

@@ -37,7 +37,12 @@ class DataCfg:
 @dataclass(frozen=True)
 class RolloutCfg:
     engine: str = "local"             # local | sglang
-    urls: str = ""                    # sglang: comma-separated engine URLs
+    urls: str = ""                    # sglang: comma-separated engine URLs (each gets the weight updates)
+    router_url: str = ""              # sglang: /generate goes through this sglang-router instead of round-robin
+    api_key: str = ""                 # sglang: the engines' --api-key ("" = env OPD_ROLLOUT_API_KEY, else none)
+    admin_api_key: str = ""           # sglang: their --admin-api-key, sent on weight/control routes ("" = env
+                                      # OPD_ROLLOUT_ADMIN_API_KEY, else api_key)
+    max_attempts: int = 3             # sglang: tries per sample (aborted or failed ones are retried, then dropped)
     n: int = 4                        # samples per prompt (a group)
     temperature: float = 1.0
     top_p: float = 1.0
@@ -55,9 +60,11 @@ class RolloutCfg:
                                       # ("" = 127.0.0.1 if every engine URL is loopback, else the
                                       # local address that routes to the first engine)
     sync_port: int = 0                # distributed: rendezvous port of rank r is sync_port + r (0 = free port)
-    sync_bucket_mb: int = 512         # distributed / tensor: tensors sent per update call
+    sync_bucket_mb: float = 512.0     # distributed / tensor: MiB of tensors sent per update call
     sync_retries: int = 3             # an update the engine answers with success: false is retried
     sync_timeout_s: float = 600.0     # distributed: group rendezvous and broadcast timeout
+    release_memory: bool = False      # sglang, engine on the trainer's GPU: its KV cache and weights are
+                                      # released while the trainer trains, resumed for the weight push
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,8 @@ class LossCfg:
 @dataclass(frozen=True)
 class WarmupCfg:
     steps: int = 0                    # forward-KL warm-up steps on teacher-generated rollouts
-    teacher_model: str = ""           # HF dir the rollout engine generates with during warm-up
+    teacher_model: str = ""           # local engine: the HF dir the warm-up rollouts are generated with
+    rollout_url: str = ""             # sglang: an engine serving the teacher model (URL[,URL...]) for them
 
 
 @dataclass(frozen=True)
@@ -409,27 +417,52 @@ def _cross_checks(cfg: TrainConfig) -> None:
     elif lc.support == "union":
         raise ConfigError("loss.support: 'union' needs teacher.student_top_k > 0 (the student's own top ids)")
     if cfg.warmup.steps:
-        if not cfg.warmup.teacher_model:
-            raise ConfigError(f"warmup.steps: {cfg.warmup.steps} needs warmup.teacher_model (the Hugging Face "
-                              "directory the warm-up rollouts are generated with)")
         if lc.objective == "grpo":
             raise ConfigError(f"warmup.steps: {cfg.warmup.steps} (forward KL on teacher rollouts) needs a teacher "
                               "objective: opd, opd+grpo or sft (here grpo)")
-        if cfg.rollout.engine != "local":
-            raise ConfigError(f"warmup.steps: {cfg.warmup.steps} generates with warmup.teacher_model on the local "
-                              f"rollout engine; rollout.engine={cfg.rollout.engine} (allowed with warm-up: local)")
-    elif cfg.warmup.teacher_model:
-        raise ConfigError(f"warmup.teacher_model: {cfg.warmup.teacher_model!r} is used only with warmup.steps > 0")
+        if cfg.rollout.engine == "local" and not cfg.warmup.teacher_model:
+            raise ConfigError(f"warmup.steps: {cfg.warmup.steps} needs warmup.teacher_model (the Hugging Face "
+                              "directory the warm-up rollouts are generated with)")
+        if cfg.rollout.engine == "local" and cfg.warmup.rollout_url:
+            raise ConfigError(f"warmup.rollout_url: {cfg.warmup.rollout_url!r} applies to rollout.engine=sglang; "
+                              "the local engine generates the warm-up with warmup.teacher_model")
+        if cfg.rollout.engine == "sglang":
+            if not cfg.warmup.rollout_url:
+                raise ConfigError(f"warmup.steps: {cfg.warmup.steps} with rollout.engine=sglang needs "
+                                  "warmup.rollout_url (an SGLang engine serving the teacher model; the student's "
+                                  "engines cannot produce teacher rollouts)")
+            if cfg.warmup.teacher_model:
+                raise ConfigError(f"warmup.teacher_model: {cfg.warmup.teacher_model!r} applies to the local engine; "
+                                  "with rollout.engine=sglang the warm-up engine is warmup.rollout_url")
+            shared = sorted({u.strip().rstrip("/") for u in cfg.warmup.rollout_url.split(",")} &
+                            {u.strip().rstrip("/") for u in (cfg.rollout.urls + "," + cfg.rollout.router_url).split(",")
+                             if u.strip()})
+            if shared:
+                raise ConfigError(f"warmup.rollout_url: {', '.join(shared)} is also a student engine (rollout.urls / "
+                                  "rollout.router_url); the warm-up needs an engine serving the teacher model")
+    elif cfg.warmup.teacher_model or cfg.warmup.rollout_url:
+        key = "warmup.teacher_model" if cfg.warmup.teacher_model else "warmup.rollout_url"
+        raise ConfigError(f"{key}: {getattr(cfg.warmup, key.split('.')[1])!r} is used only with warmup.steps > 0")
+    if cfg.rollout.engine != "sglang":
+        for key in ("urls", "router_url", "api_key", "admin_api_key"):
+            if getattr(cfg.rollout, key):
+                raise ConfigError(f"rollout.{key}: set, but it applies only to rollout.engine=sglang "
+                                  f"(here {cfg.rollout.engine})")
+    if cfg.rollout.max_attempts < 1:
+        raise ConfigError(f"rollout.max_attempts: {cfg.rollout.max_attempts} must be >= 1")
     r = cfg.rollout
     allowed = WEIGHT_SYNC_BY_ENGINE[r.engine]
     if r.weight_sync not in ("auto",) + allowed:
         raise ConfigError(f"rollout.weight_sync: {r.weight_sync!r} does not work with rollout.engine={r.engine} "
                           f"(allowed: {', '.join(('auto',) + allowed)})")
+    if r.release_memory and (r.engine != "sglang" or r.staleness != 0):
+        raise ConfigError(f"rollout.release_memory: true needs rollout.engine=sglang and rollout.staleness=0 (the "
+                          f"engine is idle while the trainer trains); got engine={r.engine}, staleness={r.staleness}")
     if r.weight_sync == "tensor" and not cfg.run.device.startswith("cuda"):
         raise ConfigError(f"rollout.weight_sync: 'tensor' (CUDA-IPC handles) needs run.device=cuda, got "
                           f"run.device={cfg.run.device!r} (allowed on this device: distributed, disk)")
     for key, ok, msg in [("rollout.sync_port", 0 <= r.sync_port < 65536, "must be in [0, 65535]"),
-                         ("rollout.sync_bucket_mb", r.sync_bucket_mb >= 1, "must be >= 1"),
+                         ("rollout.sync_bucket_mb", r.sync_bucket_mb > 0, "must be > 0"),
                          ("rollout.sync_retries", r.sync_retries >= 0, "must be >= 0"),
                          ("rollout.sync_timeout_s", r.sync_timeout_s > 0, "must be > 0")]:
         if not ok:

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from student_trainer import losses as L
-from student_trainer.batching import Sample, build_micro_batch, pack, teacher_arrays
+from student_trainer.batching import Sample, attention_mask_for, build_micro_batch, pack, teacher_arrays
 from student_trainer.config import ConfigError, LossCfg, TrainConfig
 from student_trainer.observe import RunLog
 
@@ -44,11 +44,33 @@ class StudentWithLoss(torch.nn.Module):
         super().__init__()
         self.student = student
 
+    def hidden_states(self, mb) -> torch.Tensor:
+        """The body's last hidden states of a packed micro-batch, [L, H] (the block mask in the
+        form the model's attention implementation honours)."""
+        body = self.student.get_decoder()
+        impl = getattr(self.student.config, "_attn_implementation", None) or "sdpa"
+        mask = attention_mask_for(mb.attention_mask, impl, body.get_input_embeddings().weight.dtype)
+        return body(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mask,
+                    use_cache=False).last_hidden_state[0]
+
+    @torch.no_grad()
+    def top_ids(self, samples: list, k: int, temperature: float, budget: int, device) -> list:
+        """The student's own top-k ids at every response position of each sample, [n_resp, k] int64
+        arrays (sorted ascending): what ``teacher.student_top_k`` sends to the teacher."""
+        out = []
+        for group in pack(samples, budget):
+            mb = _to(build_micro_batch(group), torch.device(device))
+            h = self.hidden_states(mb).index_select(0, mb.rows)
+            ids = L.student_topk_ids(h, self.student.get_output_embeddings().weight, k, temperature).cpu().numpy()
+            off = 0
+            for s in group:
+                out.append(ids[off:off + s.num_response])
+                off += s.num_response
+        return out
+
     def forward(self, mb, loss_cfg: L.DistillLossConfig, global_tokens, global_seqs, keep_ratio: float = 1.0,
                 token_score: str = "product"):
-        body = self.student.get_decoder()
-        hidden = body(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mb.attention_mask,
-                      use_cache=False).last_hidden_state[0]
+        hidden = self.hidden_states(mb)
         weight = self.student.get_output_embeddings().weight
         h = hidden.index_select(0, mb.rows)
         mask = mb.mask
@@ -88,6 +110,21 @@ def _loss_terms(cfg: TrainConfig, step: int, warm: bool) -> tuple:
     return L.ObjectiveMix(distill=distill, rl_weight=rl, sft_weight=lc.sft_weight).terms(step)
 
 
+def _zero_signal_reason(samples: list[Sample], terms: tuple) -> str | None:
+    """Why the loss of every sample of a step is exactly 0 (the step trains nothing), or None."""
+    if not samples:
+        return None
+    if all(s.weight == 0 for s in samples):
+        return ("every sample weight is 0 (PACED, loss.sample_weighting=paced: each prompt group's pass rate is "
+                "0 or 1, e.g. a student at 0% accuracy)")
+    if all(sum(s.response_mask) == 0 for s in samples):
+        return "no model-generated token to score (every response token is a tool/environment token)"
+    if {n for n, w in terms if w} <= {"ppo"} and all(s.advantage == 0 for s in samples):
+        return ("every GRPO advantage is 0: every prompt group has equal rewards (e.g. a student at 0% "
+                "accuracy); raise rollout.n, change the task or warm the student up first")
+    return None
+
+
 def _loss_config(lc: LossCfg, terms: tuple) -> L.DistillLossConfig:
     return L.DistillLossConfig(terms=terms, support=lc.support, temperature=lc.temperature, beta=lc.beta,
                                gamma=lc.gamma, clip_eps=lc.clip_eps, chunk_size=lc.chunk_size,
@@ -107,9 +144,13 @@ class Trainer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.student)
         dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-        student = _load_causal_lm(cfg.model.student, dtype, cfg.model.random_init, self.device)
+        student = _load_causal_lm(cfg.model.student, dtype, cfg.model.random_init, self.device,
+                                  attn_implementation=cfg.model.attn_implementation)
         if cfg.model.gradient_checkpointing:
             student.gradient_checkpointing_enable()
+        # from_pretrained returns the model in eval mode, where HF skips gradient checkpointing
+        # (and dropout): the trained copy is in train mode
+        student.train()
         student.config.use_cache = False
         self.vocab = int(student.get_output_embeddings().weight.shape[0])
         self.data = self._data_source()  # bad data settings fail before any network wait
@@ -122,12 +163,16 @@ class Trainer:
         self.rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
         self.world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         self.start_step = 0
+        self.zero_signal_steps = 0  # steps whose loss was exactly 0 for every sample (this process)
         if resume:
             self.start_step = self._load_latest()
         self.rollout = self._rollout_engine(cfg.model.student)
-        self.warm_rollout = (self._rollout_engine(cfg.warmup.teacher_model)
-                             if cfg.warmup.steps > 0 and cfg.warmup.teacher_model else None)
+        self.warm_rollout = None
+        if cfg.warmup.steps > 0:  # teacher rollouts: never the student's engines
+            self.warm_rollout = (self._rollout_engine("", cfg.warmup.rollout_url) if cfg.rollout.engine == "sglang"
+                                 else self._rollout_engine(cfg.warmup.teacher_model))
         self.version = self.start_step
+        self.wsync = self._weight_sync()
         self._sync_weights(self.start_step)
         log.info("DeepSpeed ZeRO-%d and the %s rollout engine ready", cfg.optim.zero_stage, cfg.rollout.engine)
         self.log = RunLog(self.out, cfg, resume=resume, enabled=self.rank == 0)
@@ -135,17 +180,25 @@ class Trainer:
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _connect_teacher(self):
-        from teacher_server.client import ScoreSettings, TeacherClient
+        from teacher_server.client import ScoreSettings, TeacherClient, TokenizerMismatchError
 
         t = self.cfg.teacher
-        stats = ["sampled", "topk", "tail"] + (["extra"] if t.student_top_k else [])
-        client = TeacherClient(t.url, tokenizer=self.tokenizer, allow_tokenizer_mismatch=t.allow_tokenizer_mismatch,
-                               settings=ScoreSettings(top_k=t.top_k, statistics=tuple(stats),
-                                                      temperature=self.cfg.loss.temperature,
-                                                      value_encoding=t.value_encoding, compression=t.compression),
+        stats = ["sampled", "topk", "tail"] + (["extra"] if t.student_top_k else []) + (
+            ["full"] if self.cfg.loss.support == "full" else [])
+        client = TeacherClient(t.url, settings=ScoreSettings(top_k=t.top_k, statistics=tuple(stats),
+                                                             temperature=self.cfg.loss.temperature,
+                                                             value_encoding=t.value_encoding, compression=t.compression),
                                timeout_s=t.timeout_s, max_retries=t.max_retries, max_backoff_s=t.max_backoff_s,
                                token=t.token or None)
         info = client.info()
+        # the chat template first (the tokenizer fingerprint covers it too, but says less)
+        if (self.tokenizer.chat_template or "") != info.chat_template and not t.allow_tokenizer_mismatch:
+            raise ConfigError("teacher.url: the teacher's chat template differs from the student's; prompts would be "
+                              "formatted differently on the two sides (teacher.allow_tokenizer_mismatch=true overrides)")
+        try:
+            client.check_tokenizer(self.tokenizer, t.allow_tokenizer_mismatch)
+        except TokenizerMismatchError as exc:
+            raise ConfigError(f"teacher.url: {exc} (config key: teacher.allow_tokenizer_mismatch=true)") from None
         if info.vocab_size < self.vocab:
             raise ConfigError(f"teacher.url: the teacher's logit width {info.vocab_size} is smaller than the "
                               f"student's {self.vocab}; they cannot share token ids")
@@ -154,9 +207,6 @@ class Trainer:
                      info.vocab_size, self.vocab)
         if t.top_k > info.max_top_k:
             raise ConfigError(f"teacher.top_k: {t.top_k} exceeds the server's max_top_k {info.max_top_k}")
-        if (self.tokenizer.chat_template or "") != info.chat_template and not t.allow_tokenizer_mismatch:
-            raise ConfigError("teacher.url: the teacher's chat template differs from the student's; prompts would be "
-                              "formatted differently on the two sides (teacher.allow_tokenizer_mismatch=true overrides)")
         if t.student_top_k and self.cfg.rollout.staleness:
             raise ConfigError("teacher.student_top_k needs rollout.staleness=0 (the student's top ids come from the "
                               "current weights)")
@@ -175,10 +225,11 @@ class Trainer:
             return arithmetic_source(self.tokenizer, seed=d.seed)
         return file_source(d, self.tokenizer, self.cfg.loss.reward_fn or "math")
 
-    def _rollout_engine(self, model_dir: str):
+    def _rollout_engine(self, model_dir: str, urls: str = ""):
         """The configured engine; for a built-in task that needs tools (``calc``) wrapped in the
-        multi-turn tool loop (model turn -> tool call -> tool output as mask-0 tokens -> ...)."""
-        eng = self._plain_rollout_engine(model_dir)
+        multi-turn tool loop (model turn -> tool call -> tool output as mask-0 tokens -> ...).
+        sglang: `urls` names other engines than rollout.urls (the warm-up's teacher engines)."""
+        eng = self._plain_rollout_engine(model_dir, urls)
         tools = task_tools(self.cfg.data.task)
         if tools:
             from opd.tool_engine import ToolEngine
@@ -186,12 +237,18 @@ class Trainer:
             eng = ToolEngine(eng, self.tokenizer, tools)
         return eng
 
-    def _plain_rollout_engine(self, model_dir: str):
+    def _plain_rollout_engine(self, model_dir: str, urls: str = ""):
         r = self.cfg.rollout
         if r.engine == "sglang":
             from rollout.sglang_client import SGLangEngine
 
-            return SGLangEngine(r.urls.split(","))
+            eng = SGLangEngine([u.strip() for u in (urls or r.urls).split(",") if u.strip()],
+                               router_url=None if urls else (r.router_url or None), api_key=r.api_key or None,
+                               admin_api_key=r.admin_api_key or None, max_attempts=r.max_attempts)
+            info = engine_info(eng, "warmup.rollout_url" if urls else "rollout.urls")
+            log.info("%s rollouts from SGLang at %s (model %s, weight_version %s)", "warm-up" if urls else "student",
+                     ", ".join(eng.urls), info.get("model_path"), info.get("weight_version"))
+            return eng
         from transformers import AutoTokenizer
 
         from rollout.local_engine import LocalEngine
@@ -203,18 +260,75 @@ class Trainer:
         return LocalEngine(model, AutoTokenizer.from_pretrained(model_dir), max_batch_size=r.max_batch_size)
 
     # ---- weights to the rollout engine ----------------------------------------------------------
+    def _weight_sync_mode(self) -> str:
+        from student_trainer.config import default_weight_sync
+
+        r = self.cfg.rollout
+        return default_weight_sync(r.engine) if r.weight_sync == "auto" else r.weight_sync
+
+    def _weight_sync(self):
+        """SGLang engines: the pusher for this rank's engines (engine i belongs to rank i % world, so
+        each engine gets one update per step); None for the local engine."""
+        r = self.cfg.rollout
+        if r.engine != "sglang":
+            return None
+        from rollout import weight_sync as ws
+
+        mode = self._weight_sync_mode()
+        own = ws.engines_of_rank([u.strip() for u in r.urls.split(",") if u.strip()], self.rank, self.world)
+        client = getattr(self.rollout, "inner", self.rollout)  # the key the generation client resolved
+        key = getattr(client, "admin_api_key", None) or getattr(client, "api_key", None)
+        kw = {"api_key": key, "retries": r.sync_retries, "timeout_s": r.sync_timeout_s}
+        if mode == "disk":
+            sync = ws.DiskSync(own, **kw)
+        elif mode == "distributed":
+            sync = ws.DistributedSync(own, address=r.sync_address, port=r.sync_port + self.rank if r.sync_port else 0,
+                                      group_name=f"opd-weights-r{self.rank}",
+                                      backend="nccl" if self.device.startswith("cuda") else "gloo", **kw)
+        else:
+            if not torch.cuda.is_available():
+                raise ConfigError("rollout.weight_sync=tensor: CUDA-IPC handles need CUDA, which is not available "
+                                  "here (allowed without CUDA: distributed, disk)")
+            sync = ws.TensorSync(own, **kw)
+        if own:
+            sync.connect()
+        log.info("weight sync %s: rank %d pushes to %s", mode, self.rank, ", ".join(own) or "no engine")
+        return sync
+
     def _sync_weights(self, version: int) -> float:
         t0 = time.perf_counter()
         r = self.cfg.rollout
-        if r.engine == "local" and r.weight_sync == "memory":
+        mode = self._weight_sync_mode()
+        if r.engine == "local" and mode == "memory":
             self.rollout.load_state_dict_(self.engine.full_state_dict(), version)
-        else:
+        elif r.engine == "local":  # disk: each rank's own local engine reloads
             path = Path(r.sync_dir or self.out / "weights_sync")
             self.export_hf(path)
             if self.world > 1:
                 torch.distributed.barrier()  # written by rank 0 before any engine reads it
-            coro = self.rollout.update_weights_from_disk(str(path), version)
-            asyncio.run(coro)
+            asyncio.run(self.rollout.update_weights_from_disk(str(path), version))
+        elif mode == "disk":
+            path = Path(r.sync_dir or self.out / "weights_sync")
+            self.export_hf(path)  # every rank gathers (ZeRO-3), rank 0 writes
+            if self.world > 1:
+                torch.distributed.barrier()  # written before any engine reads it
+            if r.release_memory:
+                self.wsync.resume_memory(["weights"])
+            if self.wsync.urls:
+                self.wsync.push(str(path), version)
+        else:  # distributed / tensor: bucket by bucket from the live parameters
+            if r.release_memory:
+                self.wsync.resume_memory(["weights"])  # (their contents are gone until the push)
+            n, buckets = self.engine.weight_buckets(int(r.sync_bucket_mb * 2**20))
+            if self.wsync.urls:
+                self.wsync.push(buckets, n, version)
+            else:
+                for _ in buckets:  # ZeRO-3: the gathers are collective, every rank takes part
+                    pass
+        if r.release_memory:
+            self.wsync.resume_memory(["kv_cache"])
+        if r.engine == "sglang" and self.world > 1:
+            torch.distributed.barrier()  # every engine has the new weights before any rank samples again
         self.version = version
         return time.perf_counter() - t0
 
@@ -241,14 +355,30 @@ class Trainer:
         def score(batch: list[Sample]):
             ids = [s.token_ids for s in batch]
             starts = [s.prompt_len for s in batch]
-            res = self.teacher.score(ids, starts)
-            for s, st in zip(batch, res):
-                s.teacher = teacher_arrays(st, self.vocab)
+            s_top = None
+            if cfg.teacher.student_top_k:  # the student's own top ids, from the current weights
+                s_top = self.engine.module.top_ids(batch, cfg.teacher.student_top_k, cfg.loss.temperature,
+                                                   cfg.optim.micro_batch_tokens, self.device)
+            res = self.teacher.score(ids, starts, extra_ids=s_top)
+            for i, (s, st) in enumerate(zip(batch, res)):
+                s.teacher = teacher_arrays(st, self.vocab, None if s_top is None else s_top[i])
             return sum(st.wire_bytes for st in res), time.perf_counter()
+
+        stats = getattr(getattr(engine, "inner", engine), "stats", None)
+        stats0 = dict(stats) if stats is not None else {}
+        received: dict[int, int] = {}  # finished (not aborted) rollouts per prompt group
+        aborted, stale = [0], [0]
 
         async def collect():
             pending: list[Sample] = []
             async for ro in engine.generate([p.prompt_ids for p in prompts], params):
+                if ro.finish_reason == "abort":  # partial output: never reaches the loss
+                    aborted[0] += 1
+                    continue
+                if not warm and ro.policy_version < step - cfg.rollout.staleness:
+                    stale[0] += 1  # the engine says it sampled with older weights than allowed
+                    continue
+                received[ro.prompt_index] = received.get(ro.prompt_index, 0) + 1
                 text = self.tokenizer.decode(ro.response_ids, skip_special_tokens=True)
                 s = Sample(token_ids=list(ro.prompt_ids) + list(ro.response_ids), prompt_len=len(ro.prompt_ids),
                            response_mask=list(ro.response_mask), rollout_logprobs=list(ro.logprobs),
@@ -268,6 +398,19 @@ class Trainer:
 
         asyncio.run(collect())
         t_gen = gen_done[0]
+        # A group with a member missing (aborted past its retries, or its request failed) is
+        # dropped whole: group-relative advantages and weights need every member.
+        short = {g for g in range(len(prompts)) if received.get(g, 0) < params.n}
+        if short:
+            samples[:] = [s for s in samples if s.group not in short]
+        delta = {k: v - stats0.get(k, 0) for k, v in (stats or {}).items()}
+        if short or delta.get("aborted") or delta.get("failed") or aborted[0]:
+            log.warning("step %d: %d rollout(s) aborted, %d request(s) failed, %d dropped after retries: "
+                        "%d of %d prompt groups dropped", step, delta.get("aborted", 0) if stats is not None else aborted[0],
+                        delta.get("failed", 0), delta.get("dropped", 0), len(short), len(prompts))
+        if not samples:
+            raise RuntimeError(f"step {step}: no complete rollout group ({len(prompts)} prompts x {params.n}); last "
+                               f"engine error: {getattr(getattr(engine, 'inner', engine), 'last_error', None)}")
         log.debug("step %d: %d rollouts in %.1fs", step, len(samples), t_gen - t0)
         wire, last = 0, t_gen
         for f in futures:
@@ -281,7 +424,12 @@ class Trainer:
         n_resp = sum(s.num_response for s in samples)
         return StepData(step, samples, timings={
             "rollout_s": t_gen - t0, "teacher_tail_s": t1 - t_gen, "produce_s": t1 - t0},
-            counters={"wire_bytes": wire, "response_tokens": n_resp, "warmup": warm,
+            counters={"wire_bytes": wire, "response_tokens": n_resp, "warmup": warm, "rollouts_stale": stale[0],
+                      # aborted attempts the engine saw (an engine without counters: aborted rollouts)
+                      "rollout_aborted": delta.get("aborted", 0) if stats is not None else aborted[0],
+                      "rollout_failed": delta.get("failed", 0),
+                      "rollout_retried": delta.get("retried", 0), "rollout_dropped": delta.get("dropped", 0),
+                      "groups_dropped": len(short), "engines_down": delta.get("engine_down", 0),
                       "tool_tokens": sum(len(s.response_mask) - sum(s.response_mask) for s in samples),
                       "turns": float(np.mean([s.num_turns for s in samples])) if samples else 0.0})
 
@@ -353,9 +501,17 @@ class Trainer:
             metrics_sum["tokens"] = metrics_sum.get("tokens", 0.0) + ntok
         grad_norm = self.engine.step()
         t_train = time.perf_counter() - t0
-        ntok = max(1.0, metrics_sum.pop("tokens", 0.0))
+        loss_tokens = metrics_sum.pop("tokens", 0.0)  # rows with weight > 0 (after TIP's selection)
+        ntok = max(1.0, loss_tokens)
         out = {f"loss/{k}": v / ntok for k, v in metrics_sum.items()}
+        reason = _zero_signal_reason(data.samples, terms)
+        if reason:
+            self.zero_signal_steps += 1
+            log.warning("step %d trains nothing: %s (%d such step(s) so far)", data.step + 1, reason,
+                        self.zero_signal_steps)
+        out.update({"zero_signal": int(reason is not None), "zero_signal_steps": self.zero_signal_steps})
         out.update({"loss": total, "grad_norm": grad_norm, "lr": self.engine.lr, "train_s": t_train,
+                    "loss_tokens": int(loss_tokens),
                     "micro_batches": len(mbs), "loss_terms": "+".join(f"{w:g}*{n}" for n, w in terms)})
         return out
 
@@ -374,6 +530,10 @@ class Trainer:
                     raise data
                 wait_s = time.perf_counter() - t_wait
                 t_step = time.perf_counter()
+                if cfg.rollout.release_memory:  # the engines are idle (staleness 0): their GPU memory to training
+                    if self.world > 1:
+                        torch.distributed.barrier()  # every rank's rollouts are in
+                    self.wsync.release_memory()
                 m = self._train_step(data)
                 sync_s = self._sync_weights(step + 1)
                 with self._version_cv:
@@ -381,6 +541,9 @@ class Trainer:
                 step_s = time.perf_counter() - t_step + wait_s
                 rew = [s.reward for s in data.samples]
                 m.update(data.timings)
+                versions = [s.policy_version for s in data.samples]  # as the engines reported them
+                m.update({"rollouts_stale": data.counters["rollouts_stale"], "weight_version": self.version,
+                          "policy_version_min": min(versions, default=-1), "policy_version_max": max(versions, default=-1)})
                 m.update({"step": step + 1, "wait_rollout_teacher_s": wait_s, "weight_sync_s": sync_s, "step_s": step_s,
                           # the trainer waits on the teacher for the part of its wait that came after
                           # generation ended (with staleness 1 most of it hides behind training)
@@ -391,7 +554,10 @@ class Trainer:
                           "tokens_per_s": data.counters["response_tokens"] / step_s if step_s else 0.0,
                           "wire_bytes_per_token": data.counters["wire_bytes"] / max(1, data.counters["response_tokens"]),
                           "tool_token_ratio": data.counters["tool_tokens"] / max(1, data.counters["response_tokens"]),
-                          "turns": data.counters["turns"], "policy_lag": step - min(
+                          "turns": data.counters["turns"],
+                          **{k: data.counters[k] for k in ("rollout_aborted", "rollout_failed", "rollout_retried",
+                                                           "rollout_dropped", "groups_dropped", "engines_down")},
+                          "policy_lag": step - min(
                               (s.policy_version for s in data.samples), default=step)})
                 if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                     m["eval_accuracy"] = self.evaluate()
@@ -485,6 +651,8 @@ class Trainer:
         return path
 
     def close(self) -> None:
+        if getattr(self, "wsync", None) is not None:
+            self.wsync.close()
         for eng in (self.rollout, self.warm_rollout):
             if eng is not None and hasattr(eng, "close"):
                 eng.close()
@@ -501,6 +669,26 @@ def task_tools(task: str | None) -> tuple:
     from opd.tasks import get_task
 
     return tuple(getattr(get_task(task), "tools", ()) or ())
+
+
+def engine_info(eng, key: str, poll_s: float = 5.0) -> dict:
+    """The first SGLang engine's /model_info, waiting (up to the client's wait_for_engine_s) for an
+    engine that is still starting; a refused key is a configuration error at once."""
+    from rollout.sglang_client import SGLangError, SGLangRequestError
+
+    deadline = time.monotonic() + eng.wait_for_engine_s
+    while True:
+        try:
+            return asyncio.run(eng.model_info())
+        except SGLangRequestError as e:
+            raise ConfigError(f"{key}: {e} (the engines' key: rollout.api_key or OPD_ROLLOUT_API_KEY)") from None
+        except (SGLangError, OSError) as e:
+            err = e
+        if time.monotonic() >= deadline:
+            raise ConfigError(f"{key}: no SGLang engine answered /model_info for {eng.wait_for_engine_s:.0f} s "
+                              f"({', '.join(eng.urls)}): {err}")
+        log.warning("waiting for the SGLang engine at %s: %s", ", ".join(eng.urls), err)
+        time.sleep(poll_s)
 
 
 def resolve_train_device(device: str) -> str:
@@ -523,15 +711,17 @@ def resolve_train_device(device: str) -> str:
     return f"cuda:{index}"
 
 
-def _load_causal_lm(path: str, dtype, random_init: bool = False, device: str = "cpu"):
+def _load_causal_lm(path: str, dtype, random_init: bool = False, device: str = "cpu",
+                    attn_implementation: str | None = None):
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if random_init:
         # random weights are drawn on the target device: drawing billions of them on the CPU
         # takes minutes, on a GPU a second
         with torch.device(device):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype, **kw)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
 
 
 def _to(mb, dev):
