@@ -76,7 +76,7 @@ SGLANG_SAMPLING_KEYS = {"max_new_tokens", "temperature", "skip_special_tokens", 
 def dumps(obj) -> bytes:
     if _msgspec is not None:
         return _msgspec.json.encode(obj)
-    return json.dumps(obj, separators=(",", ":")).encode()
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 class BadRequest(ValueError):
