@@ -291,6 +291,19 @@ def test_bearer_token_guards_everything_but_health(teacher):
     assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
 
 
+def test_edges_one_token_prompts_and_k_zero(teacher, tiny_model_dir):
+    post = lambda path, body: requests.post(f"{teacher.http}{path}", json=body, headers=AUTH, timeout=60)  # noqa: E731
+    r = post("/v1/completions", {"prompt": [[5], [5, 6, 7]], "max_tokens": 1, "prompt_logprobs": 0}).json()
+    assert r["choices"][0]["prompt_logprobs"] == [None]            # nothing to score in one token
+    plp = r["choices"][1]["prompt_logprobs"]
+    ref64 = reference_logprobs(tiny_model_dir, [5, 6, 7])
+    assert [list(p) for p in plp[1:]] == [["6"], ["7"]]             # k = 0: the realised token alone
+    assert math.isclose(plp[2]["7"]["logprob"], ref64[1, 7], abs_tol=1e-4)
+    m = post("/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+                           "logprob_start_len": 0, "top_logprobs_num": 2}).json()["meta_info"]
+    assert m["input_token_logprobs"] == [[None, 5, None]] and m["input_top_logprobs"] == [None]
+
+
 def _metric(text: str, name: str) -> float:
     return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
