@@ -164,18 +164,23 @@ def test_trl_clients_read_the_vllm_subset_with_grpc_numbers(teacher, tiny_model_
         np.testing.assert_allclose(plps[:K], top_lp, atol=TOL, rtol=0)
     assert _parse_teacher_logprobs_at_position(plp[0]) == ([], [])
 
-    # the async trainer's whole teacher call (`_score_with_teacher`), when its HTTP client is installed
+
+def test_trl_async_trainer_teacher_call(teacher):
+    """The async trainer's whole teacher call (`_score_with_teacher`: aiohttp POST + its parser)."""
     aiohttp = pytest.importorskip("aiohttp", reason="TRL's async trainer talks through aiohttp")
     import asyncio
 
     from trl.experimental.async_distillation.async_rollout_worker import _AsyncRolloutLoop
 
+    seqs, plens = _seqs()
+    ids, p, T = seqs[0], plens[0], 2.0
+    r = _grpc(teacher, [ids], K, temperature=T)[0]
     worker = object.__new__(_AsyncRolloutLoop)   # just the state `_score_with_teacher` reads
     worker.teacher_top_k, worker.teacher_temperature, worker.request_timeout = K, T, 60
     worker._counters = {"rollout/vllm_retry_total": 0}
 
     async def call():
-        async with aiohttp.ClientSession(headers=AUTH) as session:
+        async with aiohttp.ClientSession(headers=AUTH) as session:   # TRL sends no token: a proxy's job
             worker.session = session
             return await worker._score_with_teacher(ids[:p], ids[p:], teacher.http, "teacher-x")
 
