@@ -11,7 +11,8 @@ trainers written against them use an opd teacher unchanged (docs/interop.md):
   (vLLM's insertion order). As vLLM 0.34: -inf is sent as -9999.0; top-k ranks are 1..k; the
   realised token's rank is its place in the top-k, else k + 1 (a lower bound: the server does
   not count the whole vocabulary). `temperature` scales the log-probs, as a vLLM server started
-  with `--logprobs-mode processed_logprobs` (what TRL asks for); below 1e-5 it means 1. No
+  with `--logprobs-mode processed_logprobs` (what TRL asks for); 0 means 1 (greedy: unscaled)
+  and (0, 0.01) is raised to 0.01, as vLLM does. No
   token is generated: `text` is "", `finish_reason` "length", `completion_tokens` 0.
 - SGLang 0.5.23's input log-probs (slime, miles): POST /generate with `input_ids`,
   `sampling_params.max_new_tokens` 0, `return_logprob` true, `logprob_start_len` s >= 0,
@@ -59,7 +60,7 @@ log = logging.getLogger("opd.teacher")
 
 MAX_BODY_BYTES = 256 * 1024 * 1024
 VLLM_NEG_INF = -9999.0          # vLLM's clamp_prompt_logprobs sends -inf as this
-GREEDY_EPS = 1e-5               # vLLM: temperatures below this are greedy (no scaling)
+VLLM_MIN_TEMP = 1e-2            # vLLM: 0 is greedy (logits unscaled); (0, 0.01) is raised to 0.01
 
 # /v1/completions fields this server accepts (everything else is a 400 naming the field)
 VLLM_FIELDS = {"model", "prompt", "max_tokens", "temperature", "prompt_logprobs", "n", "echo", "stream",
@@ -319,7 +320,7 @@ class HttpFront:
                              "realised token only)")
         k = self._top_k(body["prompt_logprobs"], "prompt_logprobs", allow_all=True)
         temp = _number(body, "temperature", 1.0)
-        temp = 1.0 if temp < GREEDY_EPS else temp
+        temp = 1.0 if temp == 0 else max(temp, VLLM_MIN_TEMP)
         results = self.score([(ids, 1, k, temp, None) for ids in seqs])
         with_ids = bool(body.get("return_token_ids"))
         choices = []

@@ -304,6 +304,13 @@ def test_edges_one_token_prompts_and_k_zero(teacher, tiny_model_dir):
     ref64 = reference_logprobs(tiny_model_dir, [5, 6, 7])
     assert [list(p) for p in plp[1:]] == [["6"], ["7"]]             # k = 0: the realised token alone
     assert math.isclose(plp[2]["7"]["logprob"], ref64[1, 7], abs_tol=1e-4)
+    greedy = post("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 1, "prompt_logprobs": 0,
+                                      "temperature": 0}).json()["choices"][0]["prompt_logprobs"]
+    assert greedy == plp                                            # vLLM: temperature 0 leaves logits unscaled
+    cold = post("/v1/completions", {"prompt": [5, 6, 7], "max_tokens": 1, "prompt_logprobs": 0,
+                                    "temperature": 1e-4}).json()["choices"][0]["prompt_logprobs"]
+    want = reference_logprobs(tiny_model_dir, [5, 6, 7], temperature=0.01)[1, 7]   # raised to 0.01, as vLLM
+    assert math.isclose(cold[2]["7"]["logprob"], want, rel_tol=1e-3, abs_tol=1e-3)
     m = post("/generate", {"input_ids": [5], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
                            "logprob_start_len": 0, "top_logprobs_num": 2}).json()["meta_info"]
     assert m["input_token_logprobs"] == [[None, 5, None]] and m["input_top_logprobs"] == [None]
