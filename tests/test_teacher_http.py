@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -349,3 +350,30 @@ def test_http_port_is_checked_before_the_model_loads(argv, needle, capsys, tmp_p
         rc = exc.code
     assert rc == 2
     assert needle in capsys.readouterr().err
+
+
+def test_sigterm_lets_http_work_in_flight_finish(teacher):
+    """Last in this module (it stops the shared server): an HTTP scoring call in flight when
+    SIGTERM arrives is answered in full, and the process exits 0."""
+    rng = np.random.default_rng(3)
+    seqs = [rng.integers(3, 512, size=1000).tolist() for _ in range(12)]
+    got = {}
+
+    def call():
+        try:
+            got["r"] = requests.post(f"{teacher.http}/v1/completions", headers=AUTH, timeout=300, json={
+                "prompt": seqs, "max_tokens": 1, "prompt_logprobs": 16})
+        except requests.RequestException as exc:   # cut off by the shutdown
+            got["r"] = exc
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.5)
+    teacher.proc.send_signal(signal.SIGTERM)
+    t.join(300)
+    assert teacher.proc.wait(60) == 0
+    r = got["r"]
+    assert not isinstance(r, Exception), f"the call in flight was cut off: {r!r}"
+    assert r.status_code == 200, r.text[:500]
+    choices = r.json()["choices"]
+    assert len(choices) == 12 and all(len(c["prompt_logprobs"]) == 1000 for c in choices)
