@@ -353,7 +353,7 @@ def test_http_port_is_checked_before_the_model_loads(argv, needle, capsys, tmp_p
 
 
 def test_sigterm_lets_http_work_in_flight_finish(teacher):
-    """Last in this module (it stops the shared server): an HTTP scoring call in flight when
+    """The last test on the shared server (it stops it): an HTTP scoring call in flight when
     SIGTERM arrives is answered in full, and the process exits 0."""
     rng = np.random.default_rng(3)
     seqs = [rng.integers(3, 512, size=1000).tolist() for _ in range(12)]
@@ -377,3 +377,30 @@ def test_sigterm_lets_http_work_in_flight_finish(teacher):
     assert r.status_code == 200, r.text[:500]
     choices = r.json()["choices"]
     assert len(choices) == 12 and all(len(c["prompt_logprobs"]) == 1000 for c in choices)
+
+
+def test_a_full_queue_answers_503_in_each_dialect(tiny_model_dir):
+    """The front shares the engine's queue and its limits: with the queue at --max-queue-tokens,
+    new HTTP work waits --queue-wait-s and then gets 503 (the peers' clients retry 5xx)."""
+    from teacher_server.app import TeacherConfig, build_server
+    from teacher_server.engine import ScoreItem
+    from teacher_server.http_front import HttpFront
+    from teacher_server.service import ServerConfig
+
+    srv = build_server(TeacherConfig(model=tiny_model_dir, dtype="fp32", max_queue_tokens=8,
+                                     server=ServerConfig(port=0, queue_wait_s=0.2)))
+    front = HttpFront(srv, "127.0.0.1", 0).start()   # the engine's worker is not started: the queue stays full
+    try:
+        srv.engine.submit(ScoreItem("filler", np.arange(1, 9), 1, 8, top_k=0, stats=frozenset({"sampled"})))
+        url = f"http://127.0.0.1:{front.port}"
+        r = requests.post(f"{url}/generate", timeout=30, json={
+            "input_ids": [1, 2, 3], "sampling_params": {"max_new_tokens": 0}, "return_logprob": True,
+            "logprob_start_len": 0})
+        assert r.status_code == 503 and r.headers["Retry-After"] == "1" and "queue" in r.json()["error"]
+        r = requests.post(f"{url}/v1/completions", timeout=30, json={"prompt": [1, 2, 3], "max_tokens": 1,
+                                                                     "prompt_logprobs": 1})
+        assert r.status_code == 503 and r.json()["error"]["code"] == 503 and "queue" in r.json()["error"]["message"]
+        assert requests.get(f"{url}/health", timeout=30).status_code == 200   # full, not down
+    finally:
+        front.stop(0)
+        srv.engine.stop(1)
