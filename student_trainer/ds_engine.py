@@ -7,11 +7,14 @@ warm-up + cosine LR schedule. Single process needs the torch.distributed environ
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 def ensure_dist_env(local_rank: int = 0) -> None:
@@ -83,11 +86,23 @@ class Engine:
         if device.startswith("cuda"):
             index = torch.device(device).index or 0
             torch.cuda.set_device(index)
+            # DS_ACCELERATOR=cpu (set for CPU runs, e.g. by the test suite) would make DeepSpeed keep
+            # its tensors on the host and hand them to NCCL collectives, which refuse them
+            if os.environ.get("DS_ACCELERATOR", "cuda") != "cuda":
+                log.warning("run.device=%s: DS_ACCELERATOR=%s replaced by cuda", device, os.environ["DS_ACCELERATOR"])
+                os.environ["DS_ACCELERATOR"] = "cuda"
         else:
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         ensure_dist_env(index)
         cache_cpu_info()
         import deepspeed
+        from deepspeed.accelerator import get_accelerator, set_accelerator
+
+        if device.startswith("cuda") and get_accelerator().device_name() != "cuda":
+            # DeepSpeed was imported (and picked its accelerator) earlier in this process
+            from deepspeed.accelerator.cuda_accelerator import CUDA_Accelerator
+
+            set_accelerator(CUDA_Accelerator())
 
         self._ds = deepspeed
         if not torch.distributed.is_initialized():
