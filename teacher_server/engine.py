@@ -559,14 +559,20 @@ class ScoringEngine:
         return batches
 
     def _run_warm(self, batches: list[list[ScoreItem]]) -> list[list[dict]]:
+        from tqdm import tqdm
+
         saved, split = self.stats, self.split_uneven
         self.stats, self.split_uneven = EngineStats(), False   # (the padded batch must stay one forward)
+        path = "compiled" if self.compiled_body or self.compiled_head else "eager"
+        # compiling takes tens of seconds before SERVING: a bar on a terminal (off in logs and pipes)
+        bar = tqdm(batches, desc=f"teacher warm-up ({path})", unit="batch", disable=None, leave=False)
         try:
-            out = [self._run_batch(b) for b in batches]
+            out = [self._run_batch(b) for b in bar]
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             return out
         finally:
+            bar.close()
             self.stats, self.split_uneven = saved, split
 
     # ---- compute -----------------------------------------------------------------------------

@@ -3,6 +3,7 @@ silent when stderr is a pipe or a file (logs stay clean)."""
 
 import asyncio
 import io
+import sys
 
 import pytest
 import torch
@@ -56,3 +57,22 @@ def test_demo_sft_bar_on_a_terminal(tiny, monkeypatch):
     torch.manual_seed(0)
     sft_train(model, tok, examples, steps=2, batch_size=2, lr=1e-4, warmup_steps=1)
     assert "sft:" in err.getvalue() and "/2 [" in err.getvalue()   # leave=False clears it at the end
+
+
+def test_teacher_warm_up_bar_on_a_terminal(tiny_model_dir, monkeypatch):
+    """The warm-up batches `prepare()` runs before SERVING (compiled on CUDA: tens of seconds)."""
+    from teacher_server.app import TeacherConfig, build_server
+    from teacher_server.service import ServerConfig
+
+    srv = build_server(TeacherConfig(model=tiny_model_dir, dtype="fp32", server=ServerConfig(port=0)))
+    try:
+        batches = srv.engine._warm_batches()
+        err = _Tty()
+        monkeypatch.setattr("sys.stderr", err)
+        out = srv.engine._run_warm(batches)
+        assert len(out) == len(batches) and "teacher warm-up (eager)" in err.getvalue()
+        monkeypatch.setattr("sys.stderr", io.StringIO())
+        srv.engine._run_warm(batches)
+        assert sys.stderr.getvalue() == ""
+    finally:
+        srv.stop(0)
