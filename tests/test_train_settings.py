@@ -565,7 +565,7 @@ def test_opd_demo_short_run(tmp_path):
     out, steps = tmp_path / "demo", 10
     r = _run_cli("demo", "--out", str(out), "--cache-dir", str(tmp_path / "cache"), "--steps", str(steps),
                  "--prompts-per-step", "8", "--eval-size", "8", "--eval-every", "0", "--teacher-steps", "2",
-                 "--teacher-min-accuracy", "0")
+                 "--teacher-min-accuracy", "0", "--warmup-steps", "3")
     assert "student accuracy after" in r.stdout
     rep = json.loads((out / "report.json").read_text())
     for key in ("teacher_accuracy", "student_accuracy_before", "student_accuracy_after"):
@@ -574,7 +574,7 @@ def test_opd_demo_short_run(tmp_path):
         assert rep["student_over_teacher"] == pytest.approx(rep["student_accuracy_after"] / rep["teacher_accuracy"])
     else:
         assert rep["student_over_teacher"] is None
-    assert rep["steps"] == steps and rep["eval_problems"] == 8 and rep["wall_seconds"] > 0
+    assert rep["steps"] == steps and rep["warmup_steps"] == 3 and rep["eval_problems"] == 8 and rep["wall_seconds"] > 0
     assert rep["wire_bytes_per_token"] > 0 and 0.0 <= rep["teacher_wait_frac_last_step"] <= 1.0
     assert Path(rep["metrics_jsonl"]) == out / "metrics.jsonl" and Path(rep["student_final"]) == out / "hf"
     rows = _rows(out)
