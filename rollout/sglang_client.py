@@ -246,6 +246,23 @@ class SGLangEngine:
             return False, f"reloading {path}: {status} {r}"
         return True, ""
 
+    def weights_pushed(self, version: int, disk_path: str | None = None, in_service: Sequence[str] = ()) -> None:
+        """The trainer pushed `version` itself (rollout.weight_sync): an engine that rejoins later
+        catches up from `disk_path` (a whole checkpoint) if given; engines down here that the push
+        reached (and that reported `version` to it) are back in service at once."""
+        if disk_path is not None:
+            self._last_disk = (disk_path, int(version))
+        back = []
+        with self._lock:
+            for u in in_service:
+                w = self._workers.get(u.rstrip("/"))
+                if w is not None and not w.alive and not w.probing:
+                    w.alive, w.backoff_s = True, 0.0
+                    self.stats["engine_rejoined"] += 1
+                    back.append(w.url)
+        for u in back:
+            log.warning("rollout engine %s rejoins with weight_version %s", u, version)
+
     def _pick(self) -> str | None:
         """The next /generate target round-robin over the healthy ones (probing those due)."""
         now = time.monotonic()

@@ -31,6 +31,7 @@ opened here and one opened through torch's helper, as SGLang does, talk to each 
 from __future__ import annotations
 
 import base64
+import collections
 import concurrent.futures as cf
 import copyreg
 import datetime
@@ -52,6 +53,15 @@ DEFAULT_GROUP = "weight_update_group"
 
 class WeightSyncError(RuntimeError):
     pass
+
+
+class EngineLost(WeightSyncError):
+    """The engine did not answer (connection refused or reset, timeout, 502/503/504): it is taken
+    out of service until /health answers again (as rollout.sglang_client does for generation)."""
+
+    def __init__(self, url: str, why: str):
+        super().__init__(f"{url}: {why}")
+        self.url, self.why = url, why
 
 
 # ---- the process group ------------------------------------------------------------------------
@@ -156,21 +166,45 @@ class _Engines:
     """Blocking control calls to a set of engine URLs, concurrently, with SGLang's reply checks."""
 
     def __init__(self, urls: Sequence[str], api_key: str | None = None, timeout_s: float = 3600.0):
-        self.urls = [u.rstrip("/") for u in urls]
+        self.urls = [u.rstrip("/") for u in urls]  # the engines in service (EngineSync takes lost ones out)
         self.api_key, self.timeout_s = api_key or None, timeout_s
+        self.on_lost = None  # callable(url, why): an engine stopped answering
         self._pool = cf.ThreadPoolExecutor(max_workers=max(2, 2 * len(self.urls)), thread_name_prefix="wsync-http")
 
-    def call(self, url: str, path: str, body: dict | None = None, method: str = "POST"):
+    def call(self, url: str, path: str, body: dict | None = None, method: str = "POST", timeout_s: float | None = None):
+        import http.client
+
         from rollout.sglang_client import http_json
 
-        return http_json(url + path, body, method=method, timeout_s=self.timeout_s, api_key=self.api_key)
+        try:
+            status, reply = http_json(url + path, body, method=method, timeout_s=timeout_s or self.timeout_s,
+                                      api_key=self.api_key)
+        except (OSError, http.client.HTTPException) as e:  # refused, reset, timed out, cut off
+            raise EngineLost(url, f"{path}: {e!r}") from e
+        if status in (502, 503, 504):
+            raise EngineLost(url, f"{path} answered {status}")
+        return status, reply
 
     def start(self, path: str, bodies: Sequence[dict], urls: Sequence[str] | None = None) -> list[cf.Future]:
-        return [self._pool.submit(self.call, u, path, b) for u, b in zip(urls or self.urls, bodies)]
+        return [self._pool.submit(self.call, u, path, b) for u, b in zip(self.urls if urls is None else urls, bodies)]
+
+    def gather(self, urls: Sequence[str], futs: Sequence[cf.Future]) -> list:
+        """(url, reply) of the engines that answered; one that did not is reported to on_lost and
+        left out (without on_lost its EngineLost is raised)."""
+        out = []
+        for u, f in zip(urls, futs):
+            try:
+                out.append((u, f.result()))
+            except EngineLost as e:
+                if self.on_lost is None:
+                    raise
+                self.on_lost(e.url, e.why)
+        return out
 
     def all(self, path: str, body: dict | None = None, ok_text: bool = False) -> list:
-        futs = self.start(path, [body or {}] * len(self.urls))
-        return [self.check(u, path, f.result(), ok_text) for u, f in zip(self.urls, futs)]
+        urls = list(self.urls)
+        replies = self.gather(urls, self.start(path, [body or {}] * len(urls), urls))
+        return [self.check(u, path, r, ok_text) for u, r in replies]
 
     @staticmethod
     def check(url: str, path: str, reply, ok_text: bool = False):
@@ -195,12 +229,67 @@ class EngineSync:
     def __init__(self, urls: Sequence[str], *, api_key: str | None = None, retries: int = 3,
                  backoff_s: float = 0.5, timeout_s: float = 600.0):
         self.engines = _Engines(urls, api_key)
+        self.owned = list(self.engines.urls)  # this rank's engines, in service or not
         self.retries, self.backoff_s, self.timeout_s = retries, backoff_s, timeout_s
         self.updates_retried = 0  # over the run
+        # over the run: engine_down (taken out of service), engine_rejoined, group_reopened
+        self.stats: collections.Counter = collections.Counter()
+        self.down: dict[str, str] = {}  # url -> why it was taken out
+        self.engines.on_lost = self._mark_down
 
     @property
     def urls(self) -> list[str]:
+        """Every engine this rank pushes to (in service or not)."""
+        return self.owned
+
+    @property
+    def live(self) -> list[str]:
+        """The engines in service now."""
         return self.engines.urls
+
+    # ---- engines that stop answering and come back ------------------------------------------------
+    def _mark_down(self, url: str, why: str) -> None:
+        if url in self.engines.urls:
+            self.engines.urls = [u for u in self.engines.urls if u != url]
+            self.down[url] = why
+            self.stats["engine_down"] += 1
+            self._membership_changed()
+            log.warning("rollout engine %s is down (%s): the weight push goes on without it until /health "
+                        "answers", url, why)
+
+    def _membership_changed(self) -> None:
+        pass
+
+    def _probe(self) -> list[str]:
+        """/health on every engine out of service; those that answer are back in service (the push
+        that follows brings them the current weights). Returns them."""
+        back = []
+        for u in list(self.down):
+            try:
+                ok = self.engines.call(u, "/health", method="GET", timeout_s=10)[0] == 200
+            except EngineLost:
+                ok = False
+            if ok:
+                del self.down[u]
+                self.engines.urls = [v for v in self.owned if v in self.engines.urls or v == u]
+                self.stats["engine_rejoined"] += 1
+                self._membership_changed()
+                back.append(u)
+                log.warning("rollout engine %s answers /health again: it rejoins the weight push and gets the "
+                            "current weights before it serves", u)
+        return back
+
+    def _wait_for_one(self) -> None:
+        """Every engine down: wait (up to timeout_s, probing with backoff) for one to come back."""
+        deadline, pause = time.monotonic() + self.timeout_s, 0.5
+        while not self.live:
+            if self._probe():
+                return
+            if time.monotonic() >= deadline:
+                raise WeightSyncError(f"no rollout engine answered /health for {self.timeout_s:.0f} s "
+                                      "(rollout.sync_timeout_s): " + "; ".join(f"{u} ({w})" for u, w in self.down.items()))
+            time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
+            pause = min(pause * 2, 5.0)
 
     # success: false answers after which the broadcast stream is out of step (nothing or part of
     # the bucket was received): sending it again would feed the engine the wrong bytes
@@ -209,7 +298,7 @@ class EngineSync:
     def _with_retries(self, what: str, attempt, together: bool = False):
         """attempt(urls) -> list of (url, reply); while some answer success: false, send it again to
         those engines (to all of them if `together`: a broadcast needs every rank of the group)."""
-        urls = list(self.urls)
+        urls = list(self.live)
         for k in range(self.retries + 1):
             replies = attempt(urls)
             bad = [(u, r) for u, r in replies if self.engines.failed(r)]
@@ -228,8 +317,9 @@ class EngineSync:
             time.sleep(self.backoff_s * (2 ** k))
 
     def _begin(self) -> None:
-        replies = [(u, f.result()) for u, f in zip(self.urls, self.engines.start(
-            "/begin_weight_update", [{"selector": "all"}] * len(self.urls)))]
+        urls = list(self.live)
+        replies = self.engines.gather(urls, self.engines.start("/begin_weight_update", [{"selector": "all"}] * len(urls),
+                                                               urls))
         for u, r in replies:
             if self.engines.failed(r) and "already open" in str(r[1].get("message", "")):
                 # a session left open by an interrupted update: close it and start over
@@ -253,8 +343,12 @@ class EngineSync:
 
     def verify_version(self, version: int) -> None:
         """Each engine must now report the new weight_version (what rollouts will carry)."""
-        for u in self.urls:
-            s, info = self.engines.call(u, "/model_info", method="GET")
+        for u in list(self.live):
+            try:
+                s, info = self.engines.call(u, "/model_info", method="GET")
+            except EngineLost as e:
+                self._mark_down(e.url, e.why)
+                continue
             got = info.get("weight_version") if isinstance(info, dict) else None
             if s != 200 or got != str(version):
                 raise WeightSyncError(f"{u} reports weight_version {got!r} after the update to {version} "
@@ -265,14 +359,14 @@ class EngineSync:
 
     def release_memory(self) -> None:
         """Before training on a GPU the engine shares: its KV cache and weights give the memory back."""
-        if self.urls:
+        if self.live:
             self.engines.all("/release_memory_occupation", {"tags": ["kv_cache", "weights"]})
             self._released = {"kv_cache", "weights"}
 
     def resume_memory(self, tags: Sequence[str]) -> None:
         """Only what was released (SGLang fails on resuming a tag it did not release)."""
         tags = [t for t in tags if t in getattr(self, "_released", ())]
-        if self.urls and tags:
+        if self.live and tags:
             self.engines.all("/resume_memory_occupation", {"tags": tags})
             self._released -= set(tags)
 
@@ -284,12 +378,22 @@ class DiskSync(EngineSync):
     """Each engine loads a Hugging Face directory the trainer wrote (one call per engine per step)."""
 
     def push(self, path: str, version: int) -> None:
+        """To the engines in service (and those that answer /health again: the checkpoint is whole, so
+        a rejoining engine catches up with it); one that does not answer is taken out of service."""
         body = {"model_path": str(path), "weight_version": str(version), "flush_cache": True,
                 "abort_all_requests": False}
-        self._with_retries("/update_weights_from_disk", lambda urls: [
-            (u, f.result()) for u, f in zip(urls, self.engines.start("/update_weights_from_disk", [body] * len(urls),
-                                                                     urls))])
-        self.verify_version(version)
+        self._probe()
+        while True:
+            self._wait_for_one()
+            self._with_retries("/update_weights_from_disk", lambda urls: self.engines.gather(
+                urls, self.engines.start("/update_weights_from_disk", [body] * len(urls), urls)))
+            self.verify_version(version)
+            if self.live:
+                return
+
+
+class _Regroup(Exception):
+    """Internal: the push starts over in a re-opened group."""
 
 
 class DistributedSync(EngineSync):
@@ -300,11 +404,16 @@ class DistributedSync(EngineSync):
         super().__init__(urls, **kw)
         self.address = address or local_address_for(self.urls)
         self.port, self.group_name, self.backend = port, group_name, backend
+        self.base_name, self.reopens = group_name, 0
         self.pg = None
+        self._regroup = False  # an engine left or came back: the group is re-opened before the next broadcast
+
+    def _membership_changed(self) -> None:
+        self._regroup = True
 
     def tp_sizes(self) -> list[int]:
         sizes = []
-        for u in self.urls:
+        for u in self.live:
             s, info = self.engines.call(u, "/server_info", method="GET")
             if s != 200 or not isinstance(info, dict):
                 raise WeightSyncError(f"{u}/server_info answered {s}: {info}")
@@ -322,7 +431,8 @@ class DistributedSync(EngineSync):
         offsets = [1 + sum(sizes[:i]) for i in range(len(sizes))]
         bodies = [{"master_address": self.address, "master_port": port, "rank_offset": off, "world_size": world,
                    "group_name": self.group_name, "backend": self.backend} for off in offsets]
-        futs = self.engines.start("/init_weights_update_group", bodies)
+        urls = list(self.live)
+        futs = self.engines.start("/init_weights_update_group", bodies, urls)
         # Host the group on a daemon thread, so that an engine refusing to join (its reply comes
         # back at once) fails the start now instead of after the rendezvous timeout.
         joined: dict = {}
@@ -336,10 +446,10 @@ class DistributedSync(EngineSync):
         t.start()
         while t.is_alive():
             t.join(0.05)
-            for u, f in zip(self.urls, futs):
+            for u, f in zip(urls, futs):
                 if f.done() and t.is_alive():
                     self.engines.check(u, "/init_weights_update_group", f.result())  # raises on a refusal
-        for u, f in zip(self.urls, futs):
+        for u, f in zip(urls, futs):
             self.engines.check(u, "/init_weights_update_group", f.result())
         if "error" in joined:
             raise WeightSyncError(f"weight-update group at {self.address}:{port}: {joined['error']}")
@@ -347,16 +457,96 @@ class DistributedSync(EngineSync):
         log.info("weight-update group %r: trainer + %d engine rank(s) at %s:%d (%s)", self.group_name, world - 1,
                  self.address, port, self.backend)
 
-    def push(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], n_buckets: int, version: int) -> None:
-        """buckets: full HF-named tensors, bucket by bucket (consumed in order, exactly once)."""
-        if self.pg is None:
-            raise WeightSyncError("DistributedSync.connect() was not called")
+    def reopen(self) -> None:
+        """A process group cannot lose or gain a member: the engines in service leave the old group
+        (/destroy_weights_update_group; an engine that restarted never had it) and everyone joins a
+        new one under a new name (and a new port unless rollout.sync_port fixes it)."""
+        if self.pg is not None:
+            urls = list(self.live)
+            for u, r in self.engines.gather(urls, self.engines.start(
+                    "/destroy_weights_update_group", [{"group_name": self.group_name}] * len(urls), urls)):
+                if r[0] != 200:
+                    log.info("%s/destroy_weights_update_group %r: %s", u, self.group_name, r[1])
+            close_group(self.pg)
+            self.pg = None
+        self._regroup = False
+        self.reopens += 1
+        self.group_name = f"{self.base_name}-{self.reopens}"
+        self.connect()
+        self.stats["group_reopened"] += 1
+        log.warning("weight-update group re-opened as %r with %d engine(s): %s", self.group_name, len(self.live),
+                    ", ".join(self.live))
 
-        def body():
-            for i, bucket in enumerate(buckets):
-                self._send_bucket(bucket, str(version) if i == n_buckets - 1 else None)
-        self._session(body)
-        self.verify_version(version)
+    def push(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], n_buckets: int, version: int,
+             rebuild=None) -> None:
+        """buckets: full HF-named tensors, bucket by bucket (consumed in order, exactly once).
+        An engine that stops answering is taken out and the group re-opened without it; one that
+        answers /health again joins a re-opened group, and the push brings it the current weights
+        before it serves. rebuild() -> (n_buckets, buckets) gives the weights again, for an engine
+        lost in the middle of the broadcast (None: not possible here, e.g. ZeRO-3 with several
+        trainer ranks, whose gathers are collective; then the step fails)."""
+        if self.pg is None and not self.down:
+            raise WeightSyncError("DistributedSync.connect() was not called")
+        self._probe()
+        streamed = False
+        for _ in range(2 * len(self.owned) + 2):
+            self._wait_for_one()
+            try:
+                if self._regroup or self.pg is None:
+                    self.reopen()
+                if streamed:
+                    if rebuild is None:
+                        raise WeightSyncError("an engine was lost in the middle of the weight broadcast, and the "
+                                              "weights cannot be gathered again on this rank alone")
+                    n_buckets, buckets = rebuild()
+                    streamed = False
+
+                def body():
+                    nonlocal streamed
+                    if self._regroup:  # lost at pause/flush/begin: nothing was broadcast yet
+                        raise _Regroup()
+                    streamed = True
+                    for i, bucket in enumerate(buckets):
+                        self._send_bucket(bucket, str(version) if i == n_buckets - 1 else None)
+                    streamed = False  # complete
+                self._session(body)
+                self.verify_version(version)
+                return  # (an engine lost after the broadcast got nothing wrong; the next push re-opens)
+            except EngineLost as e:
+                self._mark_down(e.url, e.why)
+            except _Regroup:
+                pass
+            finally:
+                if streamed and rebuild is None:
+                    for _ in buckets:  # ZeRO-3: the other ranks' gathers go on; take part, then fail
+                        pass
+        raise WeightSyncError(f"weight push to {', '.join(self.owned)}: engines kept failing ({self.down})")
+
+    def _lost_in_broadcast(self, futs, urls, err: BaseException) -> None:
+        """The broadcast failed (a member died): close the trainer's side so the others stop waiting,
+        find who is gone (its HTTP call fails, or /health does not answer), re-open without it."""
+        log.warning("weight broadcast in group %r failed: %r", self.group_name, err)
+        close_group(self.pg)
+        self.pg = None
+        lost = []
+        for u, f in zip(urls, futs):
+            try:
+                f.result(timeout=min(self.timeout_s, 60.0))
+            except EngineLost:
+                lost.append(u)
+            except Exception:  # still waiting, or answered an error: ask /health
+                pass
+        for u in urls:
+            if u not in lost:
+                try:
+                    if self.engines.call(u, "/health", method="GET", timeout_s=10)[0] != 200:
+                        lost.append(u)
+                except EngineLost:
+                    lost.append(u)
+        for u in lost:
+            self._mark_down(u, f"weight broadcast failed: {err!r}")
+        self._regroup = True
+        raise _Regroup()
 
     def _send_bucket(self, bucket: list[tuple[str, torch.Tensor]], version: str | None) -> None:
         req = {"names": [n for n, _ in bucket], "dtypes": [dtype_name(t) for _, t in bucket],
@@ -365,11 +555,17 @@ class DistributedSync(EngineSync):
 
         def attempt(urls):
             futs = self.engines.start("/update_weights_from_distributed", [req] * len(urls), urls)
-            for _, t in bucket:  # the engines receive once per name, in list order
-                broadcast(self.pg, t.detach().contiguous())
-            if self.backend == "nccl":
-                torch.cuda.synchronize()
-            return [(u, f.result()) for u, f in zip(urls, futs)]
+            try:
+                for _, t in bucket:  # the engines receive once per name, in list order
+                    broadcast(self.pg, t.detach().contiguous())
+                if self.backend == "nccl":
+                    torch.cuda.synchronize()
+            except RuntimeError as e:  # gloo/NCCL: a peer went away
+                self._lost_in_broadcast(futs, urls, e)
+            replies = self.engines.gather(urls, futs)
+            if self._regroup:  # an engine's call failed: the others got the bucket, the group is broken
+                raise _Regroup()
+            return replies
         self._with_retries("/update_weights_from_distributed", attempt, together=True)
 
     def close(self) -> None:

@@ -299,6 +299,7 @@ class Trainer:
         t0 = time.perf_counter()
         r = self.cfg.rollout
         mode = self._weight_sync_mode()
+        stats0 = dict(self.wsync.stats) if self.wsync is not None else {}
         if r.engine == "local" and mode == "memory":
             self.rollout.load_state_dict_(self.engine.full_state_dict(), version)
         elif r.engine == "local":  # disk: each rank's own local engine reloads
@@ -320,13 +321,26 @@ class Trainer:
             if r.release_memory:
                 self.wsync.resume_memory(["weights"])  # (their contents are gone until the push)
             n, buckets = self.engine.weight_buckets(int(r.sync_bucket_mb * 2**20))
-            if self.wsync.urls:
+            if self.wsync.urls and mode == "distributed":
+                # an engine lost mid-broadcast: the weights again, unless the gathers are collective
+                rebuild = None if self.world > 1 and self.engine.zero_stage == 3 else (
+                    lambda: self.engine.weight_buckets(int(r.sync_bucket_mb * 2**20)))
+                self.wsync.push(buckets, n, version, rebuild=rebuild)
+            elif self.wsync.urls:
                 self.wsync.push(buckets, n, version)
             else:
                 for _ in buckets:  # ZeRO-3: the gathers are collective, every rank takes part
                     pass
         if r.release_memory:
             self.wsync.resume_memory(["kv_cache"])
+        if self.wsync is not None:  # engines out of service / back / group re-opens in this push
+            d = {k: v - stats0.get(k, 0) for k, v in self.wsync.stats.items()}
+            self.sync_counters = {"sync_engines_down": d.get("engine_down", 0),
+                                  "sync_engines_rejoined": d.get("engine_rejoined", 0),
+                                  "sync_group_reopens": d.get("group_reopened", 0)}
+            client = getattr(self.rollout, "inner", self.rollout)
+            if hasattr(client, "weights_pushed"):  # rejoining engines: catch-up source, probed at once
+                client.weights_pushed(version, str(path) if mode == "disk" else None, self.wsync.live)
         if r.engine == "sglang" and self.world > 1:
             torch.distributed.barrier()  # every engine has the new weights before any rank samples again
         self.version = version
@@ -557,6 +571,7 @@ class Trainer:
                           "turns": data.counters["turns"],
                           **{k: data.counters[k] for k in ("rollout_aborted", "rollout_failed", "rollout_retried",
                                                            "rollout_dropped", "groups_dropped", "engines_down")},
+                          **getattr(self, "sync_counters", {}),
                           "policy_lag": step - min(
                               (s.policy_version for s in data.samples), default=step)})
                 if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:

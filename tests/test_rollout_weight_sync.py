@@ -40,8 +40,30 @@ class Servers:
 
     def close(self):
         for t, s in zip(self.threads, self.svcs):
-            t.__exit__(None, None, None)
-            s.engine.close()
+            if t is not None:
+                t.__exit__(None, None, None)
+                s.engine.close()
+
+    def kill(self, i):
+        """Server i goes away: its HTTP server stops and its process group ends with it."""
+        from rollout.weight_sync import close_group
+
+        self.threads[i].__exit__(None, None, None)
+        self.threads[i] = None
+        for pg in self.svcs[i]._groups.values():
+            close_group(pg)
+        self.svcs[i]._groups.clear()
+        self.svcs[i].engine.close()
+
+    def restart(self, i, model_dir):
+        """A fresh server (the model from disk, weight_version "default") on server i's port."""
+        from rollout.local_engine import LocalEngine
+        from rollout.server import RolloutService, ServerThread
+
+        port = int(self.urls[i].rsplit(":", 1)[1])
+        self.svcs[i] = RolloutService(LocalEngine.from_pretrained(model_dir), model_dir)
+        self.threads[i] = ServerThread(self.svcs[i], port=port)
+        assert self.threads[i].__enter__() == self.urls[i]
 
 
 def checksums(sd):
@@ -336,6 +358,57 @@ def test_disk_sync_reloads_each_engine_once_per_step(models, tmp_path):
         # start + 2 steps, plus the one retried call on the first server
         assert [s.weight_calls["/update_weights_from_disk"] for s in servers.svcs] == [4, 3]
         assert all(s.weight_calls["/begin_weight_update"] == 0 for s in servers.svcs)
+    finally:
+        servers.close()
+
+
+@pytest.mark.parametrize("mode", ["distributed", "disk"])
+def test_weight_push_survives_a_dead_engine_and_its_restart(models, tmp_path, mode):
+    """Two servers. After step 1 server 1 dies: step 2's push goes to server 0 alone (distributed:
+    the trainer re-opens the group without it), the run goes on. After step 2 it restarts on the
+    same port with the model from disk (weight_version "default"): step 3's push brings it the
+    trainer's weights (distributed: in a group re-opened with both), and in step 4 it serves
+    rollouts of the current version again. After every step each server in service holds the
+    trainer's weights and reports the step as its version; the metrics count the events."""
+    from student_trainer.trainer import Trainer
+
+    teacher, student = models
+    servers = Servers(student, 2)
+    try:
+        with running_server(teacher) as (_, url):
+            tr = Trainer(_cfg(student, url, tmp_path / mode, "run.steps=4", f"rollout.weight_sync={mode}",
+                              f"rollout.urls={','.join(servers.urls)}", "rollout.sync_bucket_mb=0.1",
+                              "rollout.sync_timeout_s=60", f"rollout.sync_dir={tmp_path / mode / 'sync'}"))
+            rows = []
+
+            def on_step(step, m):
+                want = checksums(tr.engine.full_state_dict())
+                for i in ([0] if step == 2 else [0, 1]):
+                    assert checksums(servers.svcs[i].engine.model.state_dict()) == want, (i, step)
+                    assert http_json(servers.urls[i] + "/model_info", method="GET")[1]["weight_version"] == str(step)
+                rows.append({k: m[k] for k in ("step", "policy_version_min", "policy_version_max", "rollouts_stale",
+                                               "sync_engines_down", "sync_engines_rejoined", "sync_group_reopens")})
+                if step == 1:
+                    servers.kill(1)
+                elif step == 2:
+                    assert tr.wsync.live == servers.urls[:1] and servers.urls[1] in tr.wsync.down
+                    servers.restart(1, student)
+                    assert http_json(servers.urls[1] + "/model_info", method="GET")[1]["weight_version"] == "default"
+            tr.on_step = on_step
+            try:
+                tr.run()
+            finally:
+                tr.close()
+        reopen = int(mode == "distributed")
+        assert [tuple(r.values()) for r in rows] == [(1, 0, 0, 0, 0, 0, 0), (2, 1, 1, 0, 1, 0, reopen),
+                                                     (3, 2, 2, 0, 0, 1, reopen), (4, 3, 3, 0, 0, 0, 0)]
+        # the restarted server served rollouts again, all of version 3 (step 4's, none stale): before
+        # step 3's push it was not used (its "default" version differs from the others')
+        assert servers.svcs[1].generated > 0
+        if mode == "distributed":
+            assert servers.svcs[1].weight_calls["/init_weights_update_group"] == 1
+            assert servers.svcs[0].weight_calls["/init_weights_update_group"] == 3  # start + 2 re-opens
+            assert servers.svcs[0].weight_calls["/destroy_weights_update_group"] == 3  # 2 re-opens + close
     finally:
         servers.close()
 
