@@ -26,6 +26,18 @@ public torch classes (the private helper's signature changed in torch 2.13, and 
 the group in torch's global registry next to DeepSpeed's default group): same store keys, same
 backend, so either side may be SGLang. tests/test_rollout_weight_sync.py checks that a group
 opened here and one opened through torch's helper, as SGLang does, talk to each other.
+
+Engines that go away (disk and distributed). An engine that does not answer (connection refused
+or reset, timeout, 502/503/504) is taken out of service with a warning naming it, and the step's
+push goes on with the others; at every push the engines out of service are asked /health, and one
+that answers is back: the push that follows is a whole set of weights, so it has the current ones
+before the trainer samples again (the rollout client only uses an engine whose weight_version is
+the others'). A process group cannot lose or gain a member: with `distributed` the trainer leaves
+its group and the engines in service destroy theirs, and a new group (name `<group>-<n>`) is
+opened with the engines in service before the broadcast; an engine lost in the middle of the
+broadcast makes the push start over in a new group (with the weights gathered again where that is
+possible on one rank). With every engine down the push waits up to timeout_s for one to answer.
+Counters: `stats` (engine_down, engine_rejoined, group_reopened).
 """
 
 from __future__ import annotations
@@ -523,8 +535,10 @@ class DistributedSync(EngineSync):
         raise WeightSyncError(f"weight push to {', '.join(self.owned)}: engines kept failing ({self.down})")
 
     def _lost_in_broadcast(self, futs, urls, err: BaseException) -> None:
-        """The broadcast failed (a member died): close the trainer's side so the others stop waiting,
-        find who is gone (its HTTP call fails, or /health does not answer), re-open without it."""
+        """The broadcast failed (a member died): close the trainer's side, find who is gone (its HTTP
+        call fails, or /health does not answer), re-open without it. An engine still waiting in its
+        receive answers when its group's timeout ends (neither gloo nor NCCL interrupts a pending
+        receive from the other side): up to that timeout is what a death mid-broadcast costs."""
         log.warning("weight broadcast in group %r failed: %r", self.group_name, err)
         close_group(self.pg)
         self.pg = None
@@ -563,7 +577,16 @@ class DistributedSync(EngineSync):
             except RuntimeError as e:  # gloo/NCCL: a peer went away
                 self._lost_in_broadcast(futs, urls, e)
             replies = self.engines.gather(urls, futs)
-            if self._regroup:  # an engine's call failed: the others got the bucket, the group is broken
+            broken = [u for u, (_, r) in replies if isinstance(r, dict) and r.get("success") is False
+                      and "Failed to receive weights" in str(r.get("message"))]
+            for u in broken:  # its receive failed (a peer died, or its timeout): the stream is out of step
+                try:
+                    if self.engines.call(u, "/health", method="GET", timeout_s=10)[0] != 200:
+                        self._mark_down(u, "/health failed after its weight receive failed")
+                except EngineLost as e:
+                    self._mark_down(u, e.why)
+            if broken or self._regroup:  # the group is broken: re-open it and push again
+                self._regroup = True
                 raise _Regroup()
             return replies
         self._with_retries("/update_weights_from_distributed", attempt, together=True)

@@ -413,6 +413,64 @@ def test_weight_push_survives_a_dead_engine_and_its_restart(models, tmp_path, mo
         servers.close()
 
 
+def test_engine_lost_mid_broadcast_and_every_engine_down(models):
+    """The pusher alone. (1) distributed, two servers: server 1 dies in the middle of a step's
+    broadcast (after its first bucket); the trainer's side of the group fails, server 0's receive
+    fails at its group timeout, the trainer finds the lost engine, re-opens the group with server 0
+    and pushes the weights again from rebuild(): server 0 ends with exactly the pushed weights and
+    version. (2) disk, every engine down: the push waits for
+    one to answer /health (here it comes back after a while) and, when none does within
+    timeout_s, fails naming the engines and the setting."""
+    import time
+
+    from rollout import weight_sync as ws
+
+    _, student = models
+    servers = Servers(student, 2)
+    try:
+        # gloo cannot interrupt a receive: the survivor waits out its group's timeout (SGLang's
+        # engine likewise), then answers "Failed to receive weights" and the push starts over
+        servers.svcs[0].group_timeout_s = 3.0
+        sync = ws.DistributedSync(servers.urls, group_name="mid", retries=0, timeout_s=30)
+        sync.connect()
+        own = {k: v + 1 for k, v in servers.svcs[0].engine.model.state_dict().items()}
+        plan = ws.plan_buckets(((k, v.numel() * 4) for k, v in own.items()), 100_000)
+        assert len(plan) > 2
+        svc1, recv = servers.svcs[1], servers.svcs[1]._w_update_weights_from_distributed
+
+        def die_after_first_bucket(req):
+            if svc1.weight_calls["/update_weights_from_distributed"] < 2:
+                return recv(req)
+            servers.kill(1)  # its group closes, then its HTTP server (this last reply still goes out)
+            return False, "Failed to receive weights: gone"
+        svc1._w_update_weights_from_distributed = die_after_first_bucket
+
+        def buckets():
+            return len(plan), ([(n, own[n]) for n in names] for names in plan)
+        n, it = buckets()
+        sync.push(it, n, 5, rebuild=buckets)
+        assert sync.live == servers.urls[:1] and list(sync.down) == servers.urls[1:]
+        assert sync.stats == {"engine_down": 1, "group_reopened": 1} and sync.group_name == "mid-1"
+        assert checksums(servers.svcs[0].engine.model.state_dict()) == checksums(own)
+        assert servers.svcs[0].weight_version == "5"
+        sync.close()
+
+        disk = ws.DiskSync(servers.urls[:1], retries=0, timeout_s=30)
+        path = servers.svcs[0].model_path
+        servers.kill(0)
+        threading.Timer(1.0, servers.restart, args=(0, student)).start()
+        disk.push(path, 6)  # waits for the restart, then loads
+        assert disk.stats == {"engine_down": 1, "engine_rejoined": 1} and servers.svcs[0].weight_version == "6"
+        servers.kill(0)
+        disk.timeout_s = 1.0
+        with pytest.raises(ws.WeightSyncError, match=r"no rollout engine answered /health for 1 s "
+                                                     r"\(rollout.sync_timeout_s\): http://127.0.0.1:\d+ \("):
+            disk.push(path, 7)
+        disk.close()
+    finally:
+        servers.close()
+
+
 def _torchrun(student, teacher_url, out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
