@@ -172,6 +172,7 @@ class SGLangEngine:
         self._last_disk: tuple[str, int] | None = None  # the newest /update_weights_from_disk, for rejoining engines
         self._pool = ThreadPoolExecutor(max_workers=max_concurrency, thread_name_prefix="sglang-http")
         self._policy_version = policy_version
+        self._trainer_pushes = False  # weights_pushed() was called: every push names its version
 
     @property
     def policy_version(self) -> int:
@@ -250,6 +251,7 @@ class SGLangEngine:
         """The trainer pushed `version` itself (rollout.weight_sync): an engine that rejoins later
         catches up from `disk_path` (a whole checkpoint) if given; engines down here that the push
         reached (and that reported `version` to it) are back in service at once."""
+        self._trainer_pushes = True
         if disk_path is not None:
             self._last_disk = (disk_path, int(version))
         back = []
@@ -359,6 +361,9 @@ class SGLangEngine:
                 version = self._policy_version
                 if out.weight_version is not None and str(out.weight_version).lstrip("-").isdigit():
                     version = int(out.weight_version)
+                elif self._trainer_pushes:  # an engine that does not say which weights it has (a restart's
+                    version = -1            # "default") is older than any push: never current
+
                 yield Rollout(prompt_ids=list(prompt_ids_list[i]), response_ids=out.output_ids, logprobs=out.logprobs,
                               response_mask=[1] * len(out.output_ids), finish_reason=out.finish_reason,
                               policy_version=version, group_id=group_ids[i] if group_ids is not None else i,

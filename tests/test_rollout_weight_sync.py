@@ -471,6 +471,29 @@ def test_engine_lost_mid_broadcast_and_every_engine_down(models):
         servers.close()
 
 
+def test_rollout_without_a_version_is_never_current(models):
+    """Once the trainer pushes versioned weights itself, a rollout from an engine that does not
+    say which weights it serves (a restarted server's weight_version "default") carries version -1,
+    so the staleness check drops it; the client's own notion of the version is not lent to it."""
+    import asyncio
+
+    from rollout.sglang_client import SGLangEngine
+    from rollout.types import SamplingParams
+
+    _, student = models
+    servers = Servers(student, 1)
+    eng = SGLangEngine(servers.urls)
+    try:
+        async def versions():
+            return [r.policy_version async for r in eng.generate([[1, 2, 3]], SamplingParams(n=2, max_new_tokens=2))]
+        assert asyncio.run(versions()) == [0, 0]  # the client's version (engines it updates itself)
+        eng.weights_pushed(3, None, servers.urls)
+        assert asyncio.run(versions()) == [-1, -1]
+    finally:
+        eng.close()
+        servers.close()
+
+
 def _torchrun(student, teacher_url, out, *extra):
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
