@@ -291,6 +291,9 @@ class EngineSync:
                             "current weights before it serves", u)
         return back
 
+    def _down_list(self) -> str:
+        return "; ".join(f"{u} ({w})" for u, w in self.down.items())
+
     def _wait_for_one(self) -> None:
         """Every engine down: wait (up to timeout_s, probing with backoff) for one to come back."""
         deadline, pause = time.monotonic() + self.timeout_s, 0.5
@@ -299,7 +302,7 @@ class EngineSync:
                 return
             if time.monotonic() >= deadline:
                 raise WeightSyncError(f"no rollout engine answered /health for {self.timeout_s:.0f} s "
-                                      "(rollout.sync_timeout_s): " + "; ".join(f"{u} ({w})" for u, w in self.down.items()))
+                                      f"(rollout.sync_timeout_s): {self._down_list()}")
             time.sleep(min(pause, max(deadline - time.monotonic(), 0.0)))
             pause = min(pause * 2, 5.0)
 
@@ -330,8 +333,8 @@ class EngineSync:
 
     def _begin(self) -> None:
         urls = list(self.live)
-        replies = self.engines.gather(urls, self.engines.start("/begin_weight_update", [{"selector": "all"}] * len(urls),
-                                                               urls))
+        futs = self.engines.start("/begin_weight_update", [{"selector": "all"}] * len(urls), urls)
+        replies = self.engines.gather(urls, futs)
         for u, r in replies:
             if self.engines.failed(r) and "already open" in str(r[1].get("message", "")):
                 # a session left open by an interrupted update: close it and start over
@@ -650,6 +653,9 @@ class TensorSync(EngineSync):
                    for u in self.urls]
 
     def push(self, buckets: Iterable[list[tuple[str, torch.Tensor]]], n_buckets: int, version: int) -> None:
+        self._probe()
+        self._wait_for_one()
+
         def body():
             for i, bucket in enumerate(buckets):
                 torch.cuda.synchronize()  # the optimizer's writes land before another process reads
@@ -662,6 +668,8 @@ class TensorSync(EngineSync):
                         "/update_weights_from_tensor", [by_url[u] for u in urls], urls))])
         self._session(body)
         self.verify_version(version)
+        if not self.live:
+            raise WeightSyncError(f"weight push: no engine answered: {self._down_list()}")
 
 
 def engines_of_rank(urls: Sequence[str], rank: int, world: int) -> list[str]:

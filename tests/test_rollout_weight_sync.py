@@ -37,12 +37,15 @@ class Servers:
         self.svcs = [RolloutService(LocalEngine.from_pretrained(model_dir), model_dir) for _ in range(n)]
         self.threads = [ServerThread(s) for s in self.svcs]
         self.urls = [t.__enter__() for t in self.threads]
+        self.dead = []
 
     def close(self):
         for t, s in zip(self.threads, self.svcs):
             if t is not None:
                 t.__exit__(None, None, None)
                 s.engine.close()
+        for e in self.dead:
+            e.close()
 
     def kill(self, i):
         """Server i goes away: its HTTP server stops and its process group ends with it."""
@@ -53,7 +56,9 @@ class Servers:
         for pg in self.svcs[i]._groups.values():
             close_group(pg)
         self.svcs[i]._groups.clear()
-        self.svcs[i].engine.close()
+        # its engine stays up until close(): a request accepted just before the end still gets its
+        # answer (a closed LocalEngine would leave it waiting forever, which a dead process does not)
+        self.dead.append(self.svcs[i].engine)
 
     def restart(self, i, model_dir):
         """A fresh server (the model from disk, weight_version "default") on server i's port."""
