@@ -209,8 +209,14 @@ class LocalEngine:
     def resume(self) -> None:
         self._unpaused.set()
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Stop the worker after the work already queued, and wait for it (unless paused): a daemon
+        thread still inside a torch op when the interpreter exits can abort the process
+        ("terminate called without an active exception", seen once at the end of `opd eval`)."""
         self._queue.put(None)
+        if (self._unpaused.is_set() and self._worker.is_alive()
+                and self._worker is not threading.current_thread()):
+            self._worker.join(timeout_s)
 
     # ---- worker ----------------------------------------------------------------------------
     def _work(self) -> None:

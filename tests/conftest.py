@@ -25,3 +25,15 @@ def tiny_model_dir(tmp_path_factory):
     from opd.tiny import build_model
 
     return str(build_model(tmp_path_factory.mktemp("tiny") / "model", size="test", seed=0))
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory):
+    """A tiny teacher (seed 1) and student (seed 2, the teacher's tokenizer), built once per test
+    session and shared by the trainer and rollout-engine tests (read-only: tests write elsewhere)."""
+    from opd.tiny import build_model
+
+    root = tmp_path_factory.mktemp("models")
+    teacher = build_model(root / "teacher", "test", seed=1)
+    student = build_model(root / "student", "test", seed=2, tokenizer_dir=teacher)
+    return str(teacher), str(student)

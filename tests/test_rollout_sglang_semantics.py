@@ -37,16 +37,6 @@ def sgl():
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from opd.tiny import build_model
-
-    root = tmp_path_factory.mktemp("sglang_semantics")
-    teacher = build_model(root / "teacher", "test", seed=1)
-    student = build_model(root / "student", "test", seed=2, tokenizer_dir=teacher)
-    return str(teacher), str(student)
-
-
-@pytest.fixture(scope="module")
 def engine(models):
     eng = LocalEngine.from_pretrained(models[1])
     yield eng

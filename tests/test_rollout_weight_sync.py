@@ -17,16 +17,6 @@ from student_trainer.config import ConfigError, load_config
 from tests.teacher_helpers import running_server
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from opd.tiny import build_model
-
-    root = tmp_path_factory.mktemp("wsync")
-    teacher = build_model(root / "teacher", "test", seed=1)
-    student = build_model(root / "student", "test", seed=2, tokenizer_dir=teacher)
-    return str(teacher), str(student)
-
-
 class Servers:
     """In-process `opd rollout-server`s (the same RolloutService + HTTP server the CLI runs)."""
 

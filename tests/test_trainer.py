@@ -16,16 +16,6 @@ from student_trainer.config import ConfigError, load_config
 from tests.teacher_helpers import running_server
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    from opd.tiny import build_model
-
-    root = tmp_path_factory.mktemp("trainer")
-    teacher = build_model(root / "teacher", "test", seed=1)
-    student = build_model(root / "student", "test", seed=2, tokenizer_dir=teacher)
-    return str(teacher), str(student)
-
-
 def _cfg(student, url, out, *extra):
     return load_config(None, [f"model.student={student}", "model.dtype=fp32", "data.task=arithmetic",
                               f"teacher.url={url}", f"run.out_dir={out}", "rollout.max_new_tokens=12",
