@@ -341,28 +341,36 @@ def _sequence_logprobs(ref, samples):
     return np.array(out)
 
 
+def _one_step_on_the_file(cfg, student, weights_after: bool = False):
+    """Run a one-step trainer on PROBLEMS from a data file: its metrics, the step's StepData (its
+    prompts and rewards checked against the file), a float64 reference of the initial student,
+    the weights after the step (if asked) and the closed trainer."""
+    from student_trainer.trainer import Trainer
+
+    tr = Trainer(cfg)
+    got = _capture(tr)
+    ref = Reference(student)
+    try:
+        m = tr.run()
+        after = tr.engine.full_state_dict() if weights_after else None
+    finally:
+        tr.close()
+    data = got[0]
+    _check_file_prompts_and_rewards(tr, data, _file_prompts(tr.tokenizer, PROBLEMS))
+    return m, data, ref, after, tr
+
+
 def test_grpo_objective_on_a_jsonl_file(models, tmp_path):
     """objective=grpo, no teacher; data.path JSONL in the MATH-500 layout (problem / answer):
     advantages are GRPO's group-normalised rewards (hand computation), the loss is the PPO term
     (float64 reference), and the step makes the positive-advantage rollouts more likely than the
     negative ones (sum_s A_s x change of log pS(rollout s) > 0)."""
-    from student_trainer.trainer import Trainer
-
     _, student = models
     cfg = load_config(None, _args(student, tmp_path / "g", f"data.path={_math500(tmp_path)}", "loss.objective=grpo",
                                   f"loss.reward_fn={REWARD}", "rollout.n=4",
                                   "run.steps=1"))
-    tr = Trainer(cfg)
+    m, data, ref, after, tr = _one_step_on_the_file(cfg, student, weights_after=True)
     assert tr.teacher is None
-    got = _capture(tr)
-    ref = Reference(student)
-    try:
-        m = tr.run()
-        after = tr.engine.full_state_dict()
-    finally:
-        tr.close()
-    data = got[0]
-    _check_file_prompts_and_rewards(tr, data, _file_prompts(tr.tokenizer, PROBLEMS))
     groups = _groups(data.samples)
     assert len(groups) == 2 and all(len(g) == 4 for g in groups.values())
     assert any(len({s.reward for s in ss}) > 1 for ss in groups.values()), "no group with mixed rewards"
@@ -384,21 +392,11 @@ def test_paced_weights_on_a_jsonl_file(models, teacher_url, tmp_path):
     prompt's pass rate, normalised to mean 1 over the batch (hand computation from the step's
     rewards); the loss is the weighted reverse KL (float64 reference); zero-weight rollouts add no
     tokens to the loss."""
-    from student_trainer.trainer import Trainer
-
     _, student = models
     cfg = load_config(None, _args(student, tmp_path / "p", f"data.path={_math500(tmp_path)}",
                                   "loss.sample_weighting=paced", f"loss.reward_fn={REWARD}", "rollout.n=4",
                                   "data.prompts_per_step=3", "run.steps=1", url=teacher_url))
-    tr = Trainer(cfg)
-    got = _capture(tr)
-    ref = Reference(student)
-    try:
-        m = tr.run()
-    finally:
-        tr.close()
-    data = got[0]
-    _check_file_prompts_and_rewards(tr, data, _file_prompts(tr.tokenizer, PROBLEMS))
+    m, data, ref, _, _ = _one_step_on_the_file(cfg, student)
     groups = _groups(data.samples)
     pass_rate = {g: np.mean([s.reward for s in ss]) for g, ss in groups.items()}
     kernel = {g: p * (1 - p) for g, p in pass_rate.items()}
@@ -421,8 +419,6 @@ def test_opd_plus_grpo_with_reward_weights_on_a_parquet_file(models, teacher_url
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from student_trainer.trainer import Trainer
-
     _, student = models
     path = tmp_path / "dapo.parquet"
     pq.write_table(pa.Table.from_pylist([
@@ -432,15 +428,7 @@ def test_opd_plus_grpo_with_reward_weights_on_a_parquet_file(models, teacher_url
                                   "loss.rl_weight=0.5", "loss.sample_weighting=reward", "loss.reward_beta=0.5",
                                   f"loss.reward_fn={REWARD}", "rollout.n=4",
                                   "run.steps=1", url=teacher_url))
-    tr = Trainer(cfg)
-    got = _capture(tr)
-    ref = Reference(student)
-    try:
-        m = tr.run()
-    finally:
-        tr.close()
-    data = got[0]
-    _check_file_prompts_and_rewards(tr, data, _file_prompts(tr.tokenizer, PROBLEMS))
+    m, data, ref, _, _ = _one_step_on_the_file(cfg, student)
     groups = _groups(data.samples)
     assert any(len({s.reward for s in ss}) > 1 for ss in groups.values()), "no group with mixed rewards"
     for ss in groups.values():
