@@ -187,6 +187,12 @@ BAD = [
 ]
 
 
+def _until_none(feed: queue.Queue):
+    """The messages put on `feed`, as a request stream that ends at a None."""
+    while (m := feed.get()) is not None:
+        yield m
+
+
 @pytest.mark.parametrize("name,msg,expect", BAD, ids=[b[0] for b in BAD])
 def test_bad_bytes_and_fields_get_invalid_argument_naming_the_field(proc, tiny_model_dir, name, msg, expect):
     good = [5, 6, 7, 8, 9]
@@ -287,13 +293,9 @@ def test_cancelled_and_broken_streams_leak_no_threads_then_64_streams_and_health
     def one_stream(i):
         feed: queue.Queue = queue.Queue()
 
-        def gen():
-            while (m := feed.get()) is not None:
-                yield m
-
         ch = grpc.insecure_channel(proc.url, options=CHANNEL_OPTIONS)
         try:
-            it = _raw(ch)(gen(), timeout=90)
+            it = _raw(ch)(_until_none(feed), timeout=90)
             feed.put(_req(ids, rid=f"a{i}").SerializeToString())
             a = next(it)
             first.wait()          # all 64 streams are open and answered at once
@@ -393,13 +395,9 @@ def test_sigterm_drains_with_health_not_serving_and_exits_zero(proc, tiny_model_
         feed: queue.Queue = queue.Queue()
         feeds.append(feed)
 
-        def gen():
-            while (m := feed.get()) is not None:
-                yield m
-
         ch = grpc.insecure_channel(proc.url, options=CHANNEL_OPTIONS)
         try:
-            it = _raw(ch)(gen(), timeout=90)
+            it = _raw(ch)(_until_none(feed), timeout=90)
             for k in range(10):
                 feed.put(_req(ids, rid=f"{i}-{k}").SerializeToString())
             out = [next(it)]
