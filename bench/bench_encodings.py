@@ -41,18 +41,20 @@ def main() -> int:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from opd import demo_prep, demo_task
+    from opd import demo_prep
+    from rollout.tasks import arithmetic
+    from rollout.tasks.encoding import prompt_ids
     from teacher_server.app import TeacherConfig, build_server
     from teacher_server.client import ScoreSettings, TeacherClient
     from teacher_server.service import ServerConfig
 
     tok = demo_prep._load_tokenizer(args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
-    exs = demo_task.make_examples("eval", args.n, seed=0, digits=2, style="worked")
+    exs = arithmetic.make_examples("eval", args.n, seed=0, digits=2, style="worked")
     responses = demo_prep.generate_responses(teacher, tok, exs, max_new_tokens=32)  # ids, through eos
     seqs, starts = [], []
     for ex, r in zip(exs, responses):
-        p = demo_task.prompt_ids(tok, ex)
+        p = prompt_ids(tok, ex)
         seqs.append(p + list(r))
         starts.append(len(p))
     student = AutoModelForCausalLM.from_pretrained(args.student, dtype=torch.float64).eval()

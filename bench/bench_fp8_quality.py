@@ -44,9 +44,9 @@ def main(argv=None) -> int:
     acc = {name: demo_prep.evaluate_accuracy(m, tok, examples) for name, m in (("exact", exact), ("fp8", quant))}
     # statistics on the exact teacher's own greedy responses (prompt + response, scored from the response)
     rows = demo_prep.generate_responses(exact, tok, examples, max_new_tokens=demo_prep.max_new_tokens_for(tok, examples))
-    from opd import demo_task
+    from rollout.tasks.encoding import prompt_ids
 
-    prompts = [demo_task.prompt_ids(tok, ex) for ex in examples]
+    prompts = [prompt_ids(tok, ex) for ex in examples]
     seqs = [np.asarray(p + r, dtype=np.int64) for p, r in zip(prompts, rows)]
     starts = [len(p) for p in prompts]
     k = 16

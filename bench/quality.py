@@ -1,6 +1,6 @@
 """Distillation quality benchmark: which method gets the student furthest for the same student tokens?
 
-For each synthetic task family of `opd.tasks` a tiny teacher is trained by plain SFT to high
+For each synthetic task family of `rollout.tasks` a tiny teacher is trained by plain SFT to high
 greedy accuracy (cached), one teacher server process (`opd teacher`) is started on it, and a
 smaller student, WARM-STARTED by a short SFT on a few reference solutions (the same warm start for
 every method; cached per task and seed), is trained with the REAL trainer (local rollout engine
@@ -136,7 +136,7 @@ def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None)
         model = AutoModelForCausalLM.from_pretrained(str(model))
     mnt = max_new_tokens or demo_prep.max_new_tokens_for(tok, examples)
     if task.tools:
-        from opd.tool_engine import tool_generate
+        from rollout.tasks.tool_engine import tool_generate
 
         texts = tool_generate(model, tok, task, examples, max_new_tokens=mnt)
     else:
@@ -148,7 +148,7 @@ def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None)
 def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
     """Train (first call) or load (cached) a tiny teacher for `spec.task` with demo_prep's SFT helper."""
     from opd import demo_prep
-    from opd.tasks import get_task
+    from rollout.tasks import get_task
 
     out = Path(cache_dir) / demo_prep._key(f"teacher-{spec.task}", spec)
     if (out / "opd_demo.json").exists():
@@ -176,7 +176,7 @@ def _warm_start(cache_dir: Path, spec, train_at_all: bool):
     path when there is nothing to train, the cached warm student's path when it exists, else
     (task, tokenizer, model loaded from the init, output directory) to train and save."""
     from opd import demo_prep
-    from opd.tasks import get_task
+    from rollout.tasks import get_task
 
     init = demo_prep.prepare_student(cache_dir, seed=1 + spec.seed, vocab_size=spec.vocab_size, log=None)
     if not train_at_all:
@@ -292,7 +292,8 @@ def _preimport() -> None:
     import rollout.local_engine  # noqa: F401
     import student_trainer.trainer  # noqa: F401
     import teacher_server.client  # noqa: F401
-    from opd import demo_prep, tasks, tool_engine  # noqa: F401
+    import rollout.tasks.tool_engine  # noqa: F401
+    from opd import demo_prep  # noqa: F401
 
     # DeepSpeed's CPU Adam asks py-cpuinfo three times per engine, and each call runs a subprocess
     # (~1.2 s): ask once here, and load the JIT-built CPU ops once, so every forked run reuses them.
@@ -358,7 +359,7 @@ def _deterministic(threads: int) -> None:
 def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     """Child: teacher + warm students for one task, and their held-out accuracies."""
     from opd import demo_prep
-    from opd.tasks import get_task
+    from rollout.tasks import get_task
 
     _deterministic(conf["threads"])
     task = get_task(task_name)
@@ -402,7 +403,7 @@ def _method_overrides(method: str, teacher: Path, steps_cap: int, half: int, sam
 def run_one(job: dict) -> dict:
     """Child: train one (task, method, seed) to the token budget; writes job['out']/record.json."""
     from opd import demo_prep
-    from opd.tasks import get_task
+    from rollout.tasks import get_task
     from student_trainer.config import load_config
     from student_trainer.trainer import Trainer
 
@@ -559,7 +560,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--full", action="store_true", help="every task and method, 3 seeds, twice the budget")
-    p.add_argument("--tasks", help="comma-separated task names (opd.tasks.TASKS)")
+    p.add_argument("--tasks", help="comma-separated task names (rollout.tasks.TASKS)")
     p.add_argument("--methods", help=f"comma-separated method names: {','.join(METHODS)}")
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--token-budget", type=int, help="student tokens per run")
@@ -599,7 +600,7 @@ def main(argv=None) -> int:
     for m in conf["methods"]:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
-    from opd.tasks import TASKS
+    from rollout.tasks import TASKS
 
     for t in conf["tasks"]:
         if t not in TASKS:

@@ -2,7 +2,7 @@
 
 `prepare_teacher(cache_dir)` builds the built-in tokenizer and a "demo_teacher" model, trains it
 with plain torch SFT (AdamW, cross entropy on response tokens only) on the addition task of
-`opd.demo_task` until its greedy accuracy on the eval split is at least `min_accuracy`, and saves
+`rollout.tasks.arithmetic` until its greedy accuracy on the eval split is at least `min_accuracy`, and saves
 a Hugging Face directory (safetensors + tokenizer). The directory name is a key of the settings,
 so a second call with the same settings loads from the cache at once.
 
@@ -29,7 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from opd import demo_task
+from rollout.tasks import arithmetic
+from rollout.tasks.encoding import encode_example, prompt_ids
 
 CACHE_VERSION = 1
 
@@ -130,7 +131,7 @@ def collate(tokenizer, examples) -> tuple:
         att[i, :n] = 1
         if m is None:
             loss_mask[i, len(p):n] = True
-        else:  # multi-turn examples (opd.tasks.CalcExample): no loss on tool-response tokens
+        else:  # multi-turn examples (rollout.tasks.calc.CalcExample): no loss on tool-response tokens
             loss_mask[i, len(p):n] = torch.tensor(m, dtype=torch.bool)
     return ids, att, loss_mask
 
@@ -139,7 +140,7 @@ def _encode(tokenizer, ex) -> tuple[list[int], list[int], list[int] | None]:
     """(prompt ids, response ids, response loss mask or None = all response tokens)."""
     if hasattr(ex, "encode"):
         return ex.encode(tokenizer)
-    p, r = demo_task.encode_example(tokenizer, ex)
+    p, r = encode_example(tokenizer, ex)
     return p, r, None
 
 
@@ -212,7 +213,7 @@ def generate_responses(model, tokenizer, examples, *, max_new_tokens: int, tempe
     with torch.no_grad():
         for start in range(0, len(examples), batch_size):
             chunk = examples[start:start + batch_size]
-            prompts = [demo_task.prompt_ids(tokenizer, ex) for ex in chunk]
+            prompts = [prompt_ids(tokenizer, ex) for ex in chunk]
             length = max(map(len, prompts))
             ids = torch.full((len(prompts), length), pad, dtype=torch.long)
             att = torch.zeros_like(ids)
@@ -235,7 +236,7 @@ def generate_responses(model, tokenizer, examples, *, max_new_tokens: int, tempe
 def evaluate_accuracy(model, tokenizer, examples, max_new_tokens: int | None = None,
                       batch_size: int = 512) -> float:
     """Greedy accuracy of `model` (a model or a HF directory) on `examples` (graded by
-    `demo_task.grade`). `tokenizer` may be None when `model` is a directory."""
+    `arithmetic.grade`). `tokenizer` may be None when `model` is a directory."""
     from transformers import AutoModelForCausalLM
 
     if isinstance(model, (str, os.PathLike)):
@@ -249,11 +250,11 @@ def evaluate_accuracy(model, tokenizer, examples, max_new_tokens: int | None = N
     rows = generate_responses(model, tokenizer, examples, max_new_tokens=max_new_tokens,
                               batch_size=batch_size)
     texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
-    return sum(demo_task.grade(t, ex) for t, ex in zip(texts, examples)) / len(examples)
+    return sum(arithmetic.grade(t, ex) for t, ex in zip(texts, examples)) / len(examples)
 
 
 def eval_examples(digits: int = 2, style: str = "worked", n: int = 256, seed: int = 0):
-    return demo_task.make_examples("eval", n, seed=seed, digits=digits, style=style)
+    return arithmetic.make_examples("eval", n, seed=seed, digits=digits, style=style)
 
 
 def _write_info(out: Path, info: dict) -> None:
@@ -323,7 +324,7 @@ def prepare_teacher(cache_dir: str | os.PathLike, settings: TeacherSettings | No
     tok = _load_tokenizer(tok_dir)
     t0 = time.time()
     model = _new_model(tok, s.size, s.seed)
-    train = demo_task.make_examples("train", s.steps * s.batch_size, seed=s.seed, digits=s.digits,
+    train = arithmetic.make_examples("train", s.steps * s.batch_size, seed=s.seed, digits=s.digits,
                                     style=s.style, sample_seed=s.seed + 1000)
     evals = eval_examples(s.digits, s.style, s.eval_size, s.seed)
     if log:
@@ -332,7 +333,7 @@ def prepare_teacher(cache_dir: str | os.PathLike, settings: TeacherSettings | No
             f"{s.steps} steps x {s.batch_size}")
     acc, seconds = train_to_accuracy(
         model, tok, s, train, lambda m: evaluate_accuracy(m, tok, evals),
-        lambda n, r: demo_task.make_examples("train", n, seed=s.seed, digits=s.digits, style=s.style,
+        lambda n, r: arithmetic.make_examples("train", n, seed=s.seed, digits=s.digits, style=s.style,
                                              sample_seed=s.seed + 2000 + r),
         name="demo teacher", log=log, t0=t0)
     save_model(out, model, tok, {"role": "teacher", "settings": asdict(s), "accuracy": acc,
@@ -439,7 +440,7 @@ def prototype_opd(teacher_dir, student_dir, settings: OPDSettings | None = None,
         p.requires_grad_(False)
     student = AutoModelForCausalLM.from_pretrained(str(student_dir))
     evals = eval_examples(s.digits, s.style, s.eval_size, s.seed)
-    prompts = demo_task.make_examples("train", s.steps * s.prompts_per_step, seed=s.seed, digits=s.digits,
+    prompts = arithmetic.make_examples("train", s.steps * s.prompts_per_step, seed=s.seed, digits=s.digits,
                                       style=s.style, sample_seed=s.seed + 3000)
     opt = torch.optim.AdamW(student.parameters(), lr=s.lr, betas=(0.9, 0.98), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / max(1, s.warmup_steps)))
@@ -458,7 +459,7 @@ def prototype_opd(teacher_dir, student_dir, settings: OPDSettings | None = None,
                  for _ in range(s.samples_per_prompt)]
         rows = generate_responses(student, tok, batch, max_new_tokens=s.max_new_tokens,
                                   temperature=s.temperature)
-        seqs = [demo_task.prompt_ids(tok, ex) for ex in batch]
+        seqs = [prompt_ids(tok, ex) for ex in batch]
         plen = [len(p) for p in seqs]
         seqs = [p + r for p, r in zip(seqs, rows)]
         length = max(map(len, seqs))

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
+from rollout.tasks import BUILTIN_TASKS  # noqa: F401  (re-exported: the trainer's and the config's list)
+
 
 @dataclass
 class Prompt:
@@ -68,11 +70,12 @@ class PromptSource:
 
 def arithmetic_source(tokenizer, seed: int = 0, n_train: int = 4096, n_eval: int = 128, digits: int = 2,
                       style: str = "worked") -> PromptSource:
-    """The built-in task of `opd demo` (opd.demo_task): addition with a worked answer."""
-    from opd import demo_task as T
+    """The built-in task of `opd demo` (rollout.tasks.arithmetic): addition with a worked answer."""
+    from rollout.tasks import arithmetic as T
+    from rollout.tasks.encoding import prompt_ids
 
     def mk(ex):
-        return Prompt(T.prompt_ids(tokenizer, ex), str(ex.answer), "arithmetic", {"a": ex.a, "b": ex.b})
+        return Prompt(prompt_ids(tokenizer, ex), str(ex.answer), "arithmetic", {"a": ex.a, "b": ex.b})
 
     train = LazyPrompts(T.make_examples("train", n_train, seed=seed, digits=digits, style=style), mk)
     ev = LazyPrompts(T.make_examples("eval", n_eval, seed=seed, digits=digits, style=style), mk)
@@ -98,18 +101,15 @@ def file_source(data_cfg, tokenizer, reward_name: str = "math") -> PromptSource:
 
 
 def task_source(tokenizer, task: str, seed: int = 0, n_train: int = 4096, n_eval: int = 128) -> PromptSource:
-    """A built-in synthetic task of `opd.tasks` ("sort", "reverse", ...), graded by its own grader."""
-    from opd import demo_task as T
-    from opd.tasks import get_task
+    """A built-in synthetic task of `rollout.tasks` ("sort", "reverse", ...), graded by its own grader."""
+    from rollout.tasks import get_task
+    from rollout.tasks.encoding import prompt_ids
 
     t = get_task(task)
 
     def mk(ex):
-        return Prompt(T.prompt_ids(tokenizer, ex), str(ex.answer), task, {})
+        return Prompt(prompt_ids(tokenizer, ex), str(ex.answer), task, {})
 
     train = LazyPrompts(t.make_examples("train", n_train, seed=seed), mk)
     ev = LazyPrompts(t.make_examples("eval", n_eval, seed=seed), mk)
     return PromptSource(train, ev, lambda text, p: t.grade(text, {"answer": p.answer}), seed=seed)
-
-
-BUILTIN_TASKS = ("arithmetic", "sort", "reverse", "calc")  # calc needs the tool loop (rollout.agent)

@@ -232,7 +232,7 @@ class Trainer:
         eng = self._plain_rollout_engine(model_dir, urls)
         tools = task_tools(self.cfg.data.task)
         if tools:
-            from opd.tool_engine import ToolEngine
+            from rollout.tasks.tool_engine import ToolEngine
 
             eng = ToolEngine(eng, self.tokenizer, tools)
         return eng
@@ -681,7 +681,7 @@ def task_tools(task: str | None) -> tuple:
 
     if task not in BUILTIN_TASKS:
         return ()
-    from opd.tasks import get_task
+    from rollout.tasks import get_task
 
     return tuple(getattr(get_task(task), "tools", ()) or ())
 

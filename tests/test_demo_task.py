@@ -1,10 +1,12 @@
-"""The synthetic task of `opd demo`: determinism, disjoint splits, grading, token layout."""
+"""The synthetic task of `opd demo` (rollout.tasks.arithmetic): determinism, disjoint splits, grading, token layout."""
 
 from __future__ import annotations
 
 import pytest
 
-from opd import demo_task as T
+from rollout.tasks import arithmetic as T
+from rollout.tasks.answers import extract_int
+from rollout.tasks.encoding import encode_example, prompt_ids
 
 
 def test_generator_is_deterministic():
@@ -53,8 +55,8 @@ def test_grader_right_wrong_malformed():
     assert T.grade("Answer: ", ex) == 0.0
     assert T.grade("", ex) == 0.0
     assert T.grade("Answer: 122", {"answer": "122"}) == 1.0
-    assert T.extract_answer("x Answer: -5 y") == -5
-    assert T.extract_answer("garbage") is None
+    assert extract_int("x Answer: -5 y") == -5
+    assert extract_int("garbage") is None
 
 
 def test_prompt_and_response_token_layout(tmp_path_factory):
@@ -62,7 +64,7 @@ def test_prompt_and_response_token_layout(tmp_path_factory):
 
     tok = build_tokenizer(tmp_path_factory.mktemp("tok"))
     ex = T.Example(37, 85, "worked")
-    prompt, response = T.encode_example(tok, ex)
+    prompt, response = encode_example(tok, ex)
     text = tok.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=False)
     assert text == "<|im_start|>user\nWhat is 37+85?<|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(prompt) == text
@@ -71,5 +73,5 @@ def test_prompt_and_response_token_layout(tmp_path_factory):
     assert tok.decode(response) == ex.response + "<|im_end|>"
     assert T.grade(tok.decode(response, skip_special_tokens=True), ex) == 1.0
     # digits are one token each, and all prompts of one digit count have one length
-    lengths = {len(T.prompt_ids(tok, e)) for e in T.make_examples("train", 30, seed=0)}
+    lengths = {len(prompt_ids(tok, e)) for e in T.make_examples("train", 30, seed=0)}
     assert len(lengths) == 1

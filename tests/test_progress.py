@@ -47,13 +47,13 @@ def test_eval_shows_a_bar_only_on_a_terminal(tiny, monkeypatch, tty):
 
 
 def test_demo_sft_bar_on_a_terminal(tiny, monkeypatch):
-    from opd import demo_task
+    from rollout.tasks import arithmetic
     from opd.demo_prep import sft_train
 
     model, tok = tiny
     err = _Tty()
     monkeypatch.setattr("sys.stderr", err)
-    examples = demo_task.make_examples("train", 4, seed=0)
+    examples = arithmetic.make_examples("train", 4, seed=0)
     torch.manual_seed(0)
     sft_train(model, tok, examples, steps=2, batch_size=2, lr=1e-4, warmup_steps=1)
     assert "sft:" in err.getvalue() and "/2 [" in err.getvalue()   # leave=False clears it at the end

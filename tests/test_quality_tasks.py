@@ -1,10 +1,13 @@
-"""Task families of the quality benchmark (opd.tasks): determinism, disjoint splits, grading."""
+"""The built-in task families (rollout.tasks): determinism, disjoint splits, grading."""
 
 from __future__ import annotations
 
 import pytest
 
-from opd import tasks as T
+from rollout import tasks as T
+from rollout.tasks.answers import extract_digits
+from rollout.tasks.calc import CalcExample
+from rollout.tasks.lists import ListExample
 
 
 @pytest.mark.parametrize("name", list(T.TASKS))
@@ -33,17 +36,17 @@ def test_list_splits_disjoint_and_in_range(name):
 
 
 def test_sort_and_reverse_answers():
-    s = T.ListExample("sort", (3, 9, 1, 3))
+    s = ListExample("sort", (3, 9, 1, 3))
     assert s.question == "Sort 3 9 1 3"
     assert s.answer == "1 3 3 9"
     assert s.response.endswith("Answer: 1 3 3 9")
-    r = T.ListExample("reverse", (4, 7, 2))
+    r = ListExample("reverse", (4, 7, 2))
     assert r.question == "Reverse 4 7 2"
     assert r.response == "Answer: 2 7 4"
 
 
 def test_list_grader():
-    ex = T.ListExample("sort", (5, 1, 8))
+    ex = ListExample("sort", (5, 1, 8))
     g = T.get_task("sort").grade
     assert g("min 1, 5, 8. Answer: 1 5 8", ex) == 1.0
     assert g("Answer: 158", ex) == 1.0                     # spacing is not graded, digits are
@@ -52,15 +55,15 @@ def test_list_grader():
     assert g("Answer: 9 9 9. Answer: 1 5 8", ex) == 1.0    # the last answer counts
     assert g("1 5 8", ex) == 0.0                           # no "Answer:"
     assert g("", ex) == 0.0
-    assert T.extract_digits("x Answer: 3 2 1<|im_end|>") == "3 2 1"
-    assert T.extract_digits("nothing") is None
+    assert extract_digits("x Answer: 3 2 1<|im_end|>") == "3 2 1"
+    assert extract_digits("nothing") is None
 
 
 def test_arithmetic_is_the_demo_task():
-    from opd import demo_task
+    from rollout.tasks import arithmetic
 
     ex = T.get_task("arithmetic").make_examples("eval", 5, seed=0)
-    assert ex == demo_task.make_examples("eval", 5, seed=0, digits=2, style="worked")
+    assert ex == arithmetic.make_examples("eval", 5, seed=0, digits=2, style="worked")
 
 
 def test_unknown_task():
@@ -104,7 +107,7 @@ def test_calc_task_trajectory_and_grading():
 
     from rollout.tools import calculator, parse_tool_calls
 
-    ex = T.CalcExample(347, "*", 28)
+    ex = CalcExample(347, "*", 28)
     assert ex.answer == "9716" and ex.question == "Compute 347*28"
     calls = parse_tool_calls(ex.tool_call)
     assert len(calls) == 1 and calls[0].name == "calculator" and calls[0].arguments == {"expression": "347*28"}
@@ -129,18 +132,19 @@ def test_calc_task_trajectory_and_grading():
     assert tok.decode(resp[:first]).startswith("<tool_call>")
     from opd import demo_prep
 
-    ids, att, lmask = demo_prep.collate(tok, [ex, T.CalcExample(12, "+", 5)])
+    ids, att, lmask = demo_prep.collate(tok, [ex, CalcExample(12, "+", 5)])
     assert int(lmask[0].sum()) == sum(mask)
     # single-turn examples (the demo's) keep the old layout: loss on every response token
-    from opd import demo_task
+    from rollout.tasks import arithmetic
+    from rollout.tasks.encoding import encode_example, response_ids
 
-    arith = demo_task.make_examples("train", 3, seed=0, style="worked")
+    arith = arithmetic.make_examples("train", 3, seed=0, style="worked")
     ids, att, lmask = demo_prep.collate(tok, arith)
     for i, e in enumerate(arith):
-        p_ids, r_ids = demo_task.encode_example(tok, e)
+        p_ids, r_ids = encode_example(tok, e)
         assert ids[i, :len(p_ids) + len(r_ids)].tolist() == p_ids + r_ids
         assert lmask[i].nonzero().flatten().tolist() == list(range(len(p_ids), len(p_ids) + len(r_ids)))
-    assert demo_prep.max_new_tokens_for(tok, arith) == max(len(demo_task.response_ids(tok, e)) for e in arith) + 4
+    assert demo_prep.max_new_tokens_for(tok, arith) == max(len(response_ids(tok, e)) for e in arith) + 4
 
 
 def test_tool_engine_runs_the_calculator_loop():
@@ -152,13 +156,13 @@ def test_tool_engine_runs_the_calculator_loop():
     from transformers import AutoTokenizer
 
     from opd.tiny import build_tokenizer
-    from opd.tool_engine import ToolEngine
+    from rollout.tasks.tool_engine import ToolEngine
     from rollout.types import Rollout, SamplingParams
 
     with tempfile.TemporaryDirectory() as d:
         build_tokenizer(d, vocab_size=512)
         tok = AutoTokenizer.from_pretrained(d)
-    ex = T.CalcExample(21, "*", 34)
+    ex = CalcExample(21, "*", 34)
     _, resp, mask = ex.encode(tok)
     first = mask.index(0)
     second = first + mask[first:].index(1)

@@ -85,7 +85,7 @@ def test_train_device_resolution(monkeypatch):
 def test_tool_task_rollouts_run_the_tool_loop(models, tmp_path):
     """data.task=calc: the trainer's rollout engine is the multi-turn tool loop (a step of GRPO,
     which needs no teacher, runs through it); single-turn tasks keep the plain engine."""
-    from opd.tool_engine import ToolEngine
+    from rollout.tasks.tool_engine import ToolEngine
     from student_trainer.trainer import Trainer, task_tools
 
     assert task_tools("calc") == ("calculator",)

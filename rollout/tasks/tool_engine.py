@@ -1,4 +1,4 @@
-"""A rollout engine that runs the multi-turn tool loop, for tasks that need tools (opd.tasks "calc").
+"""A rollout engine that runs the multi-turn tool loop, for tasks that need tools (task "calc").
 
 `ToolEngine(engine, tokenizer, tool_names)` has the rollout-engine interface the trainer uses
 (`generate`, `load_state_dict_`, `update_weights_from_disk`, `close`, ...): `generate` runs
@@ -44,9 +44,8 @@ def with_tools(engine, tokenizer, task):
 def tool_generate(model, tokenizer, task, examples, *, max_new_tokens: int) -> list[str]:
     """Greedy multi-turn responses (decoded, special tokens dropped) of `model` through the tool loop."""
     from rollout.local_engine import LocalEngine
+    from rollout.tasks.encoding import prompt_ids
     from rollout.types import SamplingParams
-
-    from opd import demo_task
 
     engine = LocalEngine(model, tokenizer, max_batch_size=512)
     try:
@@ -55,7 +54,7 @@ def tool_generate(model, tokenizer, task, examples, *, max_new_tokens: int) -> l
         texts: list[str] = [""] * len(examples)
 
         async def go():
-            prompts = [demo_task.prompt_ids(tokenizer, ex) for ex in examples]
+            prompts = [prompt_ids(tokenizer, ex) for ex in examples]
             async for ro in tools.generate(prompts, params):
                 texts[ro.prompt_index] = tokenizer.decode(ro.response_ids, skip_special_tokens=True)
 

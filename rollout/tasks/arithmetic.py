@@ -1,9 +1,9 @@
-"""The synthetic task of `opd demo`: multi-digit addition with a checkable answer.
+"""The synthetic task of `opd demo` (task "arithmetic"): multi-digit addition with a checkable answer.
 
 A prompt is one user chat message ("What is 37+85?"); the target response is a short answer
 ending in ``Answer: 122`` (style "direct"), or a digit-by-digit worked answer (style "worked":
-``7+5=12, 3+8+1=12. Answer: 122``). `grade` extracts the last ``Answer: <int>`` of a response
-and scores 1.0 when it equals the true sum.
+``7+5=12, 3+8+1=12. Answer: 122``). Graded by `rollout.tasks.answers.grade_int`: the last
+``Answer: <int>`` of a response equals the true sum.
 
 Train and eval examples come from disjoint sets of operand pairs: a pair belongs to the eval
 split when a stable hash of (seed, a, b) falls in the eval bucket, so the split is the same on
@@ -12,20 +12,19 @@ every machine and for every number of examples drawn. Everything is deterministi
 A training example as token ids: prompt ids are
 ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)`` and response ids are the
 encoded response text followed by the eos token (``<|im_end|>``); the loss covers response ids
-only (`encode_example`).
+only (`rollout.tasks.encoding.encode_example`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import random
-import re
 from dataclasses import dataclass
 
-STYLES = ("direct", "worked")
-EVAL_BUCKETS = 10  # one operand pair in EVAL_BUCKETS belongs to the eval split
+from rollout.tasks.answers import grade_int
+from rollout.tasks.split import EVAL_BUCKETS, check_split, in_eval
 
-_ANSWER_RE = re.compile(r"Answer:\s*(-?\d+)")
+STYLES = ("direct", "worked")
+grade = grade_int  # the task's grader (`TASKS["arithmetic"].grade`)
 
 
 @dataclass(frozen=True)
@@ -75,29 +74,6 @@ def format_response(a: int, b: int, style: str = "direct") -> str:
     raise ValueError(f"unknown style {style!r}; choose from {STYLES}")
 
 
-def extract_answer(text: str) -> int | None:
-    """The integer after the last ``Answer:`` in `text` (eos and trailing text ignored), or None."""
-    found = _ANSWER_RE.findall(text)
-    if not found:
-        return None
-    try:
-        return int(found[-1])
-    except ValueError:
-        return None
-
-
-def grade(response_text: str, example: Example | dict) -> float:
-    """1.0 when the response's final ``Answer: N`` equals the example's sum, else 0.0."""
-    got = extract_answer(response_text)
-    want = example.answer if isinstance(example, Example) else int(example["answer"])
-    return 1.0 if got is not None and got == int(want) else 0.0
-
-
-def _in_eval(a: int, b: int, seed: int) -> bool:
-    h = hashlib.blake2b(f"{seed}:{a}+{b}".encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") % EVAL_BUCKETS == 0
-
-
 def _operand_range(digits: int) -> tuple[int, int]:
     if digits < 1:
         raise ValueError("digits must be >= 1")
@@ -112,12 +88,10 @@ def make_examples(split: str, n: int, seed: int = 0, digits: int = 2, style: str
     which pairs are drawn. Eval examples are drawn without replacement (as long as the eval
     split has enough pairs); train examples with replacement.
     """
-    if split not in ("train", "eval"):
-        raise ValueError("split must be 'train' or 'eval'")
+    want_eval = check_split(split)
     if style not in STYLES:
         raise ValueError(f"unknown style {style!r}; choose from {STYLES}")
     lo, hi = _operand_range(digits)
-    want_eval = split == "eval"
     rng = random.Random(f"{split}:{seed if sample_seed is None else sample_seed}:{digits}")
     space = (hi - lo + 1) ** 2
     out: list[Example] = []
@@ -125,7 +99,7 @@ def make_examples(split: str, n: int, seed: int = 0, digits: int = 2, style: str
     unique = want_eval and n <= space // (2 * EVAL_BUCKETS)
     while len(out) < n:
         a, b = rng.randint(lo, hi), rng.randint(lo, hi)
-        if _in_eval(a, b, seed) != want_eval:
+        if in_eval(f"{seed}:{a}+{b}") != want_eval:
             continue
         if unique:
             if (a, b) in seen:
@@ -133,20 +107,3 @@ def make_examples(split: str, n: int, seed: int = 0, digits: int = 2, style: str
             seen.add((a, b))
         out.append(Example(a, b, style))
     return out
-
-
-def prompt_ids(tokenizer, example: Example) -> list[int]:
-    ids = tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=True,
-                                        return_dict=False)
-    if isinstance(ids, dict) or hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
-
-
-def response_ids(tokenizer, example: Example) -> list[int]:
-    return list(tokenizer.encode(example.response, add_special_tokens=False)) + [tokenizer.eos_token_id]
-
-
-def encode_example(tokenizer, example: Example) -> tuple[list[int], list[int]]:
-    """(prompt ids, response ids): the model sees prompt + response; loss on response ids only."""
-    return prompt_ids(tokenizer, example), response_ids(tokenizer, example)
