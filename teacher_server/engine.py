@@ -4,9 +4,13 @@ forward per batch, and the chunked statistics head on the scored positions only.
 Transport-free: `ScoringEngine.score(items)` runs the same path the gRPC service uses, so the
 core is testable without a server.
 
-Batching: the oldest waiting sequence opens a batch; the waiting sequences closest to it in
-length join while (longest length x count) stays within `max_batch_tokens`. Sequences are right
-padded to the longest in the batch, so grouping by length keeps padding small; the padding
+Two parts: the queue and the batching policy (admission, prompt groups, the token budget, which
+waiting sequences form the next batch) live in `batching.py`, pure and tested without a model;
+this module is the pipeline that runs a batch (forward, head parts, copy-out, finisher).
+
+Batching (`batching.BatchPolicy`): the oldest waiting sequence opens a batch; the waiting
+sequences closest to it in length join while (longest length x count) stays within
+`max_batch_tokens`. Sequences are right padded to the longest in the batch, so grouping by length keeps padding small; the padding
 count is reported (`padded_tokens`). Right padding never changes a real token's result (causal
 attention, positions start at 0 for every row).
 
@@ -57,14 +61,13 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
-
 import numpy as np
 import torch
 
 from teacher_server import head as H
 from teacher_server import packed as PK
 from teacher_server import prefix as PX
+from teacher_server.batching import BatchPolicy, BatchQueue, QueueFull, ScoreItem  # noqa: F401 (re-exported)
 from teacher_server.cache import StatsCache, item_key
 from teacher_server.fp8 import FP8Linear, dequantized
 from teacher_server.model import compile_body, uncompile_body
@@ -74,36 +77,6 @@ log = logging.getLogger("opd.teacher")
 
 COMPILE_MODES = ("auto", "off", "body", "head", "all")
 PACKING_MODES = ("auto", "on", "off")
-
-
-class QueueFull(Exception):
-    """The engine's queue is at its token limit."""
-
-
-@dataclass
-class ScoreItem:
-    """One validated sequence to score (see proto/ for the span semantics)."""
-    request_id: str
-    token_ids: np.ndarray             # int64 [L]
-    target_start: int
-    target_end: int
-    top_k: int
-    stats: frozenset[str]
-    temperature: float = 1.0
-    extra_ids: np.ndarray | None = None   # int64 [P, M]
-    deliver: Callable[["ScoreItem", dict | BaseException], None] | None = None
-    is_cancelled: Callable[[], bool] = lambda: False
-    enqueued_at: float = field(default_factory=time.monotonic)
-    cache_key: str | None = None
-    group_key: bytes | None = field(default=None, repr=False)   # see ScoringEngine._group_key
-
-    @property
-    def num_positions(self) -> int:
-        return self.target_end - self.target_start
-
-    @property
-    def cost(self) -> int:
-        return len(self.token_ids)
 
 
 @dataclass
@@ -141,12 +114,12 @@ class ScoringEngine:
         self.body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         self.weight = model.get_output_embeddings().weight
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.max_batch_tokens = max_batch_tokens
+        # the batching policy and the queue (batching.py); `max_batch_tokens`, `prefix_sharing`,
+        # `prefix_min_tokens` and `max_queue_tokens` are properties over them
+        self.policy = BatchPolicy(max_batch_tokens, prefix_sharing, prefix_min_tokens)
+        self.queue = BatchQueue(max_queue_tokens)
         self.chunk_size = chunk_size
-        self.max_queue_tokens = max_queue_tokens
         self.pad_id = pad_id
-        self.prefix_sharing = prefix_sharing
-        self.prefix_min_tokens = prefix_min_tokens
         self.cache = cache            # statistics cache (None = off); may be swapped at run time
         self.model_id = model_id      # identity of the teacher in cache keys (model hash + dtype)
         if compile not in COMPILE_MODES:
@@ -179,8 +152,6 @@ class ScoringEngine:
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()
         self._busy_until = 0.0
-        self._pending: list[ScoreItem] = []
-        self._pending_tokens = 0
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -215,109 +186,37 @@ class ScoringEngine:
             return
         deadline = time.monotonic() + wait_s
         with self._cv:
-            while self._pending_tokens + item.cost > self.max_queue_tokens and self._pending:
+            while not self.queue.admits(item):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop:
-                    raise QueueFull(f"teacher queue holds {self._pending_tokens} tokens (limit "
-                                    f"{self.max_queue_tokens}); retry later")
+                    raise QueueFull(self.queue.full_message())
                 self._cv.wait(left)
             item.enqueued_at = time.monotonic()
-            self._pending.append(item)
-            self._pending_tokens += item.cost
+            self.queue.push(item)
             self._cv.notify_all()
 
     @property
     def queue_tokens(self) -> int:
-        return self._pending_tokens
+        return self.queue.tokens
+
+    # the policy's settings, as attributes of the engine (benchmarks and tests set them)
+    max_batch_tokens = property(lambda self: self.policy.max_batch_tokens,
+                                lambda self, v: setattr(self.policy, "max_batch_tokens", v))
+    prefix_sharing = property(lambda self: self.policy.prefix_sharing,
+                              lambda self, v: setattr(self.policy, "prefix_sharing", v))
+    prefix_min_tokens = property(lambda self: self.policy.prefix_min_tokens,
+                                 lambda self, v: setattr(self.policy, "prefix_min_tokens", v))
+    max_queue_tokens = property(lambda self: self.queue.max_queue_tokens,
+                                lambda self, v: setattr(self.queue, "max_queue_tokens", v))
+    # the waiting items and their tokens (tests fill the queue by hand)
+    _pending = property(lambda self: self.queue.items, lambda self, v: setattr(self.queue, "items", v))
+    _pending_tokens = property(lambda self: self.queue.tokens, lambda self, v: setattr(self.queue, "tokens", v))
 
     def _take_batch(self) -> list[ScoreItem]:
         """Called with the lock held and a non-empty queue: pick a batch and dequeue it."""
-        batch = self._pick_packed() if self.packing_active() else self._pick_padded()
-        taken = {id(it) for it in batch}
-        self._pending = [it for it in self._pending if id(it) not in taken]
-        self._pending_tokens -= sum(it.cost for it in batch)
+        batch = self.queue.take(lambda opener: (self.policy, self.packing_active()))
         self._cv.notify_all()
         return batch
-
-    def _pick_padded(self) -> list[ScoreItem]:
-        """Padded batches: the opener, its prefix mates first, then the sequences closest to it in
-        length, while (longest x count) fits `max_batch_tokens`."""
-        first = self._pending[0]
-        if self.prefix_sharing:  # sequences sharing the opener's first tokens join first
-            head = first.token_ids[: self.prefix_min_tokens]
-            others = sorted(self._pending[1:], key=lambda it: (
-                not (len(it.token_ids) > len(head) and np.array_equal(it.token_ids[: len(head)], head)),
-                abs(it.cost - first.cost)))
-        else:
-            others = sorted(self._pending[1:], key=lambda it: abs(it.cost - first.cost))
-        batch, longest = [first], first.cost
-        for it in others:
-            new_longest = max(longest, it.cost)
-            if new_longest * (len(batch) + 1) > self.max_batch_tokens:
-                continue
-            batch.append(it)
-            longest = new_longest
-        return batch
-
-    def _pick_packed(self) -> list[ScoreItem]:
-        """Packed batches have no padding: the opener's prompt group (the waiting sequences with
-        its prompt, `_group_key`) first, then the other groups and lone sequences in
-        queue order, while the packed tokens fit `max_batch_tokens`. A sequence that shares the
-        first tokens of one already taken costs only its tokens after their common prefix.
-        Groups are kept whole: a group that does not fit what is left of the batch but would fit
-        an empty one waits for the next batch (cutting it would run its prefix twice); one larger
-        than a whole batch (and the opener's) is cut, members in queue order."""
-        n, budget, pend = self.prefix_min_tokens, self.max_batch_tokens, self._pending
-        groups: dict[bytes, list[int]] = {}
-        order: list[list[int]] = []            # groups in order of their first member
-        for j, it in enumerate(pend):
-            k = self._group_key(it) if self.prefix_sharing else None
-            if k is None:
-                order.append([j])
-            elif k in groups:
-                groups[k].append(j)
-            else:
-                groups[k] = [j]
-                order.append(groups[k])
-
-        def cost(it: ScoreItem, ref: ScoreItem | None) -> int:
-            if ref is None:
-                return it.cost
-            lcp = PX.common_prefix(it.token_ids, ref.token_ids)
-            return max(1, it.cost - lcp) if lcp >= n else it.cost
-
-        batch, total = [], 0
-        for g in order:
-            if total >= budget:
-                break
-            head = pend[g[0]]
-            costs = [head.cost] + [cost(pend[j], head) for j in g[1:]]   # with the head taken
-            whole = sum(costs)
-            if batch and len(g) > 1 and total + whole > budget and whole <= budget:
-                continue                       # whole in a later batch
-            ref = None                         # the group's first member taken
-            for j, c in zip(g, costs):
-                it = pend[j]
-                if ref is not head:            # the head was not taken: cost against what was
-                    c = cost(it, ref)
-                if batch and total + c > budget:
-                    continue
-                batch.append(it)
-                total += c
-                if ref is None and len(g) > 1:
-                    ref = it
-        return batch
-
-    def _group_key(self, it: ScoreItem) -> bytes | None:
-        """What makes sequences one prompt group when batches are picked: their tokens before
-        the scored span (the prompt; at least `prefix_min_tokens` of them). Samples of one prompt
-        share it; prompts that only share a chat template or system prompt do not, so each
-        prompt's samples stay together (`plan_groups` still shares what the batch has in common).
-        None: too short to share. Computed once per item."""
-        if it.group_key is None:
-            m = max(self.prefix_min_tokens, it.target_start)
-            it.group_key = it.token_ids[:m].tobytes() if len(it.token_ids) > m else b""
-        return it.group_key or None
 
     def packing_active(self) -> bool:
         """Whether batches are packed now: "on", or "auto" with the compiled body on CUDA (the
@@ -356,14 +255,14 @@ class ScoringEngine:
         try:
             while True:
                 with self._cv:
-                    while not self._pending and not self._stop:
+                    while not self.queue and not self._stop:
                         self._cv.wait()
-                    if not self._pending and self._stop:
+                    if not self.queue and self._stop:
                         return
                 slots.acquire()
                 with self._cv:
                     self._linger()
-                    if not self._pending:
+                    if not self.queue:
                         slots.release()
                         continue
                     batch = self._take_batch()
@@ -407,13 +306,13 @@ class ScoringEngine:
         if self.batch_wait_s <= 0:
             return
         end = time.monotonic() + 10 * self.batch_wait_s
-        while self._pending and self._pending_tokens < self.max_batch_tokens and not self._stop:
-            n = len(self._pending)
+        while self.queue and self.queue.tokens < self.max_batch_tokens and not self._stop:
+            n = len(self.queue)
             left = min(self.batch_wait_s, end - time.monotonic())
             if left <= 0:
                 return
             self._cv.wait(left)
-            if len(self._pending) <= n:  # nothing new arrived
+            if len(self.queue) <= n:  # nothing new arrived
                 return
 
     def _finish_loop(self, finishing: queue.Queue, slots: threading.Semaphore) -> None:
@@ -443,12 +342,11 @@ class ScoringEngine:
                 pending.append(it)
             else:
                 out[id(it)] = res
-        while pending:
-            with self._cv:
-                saved, self._pending = self._pending, pending
-                saved_tokens, self._pending_tokens = self._pending_tokens, sum(i.cost for i in pending)
-                batch = self._take_batch()
-                pending, self._pending, self._pending_tokens = self._pending, saved, saved_tokens
+        waiting = BatchQueue()   # the caller's items only, batched by the same policy
+        for it in pending:
+            waiting.push(it)
+        while waiting:
+            batch = waiting.take(lambda opener: (self.policy, self.packing_active()))
             for it, res in zip(batch, self.run_batch(batch)):
                 out[id(it)] = res
         return [out[id(it)] for it in items]
