@@ -61,6 +61,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
@@ -155,6 +156,87 @@ class ScoringEngine:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        # several models, one queue (`add_model`): this engine's queue and worker serve them all,
+        # each batch run by the engine of its model; {} = this engine's model only
+        self.models: dict[str, ScoringEngine] = {}
+        self.default_model = ""       # the name of this engine's own model once `add_model` gave one
+        self.weight_version = 0       # 0 = the weights loaded at start (`update_weights`)
+        self._weight_nonce = ""       # in cache keys of updated weights: versions are the caller's numbers
+        self._weights_lock = threading.Lock()   # held while a batch is launched and while weights change
+
+    # ---- models ---------------------------------------------------------------------------------
+    def add_model(self, name: str, engine: "ScoringEngine | None" = None) -> None:
+        """Serve `engine`'s model (default: this engine's own) as `name` from this engine's queue:
+        items naming `name` (`ScoreItem.model`) are batched with each other only and run by
+        `engine`. The first name given to this engine itself is the default (items naming none).
+        `engine` is never started; this engine's worker runs its batches."""
+        engine = self if engine is None else engine
+        with self._weights_lock:
+            self.models[name] = engine
+            if engine is self and not self.default_model:
+                self.default_model = name
+
+    def engine_for(self, name: str) -> "ScoringEngine":
+        """The engine running model `name` ("" = the default)."""
+        if not name or not self.models:
+            return self
+        eng = self.models.get(name)
+        if eng is None:
+            raise ValueError(f"model {name!r} is not served here; served: {sorted(self.models)}")
+        return eng
+
+    def engines(self) -> list["ScoringEngine"]:
+        """Every distinct engine serving from this queue (this one first)."""
+        out = [self]
+        for eng in self.models.values():
+            if all(eng is not e for e in out):
+                out.append(eng)
+        return out
+
+    def names_of(self, engine: "ScoringEngine") -> list[str]:
+        return [n for n, e in self.models.items() if e is engine]
+
+    def replace_model(self, name: str, engine: "ScoringEngine") -> None:
+        """Serve `name` by `engine` from the next batch on (between batches)."""
+        with self._weights_lock:
+            if name not in self.models:
+                raise ValueError(f"model {name!r} is not served here; served: {sorted(self.models)}")
+            self.models[name] = engine
+
+    def cache_model_id(self) -> str:
+        """This model's identity in cache keys: the checkpoint's, plus the update for updated weights."""
+        if self.weight_version == 0 and not self._weight_nonce:
+            return self.model_id
+        return f"{self.model_id}@v{self.weight_version}:{self._weight_nonce}"
+
+    def parameters_by_name(self) -> dict[str, torch.Tensor]:
+        """The model's parameters by every name they have (tied weights appear under each)."""
+        return dict(self.model.named_parameters(remove_duplicate=False))
+
+    def update_weights(self, tensors: dict[str, torch.Tensor], version: int, owner: "ScoringEngine | None" = None) -> float:
+        """Copy `tensors` (validated by the caller: names, shapes) into the model's parameters in
+        place, between two batches (`owner`'s worker launches none meanwhile; on CUDA the copies are
+        ordered after the batches already launched), and set the weight version. Returns the
+        seconds the swap held the engine."""
+        if self.quantized:
+            raise ValueError("weights of an fp8-quantised model (--quantize fp8) cannot be updated")
+        import uuid
+
+        params = self.parameters_by_name()
+        lock = (owner or self)._weights_lock
+        with lock, torch.no_grad():
+            t0 = time.perf_counter()
+            for name, t in tensors.items():
+                params[name].copy_(t)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.weight_version = int(version)
+            self._weight_nonce = uuid.uuid4().hex[:16]
+            return time.perf_counter() - t0
+
+    def _policy_for(self, opener: ScoreItem) -> tuple[BatchPolicy, bool]:
+        eng = self.engine_for(opener.model)
+        return eng.policy, eng.packing_active()
 
     # ---- queue --------------------------------------------------------------------------------
     def _cached(self, item: ScoreItem) -> dict | None:
@@ -162,12 +244,15 @@ class ScoringEngine:
         if cache is None:
             item.cache_key = None
             return None
-        item.cache_key = item_key(self.model_id, item)
+        eng = self.engine_for(item.model)
+        version = eng.weight_version
+        item.cache_key = item_key(eng.cache_model_id(), item)
         res = cache.get(item.cache_key)
         self._sync_cache_stats()
         if res is not None:
             res["_server_seconds"] = 0.0
             res["_batch_sequences"] = 0   # 0 = served from the statistics cache
+            res["_weight_version"] = version
         return res
 
     def _sync_cache_stats(self) -> None:
@@ -179,6 +264,7 @@ class ScoringEngine:
     def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
         """Queue an item; waits up to `wait_s` for room, then raises QueueFull. An item whose
         statistics are cached is delivered at once, on the caller's thread."""
+        item.model = item.model or self.default_model
         res = self._cached(item)
         if res is not None:
             if item.deliver is not None:
@@ -214,7 +300,7 @@ class ScoringEngine:
 
     def _take_batch(self) -> list[ScoreItem]:
         """Called with the lock held and a non-empty queue: pick a batch and dequeue it."""
-        batch = self.queue.take(lambda opener: (self.policy, self.packing_active()))
+        batch = self.queue.take(self._policy_for)
         self._cv.notify_all()
         return batch
 
@@ -246,7 +332,8 @@ class ScoringEngine:
         its results, part by part, while the next batch already runs on the device. At most
         `pipeline_depth` batches are launched and not finished: the next batch is formed only
         when there is room, so it takes everything that arrived meanwhile."""
-        self.prepare()
+        for eng in self.engines():
+            eng.prepare()
         finishing: queue.Queue = queue.Queue()
         slots = threading.Semaphore(max(1, self.pipeline_depth))
         finisher = threading.Thread(target=self._finish_loop, args=(finishing, slots), name="opd-teacher-finish",
@@ -271,7 +358,7 @@ class ScoringEngine:
                 launched = None
                 if live:
                     try:
-                        launched = self.launch_batch(live)
+                        launched = self._launch_on_model(live)
                     except Exception as exc:  # a failed batch fails its items, not the server
                         log.exception("batch of %d sequences failed", len(live))
                         self._isolate(live, exc)
@@ -294,7 +381,8 @@ class ScoringEngine:
             if it.is_cancelled():
                 continue
             try:
-                self._finish(self.launch_batch([it]), deliver=True)
+                launched = self._launch_on_model([it])
+                launched.engine._finish(launched, deliver=True)
             except Exception as one_exc:  # noqa: BLE001 - this item is at fault
                 log.warning("request_id %.64r failed on its own: %s", it.request_id, one_exc)
                 _deliver_all([it], one_exc)
@@ -321,7 +409,7 @@ class ScoringEngine:
             if launched is None:
                 return
             try:
-                self._finish(launched, deliver=True)
+                launched.engine._finish(launched, deliver=True)
             except Exception as exc:  # noqa: BLE001 - fail what was not delivered yet
                 log.exception("batch of %d sequences failed", len(launched.batch))
                 _deliver_all([it for it in launched.batch if id(it) not in launched.delivered], exc)
@@ -331,10 +419,12 @@ class ScoringEngine:
     def score(self, items: list[ScoreItem], use_cache: bool = True) -> list[dict]:
         """Score items synchronously on the caller's thread (batched like the worker does).
         use_cache=False neither reads nor fills the statistics cache (warm-up, benchmarks)."""
-        self.prepare()
+        for eng in self.engines():
+            eng.prepare()
         out: dict[int, dict] = {}
         pending = []
         for it in items:
+            it.model = it.model or self.default_model
             res = self._cached(it) if use_cache else None
             if not use_cache:
                 it.cache_key = None
@@ -346,8 +436,9 @@ class ScoringEngine:
         for it in pending:
             waiting.push(it)
         while waiting:
-            batch = waiting.take(lambda opener: (self.policy, self.packing_active()))
-            for it, res in zip(batch, self.run_batch(batch)):
+            batch = waiting.take(self._policy_for)
+            launched = self._launch_on_model(batch)
+            for it, res in zip(batch, launched.engine._finish(launched, deliver=False)):
                 out[id(it)] = res
         return [out[id(it)] for it in items]
 
@@ -474,6 +565,12 @@ class ScoringEngine:
             self.stats, self.split_uneven = saved, split
 
     # ---- compute -----------------------------------------------------------------------------
+    def _launch_on_model(self, batch: list[ScoreItem]) -> "_Launched":
+        """Launch a batch (one model's items) on its model's engine, its weights held still."""
+        eng = self.engine_for(batch[0].model)
+        with self._weights_lock:
+            return eng.launch_batch(batch)
+
     def run_batch(self, batch: list[ScoreItem]) -> list[dict]:
         """Score one batch on the caller's thread: launch it, wait for it, return its results."""
         return self._finish(self.launch_batch(batch), deliver=False)
@@ -545,7 +642,8 @@ class ScoringEngine:
                 host, event = res, None
             parts.append(_Part(lo, hi, host, event, sorted_ids))
         self._sync()
-        return _Launched(batch, parts, t0, t_body, time.perf_counter())
+        return _Launched(batch, parts, t0, t_body, time.perf_counter(), engine=self, version=self.weight_version,
+                         cache_id=self.cache_model_id())
 
     def _head(self, items: list[ScoreItem], hidden: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         """The statistics of `items` (in order) from their final hidden states at the scored rows,
@@ -600,7 +698,10 @@ class ScoringEngine:
                     continue
                 one["_server_seconds"] = now - launched.t0
                 one["_batch_sequences"] = len(batch)
+                one["_weight_version"] = launched.version
                 if self.cache is not None and it.cache_key is not None:
+                    if launched.version != 0 or self._weight_nonce:   # keyed by the weights it ran on
+                        it.cache_key = item_key(launched.cache_id, it)
                     self.cache.put(it.cache_key, one)
                 results.append(one)
                 r0 = r1
@@ -716,6 +817,10 @@ class _Launched:
     t_body: float
     t_head: float
     delivered: set[int] = field(default_factory=set)
+    engine: "ScoringEngine | None" = None   # the engine that ran it (its model's)
+    version: int = 0                          # the weight version it ran with
+    cache_id: str = ""                        # its engine's `cache_model_id()` at launch
+
 
 
 def _deliver_all(items: list[ScoreItem], res: BaseException) -> None:
