@@ -309,10 +309,17 @@ def test_a_broken_update_stream_changes_nothing_and_auth_is_required(updatable, 
 
 def test_opd_teacher_serves_several_models_over_grpc_and_http(models):
     teacher, student = models
+    import socket
+
+    from teacher_server.metrics import parse_text
+
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        metrics_port = sock.getsockname()[1]
     proc = subprocess.Popen([sys.executable, "-m", "opd", "teacher", "--model", f"t={teacher}", "--model",
                              f"s={student}", "--port", "0", "--http-port", "0", "--dtype", "fp32",
-                             "--max-batch-tokens", "64"],
+                             "--max-batch-tokens", "64", "--metrics-port", str(metrics_port)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     log, ports = [], {}
     try:
@@ -365,6 +372,13 @@ def test_opd_teacher_serves_several_models_over_grpc_and_http(models):
                                    ref[np.arange(39), ids[1:]], atol=2e-5, rtol=0)
         code, out = post("/v1/completions", {"model": "x", "prompt": ids, "max_tokens": 1, "prompt_logprobs": 0})
         assert code == 404 and out["error"]["message"] == "model: The model `x` does not exist. Valid aliases: t, s."
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=30) as r:
+            m = parse_text(r.read().decode())
+        # gRPC: 2 sequences per model; HTTP: t 3 (completions, /models/t/generate, /generate), s 2
+        assert m['opd_teacher_model_requests_total{model="t"}'] == 5
+        assert m['opd_teacher_model_requests_total{model="s"}'] == 4
+        assert m['opd_teacher_model_weight_version{model="s"}'] == 0
+        assert m["opd_teacher_engine_sequences_total"] >= 9     # both models' batches count
     finally:
         proc.terminate()
         proc.wait(30)
