@@ -138,12 +138,14 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
 
         cache = StatsCache(cfg.cache_mb << 20, cfg.cache_dir)
     loaded: dict[tuple[str, str, str], tuple[ScoringEngine, Limits, pb.TeacherInfo]] = {}
+    loaded_from: dict[tuple[str, str, str], str] = {}
     primary: ScoringEngine | None = None
     served: list[ServedModel] = []
     for name, path in specs:
         key = (model_hash(path, cfg.random_weights_seed), cfg.dtype, cfg.quantize)
         if key not in loaded:
             loaded[key] = _load(cfg, path, cache, key[0])
+            loaded_from[key] = path
             log.info("model %r: %s (%s)", name, path, loaded[key][2].dtype)
         else:
             log.info("model %r: %s is the checkpoint already loaded for %s; served from the same weights", name,
@@ -154,6 +156,9 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
         named = pb.TeacherInfo()
         named.CopyFrom(info)
         named.model_name = name
+        if Path(path).resolve() != Path(loaded_from[key]).resolve():
+            # the same weights beside another tokenizer (or chat template): describe this one's
+            named.tokenizer_fingerprint, named.tokenizer_size, named.chat_template, _ = _tokenizer_info(path)
         primary.add_model(name, engine)
 
         def load(name=name, path=path, mhash=key[0]):  # a fresh copy, set like the engine serving `name` now
@@ -166,20 +171,25 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
     return TeacherServer(primary, served[0].limits, served[0].info, cfg.server, metrics, served)
 
 
-def _load(cfg: TeacherConfig, path: str, cache, mhash: str) -> tuple[ScoringEngine, Limits, pb.TeacherInfo]:
-    """Load one model directory: its engine (not started), request limits and TeacherInfo."""
+def _tokenizer_info(path: str) -> tuple[str, int, str, int | None]:
+    """(fingerprint, length, chat template, pad id) of the tokenizer in `path`; empty without one."""
     from transformers import AutoTokenizer
 
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        return tokenizer_fingerprint(tok), len(tok), tok.chat_template or "", tok.pad_token_id
+    except Exception as exc:  # a model directory without a tokenizer can still be served
+        log.warning("no tokenizer in %s (%s): fingerprint checks will be skipped by clients", path, exc)
+        return "", 0, "", None
+
+
+def _load(cfg: TeacherConfig, path: str, cache, mhash: str) -> tuple[ScoringEngine, Limits, pb.TeacherInfo]:
+    """Load one model directory: its engine (not started), request limits and TeacherInfo."""
     model = load_model(path, cfg.dtype, cfg.device, cfg.random_weights_seed)
     if cfg.quantize == "fp8":
         fp8.quantize_body(model.get_decoder() if hasattr(model, "get_decoder") else model.base_model)
         torch.cuda.empty_cache()
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        tok_fp, tok_len, template, pad = tokenizer_fingerprint(tok), len(tok), tok.chat_template or "", tok.pad_token_id
-    except Exception as exc:  # a model directory without a tokenizer can still be served
-        log.warning("no tokenizer in %s (%s): fingerprint checks will be skipped by clients", path, exc)
-        tok_fp, tok_len, template, pad = "", 0, "", None
+    tok_fp, tok_len, template, pad = _tokenizer_info(path)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     max_len = cfg.max_sequence_length or int(getattr(model.config, "max_position_embeddings", 4096))
     budget = cfg.max_batch_tokens or auto_batch_tokens(model, cfg.device)

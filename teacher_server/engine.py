@@ -52,6 +52,13 @@ Speed levers (each an attribute, so the benchmark can flip them on one engine):
 Statistics cache (`cache.py`, off unless `cache` is given): keyed by the teacher's model id, the
 token ids, the span and every option that changes the result; a hit is delivered at `submit` /
 `score` without queueing (`_batch_sequences` = 0). Counters: `stats.cache_*`.
+
+Several models, one queue (`add_model`): the engine that is started (the default model's) queues
+every model's items (`ScoreItem.model` names the model); the policy opens a batch with the oldest
+item and takes only items of its model, and the batch runs on that model's engine (its own
+pipeline, stats, compile state), never started itself. `update_weights` copies new weights in
+place while no batch is being launched (`_weights_lock`); every result carries the weight version
+it was computed with (`_weight_version`), and the cache key of updated weights names the update.
 """
 
 from __future__ import annotations

@@ -100,6 +100,24 @@ def test_info_lists_every_model_and_the_default_keeps_the_old_fields(multi, mode
     assert len(srv.engine.engines()) == 2
 
 
+def test_one_checkpoint_beside_two_tokenizers_is_loaded_once_and_described_per_name(models, tmp_path):
+    """Same config and weights (the model hash) in two directories, another chat template in the
+    second: one engine, but each name reports its own directory's tokenizer."""
+    import shutil
+
+    teacher, _ = models
+    other = tmp_path / "other-template"
+    shutil.copytree(teacher, other)
+    (other / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")
+    with running_server(None, models=[("x", teacher), ("y", str(other))]) as (srv, url):
+        assert srv.engine.engine_for("x") is srv.engine.engine_for("y")
+        with TeacherClient(url) as c:
+            by = {m.model_name: m for m in c.info().models}
+    assert by["x"].model_hash == by["y"].model_hash
+    assert by["x"].tokenizer_fingerprint != by["y"].tokenizer_fingerprint
+    assert by["y"].chat_template == "{{ messages[0]['content'] }}" != by["x"].chat_template
+
+
 def test_unknown_model_is_invalid_argument_naming_the_models(multi):
     url = multi[1]
     seqs, starts = _seqs(1, n=1)
