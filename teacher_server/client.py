@@ -185,6 +185,7 @@ class TeacherClient:
         self._ids = itertools.count()
         self._info: pb.TeacherInfo | None = None
         self.model = model or ""
+        self._model_checked = not self.model
         self.retries = 0
         if tokenizer is not None:
             self.check_tokenizer(tokenizer, allow_tokenizer_mismatch)
@@ -196,9 +197,23 @@ class TeacherClient:
             self._info = self._with_retries(lambda ep: ep.get_info(req, timeout=30, metadata=ep.metadata))
         return self._info
 
+    def check_model(self) -> None:
+        """With a `model` named: the server must list it (a server from before several models
+        ignores the name and would answer with its one model)."""
+        if self._model_checked:
+            return
+        info = self.info()
+        names = [m.model_name for m in info.models]
+        if self.model not in names:
+            raise TeacherRequestError(f"model {self.model!r}: the teacher serves " + (
+                f"{names}" if names else f"one model ({info.model_name!r}) and does not take model names (an "
+                f"opd teacher from before several models); leave model unset"))
+        self._model_checked = True
+
     def check_tokenizer(self, tokenizer, allow_mismatch: bool = False) -> None:
         from teacher_server.fingerprint import tokenizer_fingerprint
 
+        self.check_model()
         info = self.info()
         mine = tokenizer_fingerprint(tokenizer)
         if not info.tokenizer_fingerprint:
@@ -276,6 +291,7 @@ class TeacherClient:
         """Yield (index, stats) as results arrive (any order). Failed streams are retried on the
         next endpoint for the sequences not yet answered; each index is yielded exactly once."""
         opts = (settings or self.settings).to_options()
+        self.check_model()
         token_ids = list(token_ids)
         call = next(self._ids)
         pending: dict[str, Sequence_] = {}

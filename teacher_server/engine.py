@@ -707,7 +707,7 @@ class ScoringEngine:
                 one["_batch_sequences"] = len(batch)
                 one["_weight_version"] = launched.version
                 if self.cache is not None and it.cache_key is not None:
-                    if launched.version != 0 or self._weight_nonce:   # keyed by the weights it ran on
+                    if launched.cache_id != self.model_id:   # updated weights: keyed by the update it ran on
                         it.cache_key = item_key(launched.cache_id, it)
                     self.cache.put(it.cache_key, one)
                 results.append(one)

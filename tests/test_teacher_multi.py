@@ -126,7 +126,33 @@ def test_unknown_model_is_invalid_argument_naming_the_models(multi):
         _score(url, "nope", seqs, starts)
     with pytest.raises(TeacherRequestError, match=r"GetInfoRequest.model: 'nope' is not served here"):
         TeacherClient(url, token=TOKEN, model="nope").info()
+    req = pb.ScoreRequest(request_id="x", token_ids=codec.encode_plain_ids(seqs[0]), target_start=1, model="nope")
+    with pytest.raises(grpc.RpcError) as err:
+        _raw_call(url, [req])
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details() == ("requests[0] (request_id='x').model: 'nope' is not served here; this server "
+                                   "serves ['a', 'b', 'c'] (default 'a')")
     assert _score(url, "b", seqs, starts)[0].num_positions == 20   # still serving
+
+
+def test_a_client_naming_a_model_refuses_a_server_that_takes_no_names(multi, monkeypatch):
+    """A server from before several models ignores ScoreRequest.model: the client finds no
+    `models` in its GetInfo answer and refuses, instead of getting the server's one model."""
+    srv, url = multi
+    old_info = srv.servicer.info_for
+
+    def old_server(name=""):
+        info = old_info("")
+        del info.models[:]
+        info.default_model = ""
+        return info
+
+    monkeypatch.setattr(srv.servicer, "info_for", old_server)
+    seqs, starts = _seqs(8, n=1)
+    with pytest.raises(TeacherRequestError, match=r"model 'b': the teacher serves one model \('a'\) and does not "
+                                                  r"take model names"):
+        _score(url, "b", seqs, starts)
+    assert _score(url, None, seqs, starts)[0].num_positions == 20   # naming none still works
 
 
 def _raw_call(url, requests):
