@@ -53,9 +53,10 @@ MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}")
 
 
 def parse_model_arg(text: str) -> tuple[str, str]:
-    """`--model NAME=DIR` -> (NAME, DIR); `--model DIR` -> (DIR's name, DIR)."""
+    """`--model NAME=DIR` -> (NAME, DIR); `--model DIR` -> (DIR's name, DIR). A path that exists as
+    given is a DIR, even with a '=' in it."""
     name, sep, path = text.partition("=")
-    if not sep:
+    if not sep or Path(text).exists():
         return Path(text.rstrip("/")).name or text, text
     if not MODEL_NAME.fullmatch(name) or not path:
         raise ValueError(f"--model {text!r}: expected DIR or NAME=DIR with NAME of letters, digits and ._:/- "
@@ -66,7 +67,7 @@ def parse_model_arg(text: str) -> tuple[str, str]:
 def model_specs(cfg: TeacherConfig) -> list[tuple[str, str]]:
     """The (name, directory) pairs to serve, checked: names unique, every directory a model
     directory (before any model loads)."""
-    specs = list(cfg.models) or ([parse_model_arg(cfg.model)] if cfg.model else [])
+    specs = list(cfg.models) or ([(Path(cfg.model.rstrip("/")).name or cfg.model, cfg.model)] if cfg.model else [])
     if not specs:
         raise ValueError("--model: give at least one model directory (DIR or NAME=DIR)")
     seen: dict[str, str] = {}

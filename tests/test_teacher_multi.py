@@ -442,3 +442,18 @@ def test_bad_model_flags_exit_2_before_a_model_loads(tiny_model_dir, monkeypatch
     monkeypatch.setattr(sys, "argv", list(sys.argv))
     assert main(["teacher", *(a.format(d=tiny_model_dir) for a in argv), "--dtype", "fp32"]) == 2
     assert message.format(d=tiny_model_dir) in capsys.readouterr().err
+
+
+def test_model_flag_parsing(tmp_path):
+    from teacher_server.app import parse_model_arg
+
+    assert parse_model_arg("math=/models/m") == ("math", "/models/m")
+    assert parse_model_arg("Qwen/Qwen3-8B=/models/q") == ("Qwen/Qwen3-8B", "/models/q")
+    assert parse_model_arg("/models/teacher/") == ("teacher", "/models/teacher/")
+    odd = tmp_path / "run=3"
+    odd.mkdir()
+    assert parse_model_arg(str(odd)) == ("run=3", str(odd))          # an existing path is a directory
+    assert parse_model_arg(f"x={odd}") == ("x", str(odd))
+    for bad in ("a b=/m", "=/m", "a=", "-a=/m"):
+        with pytest.raises(ValueError, match="expected DIR or NAME=DIR"):
+            parse_model_arg(bad)
