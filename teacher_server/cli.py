@@ -142,7 +142,7 @@ def main(args) -> int:
     except ValueError as exc:
         print(f"opd teacher: {exc}", file=sys.stderr)
         return 2
-    for eng in server.engine.engines():
+    for eng in getattr(server.engine, "engines", lambda: [server.engine])():
         eng.compile, eng.head, eng.split_uneven = args.compile, args.head, not args.no_split_uneven
         eng.packing = args.packing
     if metrics is not None:

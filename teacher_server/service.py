@@ -192,9 +192,12 @@ class TeacherServicer:
         models = models or [ServedModel(info.model_name, limits, info)]
         self.models = {m.name: m for m in models}
         self.default_model = models[0].name
-        for m in models:
-            if m.name not in engine.models:
-                engine.add_model(m.name)
+        if hasattr(engine, "add_model"):
+            for m in models:
+                if m.name not in engine.models:
+                    engine.add_model(m.name)
+        elif len(models) > 1:
+            raise ValueError(f"{type(engine).__name__} serves one model; {len(models)} were given")
         self._update_lock = threading.Lock()   # one UpdateWeights at a time
         if metrics is not None:
             for m in models:
@@ -231,6 +234,10 @@ class TeacherServicer:
                                  f"{sorted(self.models)} (default {self.default_model!r})")
         return m
 
+    def engine_for(self, name: str):
+        """The engine running served model `name` (an engine without several models: itself)."""
+        return self.engine.engine_for(name) if hasattr(self.engine, "engine_for") else self.engine
+
     def info_for(self, name: str = "") -> pb.TeacherInfo:
         """TeacherInfo of model `name` (default: the default model), listing every model served."""
         m = self.model(name)
@@ -238,11 +245,11 @@ class TeacherServicer:
         for other in self.models.values():
             e = pb.TeacherInfo()
             e.CopyFrom(other.info)
-            e.weight_version = self.engine.engine_for(other.name).weight_version
+            e.weight_version = getattr(self.engine_for(other.name), "weight_version", 0)
             entries.append(e)
         out = pb.TeacherInfo()
         out.CopyFrom(m.info)
-        out.weight_version = self.engine.engine_for(m.name).weight_version
+        out.weight_version = getattr(self.engine_for(m.name), "weight_version", 0)
         out.models.extend(entries)
         out.default_model = self.default_model
         return out
@@ -473,7 +480,9 @@ class _WeightUpdate:
             except InvalidRequest as exc:
                 raise InvalidRequest(f"{where}.{exc}") from None
             self.served, self.version, self.partial = served, int(req.version), bool(req.partial)
-            self.engine = self.servicer.engine.engine_for(served.name)
+            self.engine = self.servicer.engine_for(served.name)
+            if not hasattr(self.engine, "update_weights"):
+                raise _Refused(f"model {served.name!r} runs on {type(self.engine).__name__}, which cannot update weights")
             if self.engine.quantized:
                 raise _Refused(f"model {served.name!r} is served fp8-quantised (--quantize fp8); its weights cannot "
                                f"be updated")
