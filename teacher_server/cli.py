@@ -1,4 +1,5 @@
-"""`opd teacher --model DIR ...`: load a model once and serve teacher statistics over gRPC."""
+"""`opd teacher --model DIR ...`: load a model once and serve teacher statistics over gRPC
+(`--model NAME=DIR` repeated: several models from one process and one queue)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,11 @@ import threading
 
 
 def add_arguments(p):
-    p.add_argument("--model", required=True, help="Hugging Face causal-LM directory (config.json + weights + tokenizer)")
+    p.add_argument("--model", required=True, action="append",
+                   help="Hugging Face causal-LM directory (config.json + weights + tokenizer), served under the "
+                        "directory's name; or NAME=DIR. Repeat it to serve several models from one process, one device "
+                        "and one queue (requests name their model; the first is the default; a batch never mixes "
+                        "models; the same checkpoint given twice is loaded once)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; loopback unless told otherwise (0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=50051, help="port to bind (0 = any free port; the bound port is printed)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="compute dtype of the model")
@@ -80,7 +85,7 @@ def add_arguments(p):
                         "(docs/interop.md)")
     p.add_argument("--served-model-name", default=None,
                    help="model id the HTTP front reports in /v1/models and accepts as 'model' (default: the --model "
-                        "directory's name)")
+                        "name; one model only: with several, the HTTP front uses their NAMEs)")
     p.add_argument("--log-level", default="INFO", help="logging level")
 
 
@@ -96,9 +101,18 @@ def _port(text: str) -> int:
 
 def main(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from teacher_server.app import TeacherConfig, build_server
+    from teacher_server.app import TeacherConfig, build_server, parse_model_arg
     from teacher_server.service import ServerConfig
 
+    try:
+        models = [parse_model_arg(m) for m in args.model]
+    except ValueError as exc:
+        print(f"opd teacher: {exc}", file=sys.stderr)
+        return 2
+    if args.served_model_name and len(models) > 1:
+        print(f"opd teacher: --served-model-name {args.served_model_name!r}: only with one --model; with "
+              f"{len(models)} models the HTTP front serves each under its NAME (--model NAME=DIR)", file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     if args.http_port and args.http_port in (args.port, args.metrics_port):
@@ -110,7 +124,7 @@ def main(args) -> int:
                               max_unread_mb_per_stream=args.max_unread_mb_per_stream,
                               auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
                               tls_client_ca=args.tls_client_ca, grace_s=args.grace_s)
-    cfg = TeacherConfig(model=args.model, dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens,
+    cfg = TeacherConfig(model=models[0][1], models=models, dtype=args.dtype, device=args.device, max_batch_tokens=args.max_batch_tokens,
                         chunk_size=args.chunk_size, max_top_k=args.max_top_k, max_extra_ids=args.max_extra_ids,
                         max_sequence_length=args.max_sequence_length, max_queue_tokens=args.max_queue_tokens,
                         allow_full=not args.no_full, random_weights_seed=args.random_weights_seed, server=server_cfg,
@@ -128,9 +142,9 @@ def main(args) -> int:
     except ValueError as exc:
         print(f"opd teacher: {exc}", file=sys.stderr)
         return 2
-    eng = server.engine
-    eng.compile, eng.head, eng.split_uneven = args.compile, args.head, not args.no_split_uneven
-    eng.packing = args.packing
+    for eng in getattr(server.engine, "engines", lambda: [server.engine])():
+        eng.compile, eng.head, eng.split_uneven = args.compile, args.head, not args.no_split_uneven
+        eng.packing = args.packing
     if metrics is not None:
         metrics.attach(server.engine)
         metrics.serve(args.host, args.metrics_port)
@@ -147,7 +161,7 @@ def main(args) -> int:
         from teacher_server.http_front import HttpFront
 
         try:  # bound now, served once the engine is warm
-            http = HttpFront(server, args.host, args.http_port, args.served_model_name, args.model)
+            http = HttpFront(server, args.host, args.http_port, args.served_model_name, dict(models))
         except OSError as exc:
             print(f"opd teacher: --http-port {args.http_port}: cannot bind {args.host}:{args.http_port} ({exc})",
                   file=sys.stderr)
@@ -156,11 +170,12 @@ def main(args) -> int:
     server.warm_up_and_serve()
     if http is not None:
         http.start()
-        print(f"opd teacher: HTTP (vLLM /v1/completions, SGLang /generate) for {http.model_name} on "
+        print(f"opd teacher: HTTP (vLLM /v1/completions, SGLang /generate) for {', '.join(http.names)} on "
               f"{args.host}:{http.port}", flush=True)
-    info = server.servicer.info
-    print(f"opd teacher: serving {info.model_name} ({info.dtype}, vocab {info.vocab_size}) on "
-          f"{args.host}:{server.port}", flush=True)
+    for m in server.servicer.models.values():
+        info = m.info
+        print(f"opd teacher: serving {info.model_name} ({info.dtype}, vocab {info.vocab_size}) on "
+              f"{args.host}:{server.port}", flush=True)
     # poll: a signal delivered to one of the server's other threads would not wake a main
     # thread blocked in a plain wait, and its Python handler would never run
     while not stop.wait(0.5):

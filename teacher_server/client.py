@@ -5,6 +5,12 @@
     stats = client.score([ids], target_starts=[len(prompt)], top_k=64)
     stats[0].topk_ids, stats[0].topk_logprobs, stats[0].tail_logmass   # numpy, [P, k] / [P]
 
+A server may serve several models (`opd teacher --model a=DIR --model b=DIR`):
+`TeacherClient(url, model="b")` scores with "b" (default: the server's default model) and checks
+the tokenizer against "b"'s. `client.update_weights(model.named_parameters(), version=3)` replaces
+the served model's weights (every endpoint's, one after the other); results report the weight
+version they were scored with (`TeacherStats.weight_version`).
+
 Several endpoints ("h1:50051,h2:50051") are used round-robin per call; a call that fails with
 UNAVAILABLE / RESOURCE_EXHAUSTED / DEADLINE_EXCEEDED (or a replica that is NOT_SERVING) is retried,
 with exponential backoff, on the next endpoint, resending only the sequences not yet answered.
@@ -66,11 +72,12 @@ class TeacherStats:
     wire_bytes: int = 0
     server_seconds: float = 0.0
     endpoint: str = ""
+    weight_version: int = 0                      # the served model's weight version (0 = as loaded)
 
     @classmethod
     def from_message(cls, m: pb.ScoreResult, endpoint: str = "") -> "TeacherStats":
         s = cls(request_id=m.request_id, num_positions=m.num_positions, wire_bytes=m.ByteSize(),
-                server_seconds=m.server_seconds, endpoint=endpoint)
+                server_seconds=m.server_seconds, endpoint=endpoint, weight_version=m.weight_version)
         if m.HasField("sampled_logprobs"):
             s.sampled_logprobs = codec.decode_values(m.sampled_logprobs)
         if m.HasField("topk_ids"):
@@ -141,6 +148,9 @@ class _Endpoint:
                                                  response_deserializer=pb.TeacherInfo.FromString)
         self.score = self.channel.stream_stream(f"/{SERVICE}/Score", request_serializer=pb.ScoreRequest.SerializeToString,
                                                 response_deserializer=pb.ScoreResult.FromString)
+        self.update_weights = self.channel.stream_unary(
+            f"/{SERVICE}/UpdateWeights", request_serializer=pb.UpdateWeightsRequest.SerializeToString,
+            response_deserializer=pb.UpdateWeightsResponse.FromString)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.down_until = 0.0
 
@@ -158,7 +168,9 @@ class TeacherClient:
                  settings: ScoreSettings | None = None, timeout_s: float = 600.0, max_retries: int = 8,
                  backoff_s: float = 0.5, max_backoff_s: float = 30.0, token: str | None = None,
                  root_certificates: bytes | None = None, client_cert: tuple[bytes, bytes] | None = None,
-                 check_health: bool = True):
+                 check_health: bool = True, model: str | None = None):
+        """`model`: the served model to score with and whose tokenizer is checked (None: the
+        server's default model, the only one a one-model server has)."""
         creds = None
         if root_certificates is not None or client_cert is not None:
             key, chain = client_cert if client_cert else (None, None)
@@ -172,6 +184,8 @@ class TeacherClient:
         self.check_health = check_health
         self._ids = itertools.count()
         self._info: pb.TeacherInfo | None = None
+        self.model = model or ""
+        self._model_checked = not self.model
         self.retries = 0
         if tokenizer is not None:
             self.check_tokenizer(tokenizer, allow_tokenizer_mismatch)
@@ -179,12 +193,27 @@ class TeacherClient:
     # ---- handshake ---------------------------------------------------------------------------
     def info(self) -> pb.TeacherInfo:
         if self._info is None:
-            self._info = self._with_retries(lambda ep: ep.get_info(pb.GetInfoRequest(), timeout=30, metadata=ep.metadata))
+            req = pb.GetInfoRequest(model=self.model)
+            self._info = self._with_retries(lambda ep: ep.get_info(req, timeout=30, metadata=ep.metadata))
         return self._info
+
+    def check_model(self) -> None:
+        """With a `model` named: the server must list it (a server from before several models
+        ignores the name and would answer with its one model)."""
+        if self._model_checked:
+            return
+        info = self.info()
+        names = [m.model_name for m in info.models]
+        if self.model not in names:
+            raise TeacherRequestError(f"model {self.model!r}: the teacher serves " + (
+                f"{names}" if names else f"one model ({info.model_name!r}) and does not take model names (an "
+                f"opd teacher from before several models); leave model unset"))
+        self._model_checked = True
 
     def check_tokenizer(self, tokenizer, allow_mismatch: bool = False) -> None:
         from teacher_server.fingerprint import tokenizer_fingerprint
 
+        self.check_model()
         info = self.info()
         mine = tokenizer_fingerprint(tokenizer)
         if not info.tokenizer_fingerprint:
@@ -250,7 +279,8 @@ class TeacherClient:
     def _requests(self, seqs: dict[str, Sequence_], opts: pb.ScoreOptions) -> Iterator[pb.ScoreRequest]:
         for rid, s in seqs.items():
             r = pb.ScoreRequest(request_id=rid, token_ids=codec.encode_plain_ids(s.token_ids),
-                                target_start=int(s.target_start), target_end=int(s.target_end or 0), options=opts)
+                                target_start=int(s.target_start), target_end=int(s.target_end or 0), options=opts,
+                                model=self.model)
             if s.extra_ids is not None:
                 r.extra_ids.CopyFrom(codec.encode_plain_ids(np.asarray(s.extra_ids).reshape(len(s.extra_ids), -1)))
             yield r
@@ -261,6 +291,7 @@ class TeacherClient:
         """Yield (index, stats) as results arrive (any order). Failed streams are retried on the
         next endpoint for the sequences not yet answered; each index is yielded exactly once."""
         opts = (settings or self.settings).to_options()
+        self.check_model()
         token_ids = list(token_ids)
         call = next(self._ids)
         pending: dict[str, Sequence_] = {}
@@ -303,6 +334,45 @@ class TeacherClient:
             out[i] = s
         return out  # type: ignore[return-value]
 
+    # ---- weights -------------------------------------------------------------------------------
+    def update_weights(self, named_tensors: Iterable[tuple[str, "torch.Tensor"]], version: int,
+                       model: str | None = None, *, partial: bool = False, bucket_mb: float = 64.0,
+                       compression: str = "none", timeout_s: float | None = None) -> list[pb.UpdateWeightsResponse]:
+        """Replace a served model's weights with `named_tensors` ((name, tensor) pairs, names as
+        the model's `named_parameters()`; any device and float dtype, sent exactly in their own
+        dtype) and call them `version` (an integer above the model's current one). `model`: the
+        served model (None: this client's `model`). Every parameter must be sent unless `partial`.
+        Streamed in messages of about `bucket_mb` MiB (a larger tensor goes in pieces), one
+        endpoint after the other; the server swaps them in between two batches once the whole
+        stream arrived and checked out, so a failed update leaves the old weights serving.
+        Returns each endpoint's answer. Raises TeacherRequestError for a refused update (bad name,
+        shape, dtype, version; a server that cannot update that model), grpc.RpcError otherwise.
+        Not retried."""
+        if compression not in codec.COMPRESSIONS:
+            raise ValueError(f"compression: {compression!r} is not one of {sorted(codec.COMPRESSIONS)}")
+        if not bucket_mb > 0:
+            raise ValueError(f"bucket_mb: {bucket_mb!r}; expected > 0")
+        if version < 1:
+            raise ValueError(f"version: {version!r}; expected an integer >= 1 (0 is the weights loaded at start)")
+        dns = [ep.target for ep in self.endpoints if ep.target.startswith("dns:")]
+        if dns:
+            raise ValueError(f"update_weights: {dns[0]} spreads calls over several servers; give each server's "
+                             f"HOST:PORT so every replica gets the update")
+        target = self.model if model is None else model
+        tensors = named_tensors if len(self.endpoints) == 1 else list(named_tensors)
+        out = []
+        for ep in self.endpoints:
+            msgs = _weight_messages(tensors, int(version), target, partial, int(bucket_mb * (1 << 20)),
+                                    codec.COMPRESSIONS[compression])
+            try:
+                out.append(ep.update_weights(msgs, timeout=timeout_s or self.timeout_s, metadata=ep.metadata))
+            except grpc.RpcError as exc:
+                if exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION):
+                    raise TeacherRequestError(f"{ep.target}: {exc.details()}") from None
+                raise
+        self._info = None   # the weight version changed
+        return out
+
     def close(self) -> None:
         for ep in self.endpoints:
             ep.channel.close()
@@ -318,6 +388,26 @@ class _NotServing(Exception):
     pass
 
 
+def _weight_messages(named_tensors, version: int, model: str, partial: bool, bucket_bytes: int,
+                     compression: int) -> Iterator[pb.UpdateWeightsRequest]:
+    """UpdateWeightsRequests of about `bucket_bytes` of tensor data each; a tensor larger than
+    that goes in pieces (consecutive element ranges of the flattened tensor)."""
+    msg, size, sent = pb.UpdateWeightsRequest(model=model, version=version, partial=partial), 0, False
+    for name, t in named_tensors:
+        flat = t.detach().reshape(-1)
+        per = max(1, bucket_bytes // max(1, flat.element_size()))
+        for off in range(0, max(1, flat.numel()), per):
+            part = flat[off:off + per]
+            msg.tensors.append(pb.TensorPiece(name=name, shape=list(t.shape), offset=off,
+                                              data=codec.encode_weight(part, compression)))
+            size += part.numel() * part.element_size()
+            if size >= bucket_bytes:
+                yield msg
+                msg, size, sent = pb.UpdateWeightsRequest(model=model, version=version, partial=partial), 0, True
+    if msg.tensors or not sent:
+        yield msg
+
+
 class AsyncTeacherClient:
     """asyncio front of `TeacherClient`: the blocking stream runs in a worker thread, so an event
     loop can keep generating rollouts while the teacher scores."""
@@ -330,6 +420,9 @@ class AsyncTeacherClient:
 
     async def score(self, token_ids, target_starts, target_ends=None, extra_ids=None, settings=None) -> list[TeacherStats]:
         return await asyncio.to_thread(self.sync.score, token_ids, target_starts, target_ends, extra_ids, settings)
+
+    async def update_weights(self, named_tensors, version: int, model: str | None = None, **kw):
+        return await asyncio.to_thread(self.sync.update_weights, named_tensors, version, model, **kw)
 
     async def close(self) -> None:
         self.sync.close()

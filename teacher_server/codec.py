@@ -232,3 +232,36 @@ def decode_values(t: pb.Tensor) -> np.ndarray:
 def tensor_nbytes(t: pb.Tensor) -> int:
     """Bytes this tensor occupies in a serialized message (data + its small header)."""
     return t.ByteSize() if t.ByteSize() else 0
+
+
+# ---- weights (UpdateWeights) -------------------------------------------------------------------
+WEIGHT_DTYPES = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)   # the dtypes weight pieces travel in
+
+
+def encode_weight(t, compression: int = pb.COMPRESSION_NONE, level: int = 3) -> pb.Tensor:
+    """A torch tensor's elements, flattened, as a 1-D Tensor in its own dtype (bf16 as its bits;
+    other float dtypes as float32). Exact: no rounding on the way."""
+    import torch
+
+    flat = t.detach().reshape(-1).cpu()
+    if flat.dtype == torch.bfloat16:
+        return _pack(flat.view(torch.int16).numpy().view(np.uint16), pb.BFLOAT16, compression, level, True)
+    if flat.dtype == torch.float16:
+        return _pack(flat.numpy(), pb.FLOAT16, compression, level, True)
+    return _pack(flat.float().numpy(), pb.FLOAT32, compression, level, True)
+
+
+def decode_weight(t: pb.Tensor, max_elements: int):
+    """A weight piece -> 1-D torch tensor (float32, float16 or bfloat16). Raises ValueError for
+    another dtype, a shape that is not 1-D or longer than `max_elements`, or broken data."""
+    import torch
+
+    if t.dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"dtype {_dtype_name(t.dtype)} is not a weight dtype; send one of "
+                         f"{', '.join(_dtype_name(d) for d in WEIGHT_DTYPES)}")
+    if len(t.shape) != 1:
+        raise ValueError(f"shape {list(t.shape)[:9]} must be 1-D (a piece of the flattened tensor)")
+    arr = _unpack_raw(t, max_elements)
+    if t.dtype == pb.BFLOAT16:
+        return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
+    return torch.from_numpy(arr.copy())

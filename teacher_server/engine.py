@@ -4,9 +4,13 @@ forward per batch, and the chunked statistics head on the scored positions only.
 Transport-free: `ScoringEngine.score(items)` runs the same path the gRPC service uses, so the
 core is testable without a server.
 
-Batching: the oldest waiting sequence opens a batch; the waiting sequences closest to it in
-length join while (longest length x count) stays within `max_batch_tokens`. Sequences are right
-padded to the longest in the batch, so grouping by length keeps padding small; the padding
+Two parts: the queue and the batching policy (admission, prompt groups, the token budget, which
+waiting sequences form the next batch) live in `batching.py`, pure and tested without a model;
+this module is the pipeline that runs a batch (forward, head parts, copy-out, finisher).
+
+Batching (`batching.BatchPolicy`): the oldest waiting sequence opens a batch; the waiting
+sequences closest to it in length join while (longest length x count) stays within
+`max_batch_tokens`. Sequences are right padded to the longest in the batch, so grouping by length keeps padding small; the padding
 count is reported (`padded_tokens`). Right padding never changes a real token's result (causal
 attention, positions start at 0 for every row).
 
@@ -48,6 +52,13 @@ Speed levers (each an attribute, so the benchmark can flip them on one engine):
 Statistics cache (`cache.py`, off unless `cache` is given): keyed by the teacher's model id, the
 token ids, the span and every option that changes the result; a hit is delivered at `submit` /
 `score` without queueing (`_batch_sequences` = 0). Counters: `stats.cache_*`.
+
+Several models, one queue (`add_model`): the engine that is started (the default model's) queues
+every model's items (`ScoreItem.model` names the model); the policy opens a batch with the oldest
+item and takes only items of its model, and the batch runs on that model's engine (its own
+pipeline, stats, compile state), never started itself. `update_weights` copies new weights in
+place while no batch is being launched (`_weights_lock`); every result carries the weight version
+it was computed with (`_weight_version`), and the cache key of updated weights names the update.
 """
 
 from __future__ import annotations
@@ -57,7 +68,6 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
@@ -65,6 +75,7 @@ import torch
 from teacher_server import head as H
 from teacher_server import packed as PK
 from teacher_server import prefix as PX
+from teacher_server.batching import BatchPolicy, BatchQueue, QueueFull, ScoreItem  # noqa: F401 (re-exported)
 from teacher_server.cache import StatsCache, item_key
 from teacher_server.fp8 import FP8Linear, dequantized
 from teacher_server.model import compile_body, uncompile_body
@@ -74,36 +85,6 @@ log = logging.getLogger("opd.teacher")
 
 COMPILE_MODES = ("auto", "off", "body", "head", "all")
 PACKING_MODES = ("auto", "on", "off")
-
-
-class QueueFull(Exception):
-    """The engine's queue is at its token limit."""
-
-
-@dataclass
-class ScoreItem:
-    """One validated sequence to score (see proto/ for the span semantics)."""
-    request_id: str
-    token_ids: np.ndarray             # int64 [L]
-    target_start: int
-    target_end: int
-    top_k: int
-    stats: frozenset[str]
-    temperature: float = 1.0
-    extra_ids: np.ndarray | None = None   # int64 [P, M]
-    deliver: Callable[["ScoreItem", dict | BaseException], None] | None = None
-    is_cancelled: Callable[[], bool] = lambda: False
-    enqueued_at: float = field(default_factory=time.monotonic)
-    cache_key: str | None = None
-    group_key: bytes | None = field(default=None, repr=False)   # see ScoringEngine._group_key
-
-    @property
-    def num_positions(self) -> int:
-        return self.target_end - self.target_start
-
-    @property
-    def cost(self) -> int:
-        return len(self.token_ids)
 
 
 @dataclass
@@ -141,12 +122,12 @@ class ScoringEngine:
         self.body = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
         self.weight = model.get_output_embeddings().weight
         self.softcap = getattr(model.config, "final_logit_softcapping", None)
-        self.max_batch_tokens = max_batch_tokens
+        # the batching policy and the queue (batching.py); `max_batch_tokens`, `prefix_sharing`,
+        # `prefix_min_tokens` and `max_queue_tokens` are properties over them
+        self.policy = BatchPolicy(max_batch_tokens, prefix_sharing, prefix_min_tokens)
+        self.queue = BatchQueue(max_queue_tokens)
         self.chunk_size = chunk_size
-        self.max_queue_tokens = max_queue_tokens
         self.pad_id = pad_id
-        self.prefix_sharing = prefix_sharing
-        self.prefix_min_tokens = prefix_min_tokens
         self.cache = cache            # statistics cache (None = off); may be swapped at run time
         self.model_id = model_id      # identity of the teacher in cache keys (model hash + dtype)
         if compile not in COMPILE_MODES:
@@ -179,11 +160,90 @@ class ScoringEngine:
         self.stats = EngineStats()
         self._stats_lock = threading.Lock()
         self._busy_until = 0.0
-        self._pending: list[ScoreItem] = []
-        self._pending_tokens = 0
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        # several models, one queue (`add_model`): this engine's queue and worker serve them all,
+        # each batch run by the engine of its model; {} = this engine's model only
+        self.models: dict[str, ScoringEngine] = {}
+        self.default_model = ""       # the name of this engine's own model once `add_model` gave one
+        self.weight_version = 0       # 0 = the weights loaded at start (`update_weights`)
+        self._weight_nonce = ""       # in cache keys of updated weights: versions are the caller's numbers
+        self._weights_lock = threading.Lock()   # held while a batch is launched and while weights change
+
+    # ---- models ---------------------------------------------------------------------------------
+    def add_model(self, name: str, engine: "ScoringEngine | None" = None) -> None:
+        """Serve `engine`'s model (default: this engine's own) as `name` from this engine's queue:
+        items naming `name` (`ScoreItem.model`) are batched with each other only and run by
+        `engine`. The first name given to this engine itself is the default (items naming none).
+        `engine` is never started; this engine's worker runs its batches."""
+        engine = self if engine is None else engine
+        with self._weights_lock:
+            self.models[name] = engine
+            if engine is self and not self.default_model:
+                self.default_model = name
+
+    def engine_for(self, name: str) -> "ScoringEngine":
+        """The engine running model `name` ("" = the default)."""
+        if not name or not self.models:
+            return self
+        eng = self.models.get(name)
+        if eng is None:
+            raise ValueError(f"model {name!r} is not served here; served: {sorted(self.models)}")
+        return eng
+
+    def engines(self) -> list["ScoringEngine"]:
+        """Every distinct engine serving from this queue (this one first)."""
+        out = [self]
+        for eng in self.models.values():
+            if all(eng is not e for e in out):
+                out.append(eng)
+        return out
+
+    def names_of(self, engine: "ScoringEngine") -> list[str]:
+        return [n for n, e in self.models.items() if e is engine]
+
+    def replace_model(self, name: str, engine: "ScoringEngine") -> None:
+        """Serve `name` by `engine` from the next batch on (between batches)."""
+        with self._weights_lock:
+            if name not in self.models:
+                raise ValueError(f"model {name!r} is not served here; served: {sorted(self.models)}")
+            self.models[name] = engine
+
+    def cache_model_id(self) -> str:
+        """This model's identity in cache keys: the checkpoint's, plus the update for updated weights."""
+        if self.weight_version == 0 and not self._weight_nonce:
+            return self.model_id
+        return f"{self.model_id}@v{self.weight_version}:{self._weight_nonce}"
+
+    def parameters_by_name(self) -> dict[str, torch.Tensor]:
+        """The model's parameters by every name they have (tied weights appear under each)."""
+        return dict(self.model.named_parameters(remove_duplicate=False))
+
+    def update_weights(self, tensors: dict[str, torch.Tensor], version: int, owner: "ScoringEngine | None" = None) -> float:
+        """Copy `tensors` (validated by the caller: names, shapes) into the model's parameters in
+        place, between two batches (`owner`'s worker launches none meanwhile; on CUDA the copies are
+        ordered after the batches already launched), and set the weight version. Returns the
+        seconds the swap held the engine."""
+        if self.quantized:
+            raise ValueError("weights of an fp8-quantised model (--quantize fp8) cannot be updated")
+        import uuid
+
+        params = self.parameters_by_name()
+        lock = (owner or self)._weights_lock
+        with lock, torch.no_grad():
+            t0 = time.perf_counter()
+            for name, t in tensors.items():
+                params[name].copy_(t)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            self.weight_version = int(version)
+            self._weight_nonce = uuid.uuid4().hex[:16]
+            return time.perf_counter() - t0
+
+    def _policy_for(self, opener: ScoreItem) -> tuple[BatchPolicy, bool]:
+        eng = self.engine_for(opener.model)
+        return eng.policy, eng.packing_active()
 
     # ---- queue --------------------------------------------------------------------------------
     def _cached(self, item: ScoreItem) -> dict | None:
@@ -191,12 +251,15 @@ class ScoringEngine:
         if cache is None:
             item.cache_key = None
             return None
-        item.cache_key = item_key(self.model_id, item)
+        eng = self.engine_for(item.model)
+        version = eng.weight_version
+        item.cache_key = item_key(eng.cache_model_id(), item)
         res = cache.get(item.cache_key)
         self._sync_cache_stats()
         if res is not None:
             res["_server_seconds"] = 0.0
             res["_batch_sequences"] = 0   # 0 = served from the statistics cache
+            res["_weight_version"] = version
         return res
 
     def _sync_cache_stats(self) -> None:
@@ -208,6 +271,7 @@ class ScoringEngine:
     def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
         """Queue an item; waits up to `wait_s` for room, then raises QueueFull. An item whose
         statistics are cached is delivered at once, on the caller's thread."""
+        item.model = item.model or self.default_model
         res = self._cached(item)
         if res is not None:
             if item.deliver is not None:
@@ -215,109 +279,37 @@ class ScoringEngine:
             return
         deadline = time.monotonic() + wait_s
         with self._cv:
-            while self._pending_tokens + item.cost > self.max_queue_tokens and self._pending:
+            while not self.queue.admits(item):
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop:
-                    raise QueueFull(f"teacher queue holds {self._pending_tokens} tokens (limit "
-                                    f"{self.max_queue_tokens}); retry later")
+                    raise QueueFull(self.queue.full_message())
                 self._cv.wait(left)
             item.enqueued_at = time.monotonic()
-            self._pending.append(item)
-            self._pending_tokens += item.cost
+            self.queue.push(item)
             self._cv.notify_all()
 
     @property
     def queue_tokens(self) -> int:
-        return self._pending_tokens
+        return self.queue.tokens
+
+    # the policy's settings, as attributes of the engine (benchmarks and tests set them)
+    max_batch_tokens = property(lambda self: self.policy.max_batch_tokens,
+                                lambda self, v: setattr(self.policy, "max_batch_tokens", v))
+    prefix_sharing = property(lambda self: self.policy.prefix_sharing,
+                              lambda self, v: setattr(self.policy, "prefix_sharing", v))
+    prefix_min_tokens = property(lambda self: self.policy.prefix_min_tokens,
+                                 lambda self, v: setattr(self.policy, "prefix_min_tokens", v))
+    max_queue_tokens = property(lambda self: self.queue.max_queue_tokens,
+                                lambda self, v: setattr(self.queue, "max_queue_tokens", v))
+    # the waiting items and their tokens (tests fill the queue by hand)
+    _pending = property(lambda self: self.queue.items, lambda self, v: setattr(self.queue, "items", v))
+    _pending_tokens = property(lambda self: self.queue.tokens, lambda self, v: setattr(self.queue, "tokens", v))
 
     def _take_batch(self) -> list[ScoreItem]:
         """Called with the lock held and a non-empty queue: pick a batch and dequeue it."""
-        batch = self._pick_packed() if self.packing_active() else self._pick_padded()
-        taken = {id(it) for it in batch}
-        self._pending = [it for it in self._pending if id(it) not in taken]
-        self._pending_tokens -= sum(it.cost for it in batch)
+        batch = self.queue.take(self._policy_for)
         self._cv.notify_all()
         return batch
-
-    def _pick_padded(self) -> list[ScoreItem]:
-        """Padded batches: the opener, its prefix mates first, then the sequences closest to it in
-        length, while (longest x count) fits `max_batch_tokens`."""
-        first = self._pending[0]
-        if self.prefix_sharing:  # sequences sharing the opener's first tokens join first
-            head = first.token_ids[: self.prefix_min_tokens]
-            others = sorted(self._pending[1:], key=lambda it: (
-                not (len(it.token_ids) > len(head) and np.array_equal(it.token_ids[: len(head)], head)),
-                abs(it.cost - first.cost)))
-        else:
-            others = sorted(self._pending[1:], key=lambda it: abs(it.cost - first.cost))
-        batch, longest = [first], first.cost
-        for it in others:
-            new_longest = max(longest, it.cost)
-            if new_longest * (len(batch) + 1) > self.max_batch_tokens:
-                continue
-            batch.append(it)
-            longest = new_longest
-        return batch
-
-    def _pick_packed(self) -> list[ScoreItem]:
-        """Packed batches have no padding: the opener's prompt group (the waiting sequences with
-        its prompt, `_group_key`) first, then the other groups and lone sequences in
-        queue order, while the packed tokens fit `max_batch_tokens`. A sequence that shares the
-        first tokens of one already taken costs only its tokens after their common prefix.
-        Groups are kept whole: a group that does not fit what is left of the batch but would fit
-        an empty one waits for the next batch (cutting it would run its prefix twice); one larger
-        than a whole batch (and the opener's) is cut, members in queue order."""
-        n, budget, pend = self.prefix_min_tokens, self.max_batch_tokens, self._pending
-        groups: dict[bytes, list[int]] = {}
-        order: list[list[int]] = []            # groups in order of their first member
-        for j, it in enumerate(pend):
-            k = self._group_key(it) if self.prefix_sharing else None
-            if k is None:
-                order.append([j])
-            elif k in groups:
-                groups[k].append(j)
-            else:
-                groups[k] = [j]
-                order.append(groups[k])
-
-        def cost(it: ScoreItem, ref: ScoreItem | None) -> int:
-            if ref is None:
-                return it.cost
-            lcp = PX.common_prefix(it.token_ids, ref.token_ids)
-            return max(1, it.cost - lcp) if lcp >= n else it.cost
-
-        batch, total = [], 0
-        for g in order:
-            if total >= budget:
-                break
-            head = pend[g[0]]
-            costs = [head.cost] + [cost(pend[j], head) for j in g[1:]]   # with the head taken
-            whole = sum(costs)
-            if batch and len(g) > 1 and total + whole > budget and whole <= budget:
-                continue                       # whole in a later batch
-            ref = None                         # the group's first member taken
-            for j, c in zip(g, costs):
-                it = pend[j]
-                if ref is not head:            # the head was not taken: cost against what was
-                    c = cost(it, ref)
-                if batch and total + c > budget:
-                    continue
-                batch.append(it)
-                total += c
-                if ref is None and len(g) > 1:
-                    ref = it
-        return batch
-
-    def _group_key(self, it: ScoreItem) -> bytes | None:
-        """What makes sequences one prompt group when batches are picked: their tokens before
-        the scored span (the prompt; at least `prefix_min_tokens` of them). Samples of one prompt
-        share it; prompts that only share a chat template or system prompt do not, so each
-        prompt's samples stay together (`plan_groups` still shares what the batch has in common).
-        None: too short to share. Computed once per item."""
-        if it.group_key is None:
-            m = max(self.prefix_min_tokens, it.target_start)
-            it.group_key = it.token_ids[:m].tobytes() if len(it.token_ids) > m else b""
-        return it.group_key or None
 
     def packing_active(self) -> bool:
         """Whether batches are packed now: "on", or "auto" with the compiled body on CUDA (the
@@ -347,7 +339,8 @@ class ScoringEngine:
         its results, part by part, while the next batch already runs on the device. At most
         `pipeline_depth` batches are launched and not finished: the next batch is formed only
         when there is room, so it takes everything that arrived meanwhile."""
-        self.prepare()
+        for eng in self.engines():
+            eng.prepare()
         finishing: queue.Queue = queue.Queue()
         slots = threading.Semaphore(max(1, self.pipeline_depth))
         finisher = threading.Thread(target=self._finish_loop, args=(finishing, slots), name="opd-teacher-finish",
@@ -356,14 +349,14 @@ class ScoringEngine:
         try:
             while True:
                 with self._cv:
-                    while not self._pending and not self._stop:
+                    while not self.queue and not self._stop:
                         self._cv.wait()
-                    if not self._pending and self._stop:
+                    if not self.queue and self._stop:
                         return
                 slots.acquire()
                 with self._cv:
                     self._linger()
-                    if not self._pending:
+                    if not self.queue:
                         slots.release()
                         continue
                     batch = self._take_batch()
@@ -372,7 +365,7 @@ class ScoringEngine:
                 launched = None
                 if live:
                     try:
-                        launched = self.launch_batch(live)
+                        launched = self._launch_on_model(live)
                     except Exception as exc:  # a failed batch fails its items, not the server
                         log.exception("batch of %d sequences failed", len(live))
                         self._isolate(live, exc)
@@ -395,7 +388,8 @@ class ScoringEngine:
             if it.is_cancelled():
                 continue
             try:
-                self._finish(self.launch_batch([it]), deliver=True)
+                launched = self._launch_on_model([it])
+                launched.engine._finish(launched, deliver=True)
             except Exception as one_exc:  # noqa: BLE001 - this item is at fault
                 log.warning("request_id %.64r failed on its own: %s", it.request_id, one_exc)
                 _deliver_all([it], one_exc)
@@ -407,13 +401,13 @@ class ScoringEngine:
         if self.batch_wait_s <= 0:
             return
         end = time.monotonic() + 10 * self.batch_wait_s
-        while self._pending and self._pending_tokens < self.max_batch_tokens and not self._stop:
-            n = len(self._pending)
+        while self.queue and self.queue.tokens < self.max_batch_tokens and not self._stop:
+            n = len(self.queue)
             left = min(self.batch_wait_s, end - time.monotonic())
             if left <= 0:
                 return
             self._cv.wait(left)
-            if len(self._pending) <= n:  # nothing new arrived
+            if len(self.queue) <= n:  # nothing new arrived
                 return
 
     def _finish_loop(self, finishing: queue.Queue, slots: threading.Semaphore) -> None:
@@ -422,7 +416,7 @@ class ScoringEngine:
             if launched is None:
                 return
             try:
-                self._finish(launched, deliver=True)
+                launched.engine._finish(launched, deliver=True)
             except Exception as exc:  # noqa: BLE001 - fail what was not delivered yet
                 log.exception("batch of %d sequences failed", len(launched.batch))
                 _deliver_all([it for it in launched.batch if id(it) not in launched.delivered], exc)
@@ -432,10 +426,12 @@ class ScoringEngine:
     def score(self, items: list[ScoreItem], use_cache: bool = True) -> list[dict]:
         """Score items synchronously on the caller's thread (batched like the worker does).
         use_cache=False neither reads nor fills the statistics cache (warm-up, benchmarks)."""
-        self.prepare()
+        for eng in self.engines():
+            eng.prepare()
         out: dict[int, dict] = {}
         pending = []
         for it in items:
+            it.model = it.model or self.default_model
             res = self._cached(it) if use_cache else None
             if not use_cache:
                 it.cache_key = None
@@ -443,13 +439,13 @@ class ScoringEngine:
                 pending.append(it)
             else:
                 out[id(it)] = res
-        while pending:
-            with self._cv:
-                saved, self._pending = self._pending, pending
-                saved_tokens, self._pending_tokens = self._pending_tokens, sum(i.cost for i in pending)
-                batch = self._take_batch()
-                pending, self._pending, self._pending_tokens = self._pending, saved, saved_tokens
-            for it, res in zip(batch, self.run_batch(batch)):
+        waiting = BatchQueue()   # the caller's items only, batched by the same policy
+        for it in pending:
+            waiting.push(it)
+        while waiting:
+            batch = waiting.take(self._policy_for)
+            launched = self._launch_on_model(batch)
+            for it, res in zip(batch, launched.engine._finish(launched, deliver=False)):
                 out[id(it)] = res
         return [out[id(it)] for it in items]
 
@@ -576,6 +572,12 @@ class ScoringEngine:
             self.stats, self.split_uneven = saved, split
 
     # ---- compute -----------------------------------------------------------------------------
+    def _launch_on_model(self, batch: list[ScoreItem]) -> "_Launched":
+        """Launch a batch (one model's items) on its model's engine, its weights held still."""
+        eng = self.engine_for(batch[0].model)
+        with self._weights_lock:
+            return eng.launch_batch(batch)
+
     def run_batch(self, batch: list[ScoreItem]) -> list[dict]:
         """Score one batch on the caller's thread: launch it, wait for it, return its results."""
         return self._finish(self.launch_batch(batch), deliver=False)
@@ -647,7 +649,8 @@ class ScoringEngine:
                 host, event = res, None
             parts.append(_Part(lo, hi, host, event, sorted_ids))
         self._sync()
-        return _Launched(batch, parts, t0, t_body, time.perf_counter())
+        return _Launched(batch, parts, t0, t_body, time.perf_counter(), engine=self, version=self.weight_version,
+                         cache_id=self.cache_model_id())
 
     def _head(self, items: list[ScoreItem], hidden: torch.Tensor) -> tuple[dict[str, torch.Tensor], bool]:
         """The statistics of `items` (in order) from their final hidden states at the scored rows,
@@ -702,7 +705,10 @@ class ScoringEngine:
                     continue
                 one["_server_seconds"] = now - launched.t0
                 one["_batch_sequences"] = len(batch)
+                one["_weight_version"] = launched.version
                 if self.cache is not None and it.cache_key is not None:
+                    if launched.cache_id != self.model_id:   # updated weights: keyed by the update it ran on
+                        it.cache_key = item_key(launched.cache_id, it)
                     self.cache.put(it.cache_key, one)
                 results.append(one)
                 r0 = r1
@@ -818,6 +824,10 @@ class _Launched:
     t_body: float
     t_head: float
     delivered: set[int] = field(default_factory=set)
+    engine: "ScoringEngine | None" = None   # the engine that ran it (its model's)
+    version: int = 0                          # the weight version it ran with
+    cache_id: str = ""                        # its engine's `cache_model_id()` at launch
+
 
 
 def _deliver_all(items: list[ScoreItem], res: BaseException) -> None:

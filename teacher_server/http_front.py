@@ -22,6 +22,13 @@ trainers written against them use an opd teacher unchanged (docs/interop.md):
   list of [logprob, id, text|null] (top-k by log-prob; the requested ids in their order). As in
   SGLang, input log-probs ignore `temperature` (unscaled logits); -inf is sent as null.
 
+Several models (`opd teacher --model NAME=DIR ...`): /v1/models lists every NAME and
+/v1/completions routes by `model` (absent: the default model; unknown: 404 naming the models, as
+vLLM). SGLang's /generate has no model field: POST /generate scores with the default model, and
+POST /models/NAME/generate with NAME (any route may take the /models/NAME prefix, so a client
+given http://host:port/models/NAME as its base URL talks to NAME). One model: its name is
+`--served-model-name` (default: the --model name), as before.
+
 Everything outside these subsets (generation, streaming, text prompts, unknown fields) is a 400
 naming the field. Same engine, queue, batching, prefix sharing and cache as gRPC; the same
 bearer token (`Authorization: Bearer <token>`; 401 without it; /health stays open); a full
@@ -108,24 +115,36 @@ class HttpFront:
     and metrics are shared with gRPC)."""
 
     def __init__(self, server, host: str = "127.0.0.1", port: int = 0, served_model_name: str | None = None,
-                 tokenizer_dir: str | None = None):
+                 tokenizer_dir: str | dict[str, str] | None = None):
+        """`tokenizer_dir`: the default model's tokenizer directory, or {served name: directory}."""
         self.server = server
-        self.engine, self.limits, self.info = server.engine, server.servicer.limits, server.servicer.info
+        svc = server.servicer
+        self.engine, self.info = server.engine, svc.info
         self.cfg = server.cfg
-        self.metrics = getattr(server.servicer, "metrics", None)
-        self.model_name = served_model_name or self.info.model_name
+        self.metrics = getattr(svc, "metrics", None)
+        served = getattr(svc, "models", None) or {svc.info.model_name: None}
+        default = getattr(svc, "default_model", svc.info.model_name)
+        self.model_name = served_model_name or self.info.model_name   # the default model's HTTP name
+        # HTTP name -> the servicer's model name (one model: --served-model-name, as before)
+        self.route = {self.model_name: default} if len(served) == 1 else {n: n for n in served}
+        self.names = list(self.route)
         self.created = int(time.time())
-        self._tokenizer = None
-        self._decoded: dict[int, str | None] = {}
-        if tokenizer_dir:
+        self._local = threading.local()
+        dirs = tokenizer_dir if isinstance(tokenizer_dir, dict) else {default: tokenizer_dir} if tokenizer_dir else {}
+        self._tokenizers: dict[str, object] = {}
+        self._decoded: dict[str, dict[int, str | None]] = {}
+        for name, d in dirs.items():
+            if not d or name not in served:
+                continue
             try:
                 from transformers import AutoTokenizer
 
-                self._tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+                self._tokenizers[name] = AutoTokenizer.from_pretrained(d)
+                self._decoded[name] = {}
             except Exception as exc:  # noqa: BLE001 - decoded_token / text become null
-                log.warning("http front: no tokenizer in %s (%s): decoded_token and text are null", tokenizer_dir, exc)
+                log.warning("http front: no tokenizer in %s (%s): decoded_token and text are null", d, exc)
+        self._default = default
         self._slots = threading.BoundedSemaphore(max(1, self.cfg.max_workers))
-        self._local = threading.local()
         self._inflight = 0
         self._lock = threading.Lock()
         self.closing = False
@@ -169,12 +188,44 @@ class HttpFront:
             return True
         return hmac.compare_digest((header or "").encode(), b"Bearer " + token.encode())
 
+    # ---- models ------------------------------------------------------------------------------
+    def select(self, http_name: str | None, field: str = "model") -> None:
+        """Score this thread's request with model `http_name` (None: the default); a 404 naming
+        the models served otherwise (vLLM's answer to an unknown model)."""
+        if http_name is None:
+            self._local.model, self._local.http_name = self._default, self.model_name
+            return
+        if http_name not in self.route:
+            raise BadRequest(field, f"The model `{http_name}` does not exist. Valid aliases: {', '.join(self.names)}.",
+                             404)
+        self._local.model, self._local.http_name = self.route[http_name], http_name
+
+    @property
+    def current(self) -> str:
+        return getattr(self._local, "model", None) or self._default
+
+    @property
+    def current_http_name(self) -> str:
+        return getattr(self._local, "http_name", None) or self.model_name
+
+    @property
+    def limits(self):
+        """The request limits of the model this thread's request is scored with."""
+        models = getattr(self.server.servicer, "models", None)
+        return models[self.current].limits if models else self.server.servicer.limits
+
+    @property
+    def _tokenizer(self):
+        return self._tokenizers.get(self.current)
+
     def decoded(self, tid: int) -> str | None:
-        if self._tokenizer is None:
+        tok = self._tokenizer
+        if tok is None:
             return None
-        s = self._decoded.get(tid)
+        cache = self._decoded[self.current]
+        s = cache.get(tid)
         if s is None:
-            s = self._decoded[tid] = self._tokenizer.decode([tid])
+            s = cache[tid] = tok.decode([tid])
         return s
 
     # ---- scoring -----------------------------------------------------------------------------
@@ -245,7 +296,7 @@ class HttpFront:
                 item = ScoreItem(request_id=f"http-{i}", token_ids=ids, target_start=start, target_end=len(ids),
                                  top_k=k, stats=frozenset(stats), temperature=temp,
                                  extra_ids=None if extra is None else np.tile(extra, (P, 1)),
-                                 deliver=deliver, is_cancelled=cancelled.is_set)
+                                 deliver=deliver, is_cancelled=cancelled.is_set, model=self.current)
                 index[id(item)] = i
                 items.append(item)
             left[0] = len(items)
@@ -283,10 +334,13 @@ class HttpFront:
 
     # ---- vLLM: /v1/completions -----------------------------------------------------------------
     def models(self) -> dict:
-        return {"object": "list", "data": [{
-            "id": self.model_name, "object": "model", "created": self.created, "owned_by": "opd",
-            "root": self.model_name, "parent": None, "max_model_len": self.limits.max_sequence_length,
-            "permission": []}]}
+        data = []
+        for name in self.names:
+            self.select(name)
+            data.append({"id": name, "object": "model", "created": self.created, "owned_by": "opd",
+                         "root": name, "parent": None, "max_model_len": self.limits.max_sequence_length,
+                         "permission": []})
+        return {"object": "list", "data": data}
 
     def completions(self, body: dict) -> tuple[int, dict]:
         unknown = sorted(set(body) - VLLM_FIELDS)
@@ -294,8 +348,11 @@ class HttpFront:
             raise BadRequest(unknown[0], f"is not supported by this teacher's /v1/completions (it scores prompts "
                              f"only); accepted fields: {sorted(VLLM_FIELDS)}")
         model = body.get("model")
-        if model is not None and model != self.model_name:
-            raise BadRequest("model", f"The model `{model}` does not exist. Valid aliases: {self.model_name}.", 404)
+        if model is not None:
+            if getattr(self._local, "prefixed", False) and model != self.current_http_name:
+                raise BadRequest("model", f"{model!r} differs from the model of the URL's /models/"
+                                 f"{self.current_http_name} prefix; send one or the other")
+            self.select(model if isinstance(model, str) else repr(model))
         prompt = body.get("prompt")
         if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], str)):
             raise BadRequest("prompt", "text prompts are not supported; send token ids (a list of ints, or a list of "
@@ -331,7 +388,7 @@ class HttpFront:
                             "prompt_token_ids": ids.tolist() if with_ids else None})
         n = sum(len(s) for s in seqs)
         return 200, {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
-                     "model": self.model_name, "choices": choices,
+                     "model": self.current_http_name, "choices": choices,
                      "usage": {"prompt_tokens": n, "total_tokens": n, "completion_tokens": 0,
                                "prompt_tokens_details": None},
                      "system_fingerprint": None, "kv_transfer_params": None}
@@ -437,7 +494,8 @@ class HttpFront:
         out = []
         for i, ((ids, start, k, _, extra), res) in enumerate(zip(jobs, results)):
             meta = {"id": rids[i], "finish_reason": {"type": "length", "length": 0}, "prompt_tokens": len(ids),
-                    "completion_tokens": 0, "cached_tokens": 0, "weight_version": "default"}
+                    "completion_tokens": 0, "cached_tokens": 0,
+                    "weight_version": _weight_version(res)}
             meta.update(self._sglang_lists(ids, start - 1, res, k, extra, text))
             meta["e2e_latency"] = dt
             item = {"text": "", "output_ids": [], "meta_info": meta}
@@ -469,6 +527,13 @@ class HttpFront:
                 rows += (entries(r_vals, e_ids) for r_vals in _floats(res[H.EXTRA], None))
             meta["input_token_ids_logprobs"], meta["output_token_ids_logprobs"] = rows, []
         return meta
+
+
+def _weight_version(res: dict | None) -> str:
+    """SGLang's meta_info.weight_version: "default" for the weights loaded at start, else the
+    version of the last UpdateWeights (as a string, SGLang's type)."""
+    v = int((res or {}).get("_weight_version", 0))
+    return "default" if v == 0 else str(v)
 
 
 def _by_rank(ids: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -548,6 +613,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _route(self, method: str) -> None:
         front = self.front
         path = urlparse(self.path).path.rstrip("/") or "/"
+        front.select(None)
+        front._local.prefixed = False
+        if path.startswith("/models/"):   # /models/NAME/<route>: the route, for model NAME
+            names = [n for n in front.names if path.startswith(f"/models/{n}/") or path == f"/models/{n}"]
+            if names:
+                name = max(names, key=len)
+                front.select(name)
+                front._local.prefixed = True
+                path = path[len(f"/models/{name}"):] or "/"
         vllm = path.startswith("/v1")
         if path in ("/health", "/health_generate"):
             if method == "POST":
@@ -568,8 +642,9 @@ class _Handler(BaseHTTPRequestHandler):
             body = self._body() if method == "POST" else {}
             if fn is None:
                 known = ", ".join(f"{m} {p}" for m, p in routes)
-                raise BadRequest(None, f"{method} {path} is not served here; this teacher answers {known}, GET /health",
-                                 404)
+                raise BadRequest(None, f"{method} {path} is not served here; this teacher answers {known}, GET /health"
+                                 + (f", each also under /models/NAME for the models {front.names}"
+                                    if len(front.names) > 1 else ""), 404)
             code, obj = fn(body)
             front.record(self._send(code, obj))
         except BadRequest as exc:

@@ -70,6 +70,14 @@ class TeacherMetrics:
         self.queue_tokens = self.gauge("opd_teacher_queue_tokens", "tokens waiting in the engine's queue")
         self.max_queue_tokens = self.gauge("opd_teacher_max_queue_tokens", "queue limit before new work waits")
         self.max_batch_tokens = self.gauge("opd_teacher_max_batch_tokens", "token budget of one forward")
+        # per served model (`opd teacher --model NAME=DIR ...`)
+        self.model_requests = self.counter("opd_teacher_model_requests_total", "sequences answered, by model", ("model",))
+        self.model_positions = self.counter("opd_teacher_model_positions_total", "scored positions answered, by model",
+                                            ("model",))
+        self.weight_version = self.gauge("opd_teacher_model_weight_version",
+                                         "weight version served (0 = as loaded; else the last UpdateWeights)", ("model",))
+        self.weight_updates = self.counter("opd_teacher_weight_updates_total", "UpdateWeights applied, by model",
+                                           ("model",))
         self.engine = None
 
     # ---- called by the servicer --------------------------------------------------------------
@@ -81,6 +89,9 @@ class TeacherMetrics:
         self.latency.observe(float(latency_seconds))
         self.request_tokens.observe(int(item.cost))
         self.result_bytes.observe(int(response_bytes))
+        model = getattr(item, "model", "") or "default"
+        self.model_requests.labels(model=model).inc()
+        self.model_positions.labels(model=model).inc(int(item.num_positions))
 
     def error(self, code: str) -> None:
         self.errors.labels(code=str(code)).inc()
@@ -140,9 +151,14 @@ class _EngineCollector:
 
     def collect(self):
         st = self.engine.stats
+        # several models: every engine's batches count (the cache counters live in the queue's engine)
+        others = [e.stats for e in getattr(self.engine, "engines", lambda: [self.engine])()[1:]]
         fields = getattr(st, "__dataclass_fields__", None) or vars(st)
         for field in fields:
             value = getattr(st, field)
+            if others and not field.startswith("cache_") and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
+                value = value + sum(getattr(o, field, 0) for o in others)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 continue
             help = self._help.get(field, f"engine.stats.{field}")
@@ -150,10 +166,12 @@ class _EngineCollector:
                 yield GaugeMetricFamily(f"opd_teacher_engine_{field}", help, value=value)
             else:
                 yield CounterMetricFamily(f"opd_teacher_engine_{field}", help, value=value)
-        fwd = st.forward_tokens if hasattr(st, "forward_tokens") else st.tokens + st.padded_tokens
-        if st.batches > self._last[0]:
-            self._batch_tokens = (fwd - self._last[1]) / (st.batches - self._last[0])
-        self._last = (st.batches, fwd)
+        fwd = sum(s.forward_tokens if hasattr(s, "forward_tokens") else s.tokens + s.padded_tokens
+                  for s in [st, *others])
+        batches = st.batches + sum(o.batches for o in others)
+        if batches > self._last[0]:
+            self._batch_tokens = (fwd - self._last[1]) / (batches - self._last[0])
+        self._last = (batches, fwd)
         yield GaugeMetricFamily("opd_teacher_batch_tokens",
                                 "mean forward size (tokens incl. padding) of the batches since the previous scrape",
                                 value=self._batch_tokens)

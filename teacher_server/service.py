@@ -1,7 +1,9 @@
 """The gRPC edge: `opd.teacher.v1.Teacher` servicer, health, reflection, auth, lifecycle.
 
 The servicer converts messages to `ScoreItem`s and results back to messages; all compute lives
-in `ScoringEngine`. Handlers are registered by hand (generic handlers), so no generated
+in `ScoringEngine`. One server may serve several models (`ServedModel`, `opd teacher --model
+NAME=DIR ...`) from one engine queue; a request names its model (none = the default).
+`UpdateWeights` replaces a model's weights between batches (`_WeightUpdate`). Handlers are registered by hand (generic handlers), so no generated
 `_pb2_grpc` module (and its grpcio version check) is needed.
 """
 
@@ -14,9 +16,11 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass
+from typing import Callable
 
 import grpc
 import numpy as np
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -37,7 +41,8 @@ def encode_result(item: ScoreItem, res: dict, opts: pb.ScoreOptions) -> pb.Score
     comp, enc, level = opts.compression, opts.value_encoding, opts.zstd_level or 3
     out = pb.ScoreResult(request_id=item.request_id, num_positions=item.num_positions,
                          server_seconds=float(res.get("_server_seconds", 0.0)),
-                         batch_sequences=int(res.get("_batch_sequences", 1)))
+                         batch_sequences=int(res.get("_batch_sequences", 1)),
+                         weight_version=int(res.get("_weight_version", 0)))
     if H.SAMPLED in res:
         out.sampled_logprobs.CopyFrom(codec.encode_values(res[H.SAMPLED], enc, comp, level))
     if "topk_ids" in res:
@@ -143,6 +148,18 @@ class ServerConfig:
     grace_s: float = 30.0
 
 
+@dataclass
+class ServedModel:
+    """One model name this server answers to: its request limits and its TeacherInfo (whose
+    model_name is `name`). `load` builds a fresh engine of the same checkpoint: an update of a
+    name that shares its engine with another name (the same checkpoint, loaded once) runs on
+    such a copy, so the other name keeps its weights."""
+    name: str
+    limits: Limits
+    info: pb.TeacherInfo
+    load: Callable[[], ScoringEngine] | None = None
+
+
 ENCODE_GROUP = 32  # most ready results of one stream encoded at once
 _ENCODE_POOL: futures.ThreadPoolExecutor | None = None
 _ENCODE_POOL_LOCK = threading.Lock()
@@ -167,9 +184,24 @@ class TeacherServicer:
     health checks and GetInfo are answered even when every Score slot is taken. While the server
     drains (`draining`), new calls get UNAVAILABLE and the open streams finish."""
 
-    def __init__(self, engine: ScoringEngine, limits: Limits, info: pb.TeacherInfo, cfg: ServerConfig, metrics=None):
+    def __init__(self, engine: ScoringEngine, limits: Limits, info: pb.TeacherInfo, cfg: ServerConfig, metrics=None,
+                 models: list[ServedModel] | None = None):
+        # limits / info: the default model's (the first of `models`)
         self.engine, self.limits, self.info, self.cfg = engine, limits, info, cfg
         self.metrics = metrics
+        models = models or [ServedModel(info.model_name, limits, info)]
+        self.models = {m.name: m for m in models}
+        self.default_model = models[0].name
+        if hasattr(engine, "add_model"):
+            for m in models:
+                if m.name not in engine.models:
+                    engine.add_model(m.name)
+        elif len(models) > 1:
+            raise ValueError(f"{type(engine).__name__} serves one model; {len(models)} were given")
+        self._update_lock = threading.Lock()   # one UpdateWeights at a time
+        if metrics is not None:
+            for m in models:
+                metrics.weight_version.labels(model=m.name).set(0)
         self.draining = False
         self._slots = threading.Semaphore(cfg.max_workers)
         self._lock = threading.Lock()
@@ -186,10 +218,41 @@ class TeacherServicer:
         if self.draining:
             self._abort(context, grpc.StatusCode.UNAVAILABLE, "teacher is draining (shutting down); use another replica")
         try:
-            pb.GetInfoRequest.FromString(request)
+            req = pb.GetInfoRequest.FromString(request)
         except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
             self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"cannot parse GetInfoRequest: {exc}")
-        return self.info
+        try:
+            return self.info_for(req.model)
+        except InvalidRequest as exc:
+            self._abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"GetInfoRequest.{exc}")
+
+    def model(self, name: str) -> ServedModel:
+        """The served model `name` ("" = the default), or InvalidRequest naming the models served."""
+        m = self.models.get(name or self.default_model)
+        if m is None:
+            raise InvalidRequest(f"model: {echo(name)} is not served here; this server serves "
+                                 f"{sorted(self.models)} (default {self.default_model!r})")
+        return m
+
+    def engine_for(self, name: str):
+        """The engine running served model `name` (an engine without several models: itself)."""
+        return self.engine.engine_for(name) if hasattr(self.engine, "engine_for") else self.engine
+
+    def info_for(self, name: str = "") -> pb.TeacherInfo:
+        """TeacherInfo of model `name` (default: the default model), listing every model served."""
+        m = self.model(name)
+        entries = []
+        for other in self.models.values():
+            e = pb.TeacherInfo()
+            e.CopyFrom(other.info)
+            e.weight_version = getattr(self.engine_for(other.name), "weight_version", 0)
+            entries.append(e)
+        out = pb.TeacherInfo()
+        out.CopyFrom(m.info)
+        out.weight_version = getattr(self.engine_for(m.name), "weight_version", 0)
+        out.models.extend(entries)
+        out.default_model = self.default_model
+        return out
 
     def cancel_all(self) -> None:
         """End every open stream's waits (server stop after the grace period)."""
@@ -245,7 +308,6 @@ class TeacherServicer:
     def _score(self, call: _Call, request_iterator, context):
         inflight = threading.Semaphore(self.cfg.max_inflight_per_call)
         opts_by_id: dict[int, tuple[pb.ScoreOptions, int]] = {}
-        vocab = self.limits.vocab_size
 
         def read():
             i = -1
@@ -257,9 +319,14 @@ class TeacherServicer:
                         req = pb.ScoreRequest.FromString(raw)
                     except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
                         raise InvalidRequest(f"requests[{i}]: cannot parse ScoreRequest ({len(raw)} bytes): {exc}")
-                    item, opts = to_item(req, i, self.limits)
+                    try:
+                        served = self.model(req.model)
+                    except InvalidRequest as exc:
+                        raise InvalidRequest(f"requests[{i}] (request_id={echo(req.request_id)}).{exc}") from None
+                    item, opts = to_item(req, i, served.limits)
+                    item.model = served.name
                     item.deliver, item.is_cancelled = call.deliver, call.cancelled.is_set
-                    nbytes = result_nbytes(item, vocab)
+                    nbytes = result_nbytes(item, served.limits.vocab_size)
                     opts_by_id[id(item)] = (opts, nbytes)
                     # back-pressure: stop reading the stream while too much of it is in flight
                     while not inflight.acquire(timeout=0.5):
@@ -345,6 +412,165 @@ class TeacherServicer:
                 call.finish_one(nbytes)
 
 
+    # ---- weights -----------------------------------------------------------------------------
+    def UpdateWeights(self, request_iterator, context):
+        """Read the whole stream into host memory, validating each piece against the loaded
+        model; then swap the weights in between two batches. Any error (a bad piece, a stream
+        that breaks or ends short) leaves the model serving its old weights."""
+        if self.draining:
+            self._abort(context, grpc.StatusCode.UNAVAILABLE, "teacher is draining (shutting down); use another replica")
+        with self._update_lock:
+            problem = None
+            try:
+                update = _WeightUpdate(self)
+                i = -1
+                for i, raw in enumerate(request_iterator):
+                    try:
+                        req = pb.UpdateWeightsRequest.FromString(raw)
+                    except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends
+                        raise InvalidRequest(f"messages[{i}]: cannot parse UpdateWeightsRequest ({len(raw)} bytes): "
+                                             f"{exc}") from None
+                    update.add(i, req)
+                resp = update.apply()
+            except InvalidRequest as exc:
+                problem = (grpc.StatusCode.INVALID_ARGUMENT, f"UpdateWeights {exc}")
+            except _Refused as exc:
+                problem = (grpc.StatusCode.FAILED_PRECONDITION, f"UpdateWeights: {exc}")
+            except Exception as exc:  # noqa: BLE001 - the stream broke (client gone): nothing was applied
+                log.warning("UpdateWeights stream failed after %d messages (%s: %s); the weights are unchanged",
+                            i + 1, type(exc).__name__, exc)
+                problem = (grpc.StatusCode.CANCELLED, f"UpdateWeights stream failed after {i + 1} messages "
+                           f"({type(exc).__name__}); the weights are unchanged")
+            finally:
+                update = None   # the host copy of the tensors goes now
+        if problem is not None:
+            self._abort(context, *problem)
+        log.info("model %r: weights version %d (%d tensors, %.1f MB, swapped in %.3fs)", resp.model, resp.version,
+                 resp.tensors, resp.bytes / 1e6, resp.apply_seconds)
+        if self.metrics:
+            self.metrics.weight_version.labels(model=resp.model).set(resp.version)
+            self.metrics.weight_updates.labels(model=resp.model).inc()
+        return resp
+
+
+class _Refused(Exception):
+    """An update the server will not apply to this model (FAILED_PRECONDITION)."""
+
+
+class _WeightUpdate:
+    """One UpdateWeights stream: pieces are checked as they arrive (name, whole shape, dtype,
+    order) and copied into host tensors of the parameter's dtype; `apply` checks completeness
+    and swaps them in. The host copy bounds what a stream may send: every element of a
+    parameter once, nothing else."""
+
+    def __init__(self, servicer: TeacherServicer):
+        self.servicer = servicer
+        self.served: ServedModel | None = None
+        self.version = 0
+        self.partial = False
+        self.staged: dict[str, torch.Tensor] = {}   # name -> flat host tensor being filled
+        self.filled: dict[str, int] = {}
+        self.bytes = 0
+
+    def add(self, i: int, req: pb.UpdateWeightsRequest) -> None:
+        where = f"messages[{i}]"
+        if self.served is None:
+            try:
+                served = self.servicer.model(req.model)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"{where}.{exc}") from None
+            self.served, self.version, self.partial = served, int(req.version), bool(req.partial)
+            self.engine = self.servicer.engine_for(served.name)
+            if not hasattr(self.engine, "update_weights"):
+                raise _Refused(f"model {served.name!r} runs on {type(self.engine).__name__}, which cannot update weights")
+            if self.engine.quantized:
+                raise _Refused(f"model {served.name!r} is served fp8-quantised (--quantize fp8); its weights cannot "
+                               f"be updated")
+            if self.version <= self.engine.weight_version:
+                raise InvalidRequest(f"{where}.version: {self.version}; expected an integer greater than the current "
+                                     f"weight version {self.engine.weight_version} of model {served.name!r}")
+            self.params = self.engine.parameters_by_name()
+        else:
+            if req.model and req.model != self.served.name:
+                raise InvalidRequest(f"{where}.model: {echo(req.model)} differs from the stream's model "
+                                     f"{self.served.name!r}")
+            if req.version and req.version != self.version:
+                raise InvalidRequest(f"{where}.version: {req.version} differs from the stream's version {self.version}")
+        for j, piece in enumerate(req.tensors):
+            self._piece(f"{where}.tensors[{j}]", piece)
+
+    def _piece(self, where: str, piece: pb.TensorPiece) -> None:
+        name = piece.name
+        param = self.params.get(name)
+        if param is None:
+            some = ", ".join(list(self.params)[:3])
+            raise InvalidRequest(f"{where}.name: {echo(name)} is not a parameter of model {self.served.name!r} "
+                                 f"({len(self.params)} parameters, e.g. {some})")
+        if list(piece.shape) != list(param.shape):
+            raise InvalidRequest(f"{where}.shape: {list(piece.shape)[:9]} for {name!r}; the loaded parameter has "
+                                 f"shape {list(param.shape)}")
+        n_all, done = param.numel(), self.filled.get(name, 0)
+        if done == n_all:
+            raise InvalidRequest(f"{where}: {name!r} was already sent in full")
+        if piece.offset != done:
+            raise InvalidRequest(f"{where}.offset: {piece.offset} for {name!r}; expected {done} (pieces of a "
+                                 f"tensor come in order)")
+        try:
+            data = codec.decode_weight(piece.data, max_elements=n_all - done)
+        except ValueError as exc:
+            raise InvalidRequest(f"{where}.data ({name!r}): {exc}") from None
+        if data.numel() == 0:
+            raise InvalidRequest(f"{where}.data ({name!r}): empty piece")
+        if not torch.isfinite(data).all():
+            raise InvalidRequest(f"{where}.data ({name!r}): holds NaN or infinite values")
+        flat = self.staged.get(name)
+        if flat is None:
+            flat = self.staged[name] = torch.empty(n_all, dtype=param.dtype)
+        flat[done:done + data.numel()] = data.to(param.dtype)
+        self.filled[name] = done + data.numel()
+        self.bytes += len(piece.data.data)
+
+    def apply(self) -> pb.UpdateWeightsResponse:
+        if self.served is None:
+            raise InvalidRequest("stream: empty; send at least one UpdateWeightsRequest")
+        short = [f"{n} ({self.filled[n]} of {self.params[n].numel()} elements)" for n in self.staged
+                 if self.filled[n] != self.params[n].numel()]
+        if short:
+            raise InvalidRequest(f"stream: ended with tensors incomplete: {', '.join(short[:5])}"
+                                 + (f" and {len(short) - 5} more" if len(short) > 5 else ""))
+        if not self.staged:
+            raise InvalidRequest("stream: no tensors; send the model's parameters (TensorPiece)")
+        if not self.partial:
+            sent = {id(self.params[n]) for n in self.staged}
+            missing, seen = [], set()
+            for n, p in self.params.items():
+                if id(p) not in sent and id(p) not in seen:
+                    seen.add(id(p))
+                    missing.append(n)
+            if missing:
+                raise InvalidRequest(f"stream: {len(missing)} parameters of model {self.served.name!r} were not sent "
+                                     f"(e.g. {', '.join(missing[:5])}); send every parameter, or set partial=true")
+        tensors = {n: t.view(self.params[n].shape) for n, t in self.staged.items()}
+        svc, name = self.servicer, self.served.name
+        engine = self.engine
+        if len(svc.engine.names_of(engine)) > 1:
+            # one checkpoint loaded once for several names: give this name a copy of its own
+            if self.served.load is None:
+                raise _Refused(f"model {name!r} shares its weights with {svc.engine.names_of(engine)} and this "
+                               f"server cannot load a copy; start it with one name per checkpoint")
+            log.info("model %r shares its weights with %s: loading a copy of its own for the update", name,
+                     [n for n in svc.engine.names_of(engine) if n != name])
+            copy = self.served.load()
+            copy.update_weights(tensors, self.version)
+            copy.prepare()
+            t0 = time.perf_counter()
+            svc.engine.replace_model(name, copy)
+            seconds = time.perf_counter() - t0
+        else:
+            seconds = engine.update_weights(tensors, self.version, owner=svc.engine)
+        return pb.UpdateWeightsResponse(model=name, version=self.version, tensors=len(tensors), bytes=self.bytes,
+                                        apply_seconds=seconds)
+
 class _TokenAuth(grpc.ServerInterceptor):
     """Rejects calls without `authorization: Bearer <token>` metadata (health checks exempt)."""
 
@@ -356,6 +582,7 @@ class _TokenAuth(grpc.ServerInterceptor):
 
         self._deny = grpc.unary_unary_rpc_method_handler(deny)
         self._deny_stream = grpc.stream_stream_rpc_method_handler(lambda it, ctx: deny(None, ctx))
+        self._deny_upload = grpc.stream_unary_rpc_method_handler(lambda it, ctx: deny(None, ctx))
 
     def intercept_service(self, continuation, details):
         if details.method.startswith("/grpc.health.v1.Health/"):
@@ -364,13 +591,16 @@ class _TokenAuth(grpc.ServerInterceptor):
         got = md.get("authorization", "")
         if hmac.compare_digest(got.encode(), b"Bearer " + self._token):
             return continuation(details)
-        return self._deny_stream if details.method.endswith("/Score") else self._deny
+        if details.method.endswith("/Score"):
+            return self._deny_stream
+        return self._deny_upload if details.method.endswith("/UpdateWeights") else self._deny
 
 
 class TeacherServer:
     """Owns the grpc.Server, the health servicer and the engine's lifecycle."""
 
-    def __init__(self, engine: ScoringEngine, limits: Limits, info: pb.TeacherInfo, cfg: ServerConfig, metrics=None):
+    def __init__(self, engine: ScoringEngine, limits: Limits, info: pb.TeacherInfo, cfg: ServerConfig, metrics=None,
+                 models: list[ServedModel] | None = None):
         self.engine, self.cfg = engine, cfg
         interceptors = [_TokenAuth(cfg.auth_token)] if cfg.auth_token else []
         # Score streams take at most max_workers threads (TeacherServicer._admit); the rest answer
@@ -378,13 +608,15 @@ class TeacherServer:
         self._pool = futures.ThreadPoolExecutor(max_workers=cfg.max_workers + HEALTH_RESERVE_THREADS,
                                                 thread_name_prefix="opd-grpc")
         self.server = grpc.server(self._pool, options=CHANNEL_OPTIONS, interceptors=interceptors)
-        self.servicer = TeacherServicer(engine, limits, info, cfg, metrics)
+        self.servicer = TeacherServicer(engine, limits, info, cfg, metrics, models)
         handlers = {
             # raw bytes in (no request_deserializer): the handlers parse, so garbage is INVALID_ARGUMENT
             "GetInfo": grpc.unary_unary_rpc_method_handler(
                 self.servicer.GetInfo, response_serializer=pb.TeacherInfo.SerializeToString),
             "Score": grpc.stream_stream_rpc_method_handler(
                 self.servicer.Score, response_serializer=pb.ScoreResult.SerializeToString),
+            "UpdateWeights": grpc.stream_unary_rpc_method_handler(
+                self.servicer.UpdateWeights, response_serializer=pb.UpdateWeightsResponse.SerializeToString),
         }
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
         self.health = health.HealthServicer()

@@ -24,33 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1copd/teacher/v1/teacher.proto\x12\x0eopd.teacher.v1\"\x10\n\x0eGetInfoRequest\"\xd6\x02\n\x0bTeacherInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0etokenizer_size\x18\x04 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x06 \x01(\x05\x12\x11\n\tmax_top_k\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x15\n\rchat_template\x18\n \x01(\t\x12\x15\n\rmax_extra_ids\x18\x0b \x01(\x05\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\x05\x12\x12\n\nstatistics\x18\r \x03(\t\x12!\n\x19\x66ull_distribution_allowed\x18\x0e \x01(\x08\"\x86\x02\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.opd.teacher.v1.DType\x12\x30\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1b.opd.teacher.v1.Compression\x12\x13\n\x0b\x64\x65lta_coded\x18\x05 \x01(\x08\x12\x15\n\rbyte_shuffled\x18\x06 \x01(\x08\x12/\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x1d.opd.teacher.v1.ValueEncoding\x12*\n\nrow_params\x18\x08 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\"\xde\x01\n\x0cScoreOptions\x12\r\n\x05top_k\x18\x01 \x01(\x05\x12-\n\nstatistics\x18\x02 \x03(\x0e\x32\x19.opd.teacher.v1.Statistic\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x35\n\x0evalue_encoding\x18\x04 \x01(\x0e\x32\x1d.opd.teacher.v1.ValueEncoding\x12\x30\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x1b.opd.teacher.v1.Compression\x12\x12\n\nzstd_level\x18\x06 \x01(\x05\"\xd1\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12\x14\n\x0ctarget_start\x18\x03 \x01(\x05\x12\x12\n\ntarget_end\x18\x04 \x01(\x05\x12-\n\x07options\x18\x05 \x01(\x0b\x32\x1c.opd.teacher.v1.ScoreOptions\x12)\n\textra_ids\x18\x06 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\"\xd5\x03\n\x0bScoreResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnum_positions\x18\x02 \x01(\x05\x12\x30\n\x10sampled_logprobs\x18\x03 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12(\n\x08topk_ids\x18\x04 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12-\n\rtopk_logprobs\x18\x05 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12,\n\x0ctail_logmass\x18\x06 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12)\n\tlogsumexp\x18\x07 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12\'\n\x07\x65ntropy\x18\x08 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12.\n\x0e\x65xtra_logprobs\x18\t \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12-\n\rfull_logprobs\x18\n \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12\x16\n\x0eserver_seconds\x18\x0b \x01(\x02\x12\x17\n\x0f\x62\x61tch_sequences\x18\x0c \x01(\x05*s\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\n\n\x06UINT16\x10\x05\x12\t\n\x05UINT8\x10\x06\x12\t\n\x05INT64\x10\x07*-\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01*>\n\rValueEncoding\x12\x08\n\x04\x46P32\x10\x00\x12\x08\n\x04\x42\x46\x31\x36\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x07\n\x03Q16\x10\x03\x12\x06\n\x02Q8\x10\x04*\x9a\x01\n\tStatistic\x12\x19\n\x15STATISTIC_UNSPECIFIED\x10\x00\x12\x13\n\x0fSAMPLED_LOGPROB\x10\x01\x12\x08\n\x04TOPK\x10\x02\x12\x10\n\x0cTAIL_LOGMASS\x10\x03\x12\r\n\tLOGSUMEXP\x10\x04\x12\x0b\n\x07\x45NTROPY\x10\x05\x12\x12\n\x0e\x45XTRA_LOGPROBS\x10\x06\x12\x11\n\rFULL_LOGPROBS\x10\x07\x32\x99\x01\n\x07Teacher\x12\x46\n\x07GetInfo\x12\x1e.opd.teacher.v1.GetInfoRequest\x1a\x1b.opd.teacher.v1.TeacherInfo\x12\x46\n\x05Score\x12\x1c.opd.teacher.v1.ScoreRequest\x1a\x1b.opd.teacher.v1.ScoreResult(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1copd/teacher/v1/teacher.proto\x12\x0eopd.teacher.v1\"\x1f\n\x0eGetInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"\xb2\x03\n\x0bTeacherInfo\x12\x12\n\nmodel_name\x18\x01 \x01(\t\x12\x12\n\nmodel_hash\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\x05\x12\x16\n\x0etokenizer_size\x18\x04 \x01(\x05\x12\x1d\n\x15tokenizer_fingerprint\x18\x05 \x01(\t\x12\x1b\n\x13max_sequence_length\x18\x06 \x01(\x05\x12\x11\n\tmax_top_k\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0eserver_version\x18\t \x01(\t\x12\x15\n\rchat_template\x18\n \x01(\t\x12\x15\n\rmax_extra_ids\x18\x0b \x01(\x05\x12\x18\n\x10max_batch_tokens\x18\x0c \x01(\x05\x12\x12\n\nstatistics\x18\r \x03(\t\x12!\n\x19\x66ull_distribution_allowed\x18\x0e \x01(\x08\x12+\n\x06models\x18\x0f \x03(\x0b\x32\x1b.opd.teacher.v1.TeacherInfo\x12\x15\n\rdefault_model\x18\x10 \x01(\t\x12\x16\n\x0eweight_version\x18\x11 \x01(\x03\"\x86\x02\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12$\n\x05\x64type\x18\x03 \x01(\x0e\x32\x15.opd.teacher.v1.DType\x12\x30\n\x0b\x63ompression\x18\x04 \x01(\x0e\x32\x1b.opd.teacher.v1.Compression\x12\x13\n\x0b\x64\x65lta_coded\x18\x05 \x01(\x08\x12\x15\n\rbyte_shuffled\x18\x06 \x01(\x08\x12/\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x1d.opd.teacher.v1.ValueEncoding\x12*\n\nrow_params\x18\x08 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\"\xde\x01\n\x0cScoreOptions\x12\r\n\x05top_k\x18\x01 \x01(\x05\x12-\n\nstatistics\x18\x02 \x03(\x0e\x32\x19.opd.teacher.v1.Statistic\x12\x13\n\x0btemperature\x18\x03 \x01(\x02\x12\x35\n\x0evalue_encoding\x18\x04 \x01(\x0e\x32\x1d.opd.teacher.v1.ValueEncoding\x12\x30\n\x0b\x63ompression\x18\x05 \x01(\x0e\x32\x1b.opd.teacher.v1.Compression\x12\x12\n\nzstd_level\x18\x06 \x01(\x05\"\xe0\x01\n\x0cScoreRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12\x14\n\x0ctarget_start\x18\x03 \x01(\x05\x12\x12\n\ntarget_end\x18\x04 \x01(\x05\x12-\n\x07options\x18\x05 \x01(\x0b\x32\x1c.opd.teacher.v1.ScoreOptions\x12)\n\textra_ids\x18\x06 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12\r\n\x05model\x18\x07 \x01(\t\"\xed\x03\n\x0bScoreResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x15\n\rnum_positions\x18\x02 \x01(\x05\x12\x30\n\x10sampled_logprobs\x18\x03 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12(\n\x08topk_ids\x18\x04 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12-\n\rtopk_logprobs\x18\x05 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12,\n\x0ctail_logmass\x18\x06 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12)\n\tlogsumexp\x18\x07 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12\'\n\x07\x65ntropy\x18\x08 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12.\n\x0e\x65xtra_logprobs\x18\t \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12-\n\rfull_logprobs\x18\n \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\x12\x16\n\x0eserver_seconds\x18\x0b \x01(\x02\x12\x17\n\x0f\x62\x61tch_sequences\x18\x0c \x01(\x05\x12\x16\n\x0eweight_version\x18\r \x01(\x03\"`\n\x0bTensorPiece\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12$\n\x04\x64\x61ta\x18\x04 \x01(\x0b\x32\x16.opd.teacher.v1.Tensor\"u\n\x14UpdateWeightsRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07partial\x18\x03 \x01(\x08\x12,\n\x07tensors\x18\x04 \x03(\x0b\x32\x1b.opd.teacher.v1.TensorPiece\"n\n\x15UpdateWeightsResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x0f\n\x07tensors\x18\x03 \x01(\x05\x12\r\n\x05\x62ytes\x18\x04 \x01(\x03\x12\x15\n\rapply_seconds\x18\x05 \x01(\x01*s\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0b\n\x07\x46LOAT32\x10\x01\x12\x0b\n\x07\x46LOAT16\x10\x02\x12\x0c\n\x08\x42\x46LOAT16\x10\x03\x12\t\n\x05INT32\x10\x04\x12\n\n\x06UINT16\x10\x05\x12\t\n\x05UINT8\x10\x06\x12\t\n\x05INT64\x10\x07*-\n\x0b\x43ompression\x12\x14\n\x10\x43OMPRESSION_NONE\x10\x00\x12\x08\n\x04ZSTD\x10\x01*>\n\rValueEncoding\x12\x08\n\x04\x46P32\x10\x00\x12\x08\n\x04\x42\x46\x31\x36\x10\x01\x12\x08\n\x04\x46P16\x10\x02\x12\x07\n\x03Q16\x10\x03\x12\x06\n\x02Q8\x10\x04*\x9a\x01\n\tStatistic\x12\x19\n\x15STATISTIC_UNSPECIFIED\x10\x00\x12\x13\n\x0fSAMPLED_LOGPROB\x10\x01\x12\x08\n\x04TOPK\x10\x02\x12\x10\n\x0cTAIL_LOGMASS\x10\x03\x12\r\n\tLOGSUMEXP\x10\x04\x12\x0b\n\x07\x45NTROPY\x10\x05\x12\x12\n\x0e\x45XTRA_LOGPROBS\x10\x06\x12\x11\n\rFULL_LOGPROBS\x10\x07\x32\xf9\x01\n\x07Teacher\x12\x46\n\x07GetInfo\x12\x1e.opd.teacher.v1.GetInfoRequest\x1a\x1b.opd.teacher.v1.TeacherInfo\x12\x46\n\x05Score\x12\x1c.opd.teacher.v1.ScoreRequest\x1a\x1b.opd.teacher.v1.ScoreResult(\x01\x30\x01\x12^\n\rUpdateWeights\x12$.opd.teacher.v1.UpdateWeightsRequest\x1a%.opd.teacher.v1.UpdateWeightsResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'opd.teacher.v1.teacher_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1585
-  _globals['_DTYPE']._serialized_end=1700
-  _globals['_COMPRESSION']._serialized_start=1702
-  _globals['_COMPRESSION']._serialized_end=1747
-  _globals['_VALUEENCODING']._serialized_start=1749
-  _globals['_VALUEENCODING']._serialized_end=1811
-  _globals['_STATISTIC']._serialized_start=1814
-  _globals['_STATISTIC']._serialized_end=1968
+  _globals['_DTYPE']._serialized_start=2060
+  _globals['_DTYPE']._serialized_end=2175
+  _globals['_COMPRESSION']._serialized_start=2177
+  _globals['_COMPRESSION']._serialized_end=2222
+  _globals['_VALUEENCODING']._serialized_start=2224
+  _globals['_VALUEENCODING']._serialized_end=2286
+  _globals['_STATISTIC']._serialized_start=2289
+  _globals['_STATISTIC']._serialized_end=2443
   _globals['_GETINFOREQUEST']._serialized_start=48
-  _globals['_GETINFOREQUEST']._serialized_end=64
-  _globals['_TEACHERINFO']._serialized_start=67
-  _globals['_TEACHERINFO']._serialized_end=409
-  _globals['_TENSOR']._serialized_start=412
-  _globals['_TENSOR']._serialized_end=674
-  _globals['_SCOREOPTIONS']._serialized_start=677
-  _globals['_SCOREOPTIONS']._serialized_end=899
-  _globals['_SCOREREQUEST']._serialized_start=902
-  _globals['_SCOREREQUEST']._serialized_end=1111
-  _globals['_SCORERESULT']._serialized_start=1114
-  _globals['_SCORERESULT']._serialized_end=1583
-  _globals['_TEACHER']._serialized_start=1971
-  _globals['_TEACHER']._serialized_end=2124
+  _globals['_GETINFOREQUEST']._serialized_end=79
+  _globals['_TEACHERINFO']._serialized_start=82
+  _globals['_TEACHERINFO']._serialized_end=516
+  _globals['_TENSOR']._serialized_start=519
+  _globals['_TENSOR']._serialized_end=781
+  _globals['_SCOREOPTIONS']._serialized_start=784
+  _globals['_SCOREOPTIONS']._serialized_end=1006
+  _globals['_SCOREREQUEST']._serialized_start=1009
+  _globals['_SCOREREQUEST']._serialized_end=1233
+  _globals['_SCORERESULT']._serialized_start=1236
+  _globals['_SCORERESULT']._serialized_end=1729
+  _globals['_TENSORPIECE']._serialized_start=1731
+  _globals['_TENSORPIECE']._serialized_end=1827
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1829
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1946
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1948
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=2058
+  _globals['_TEACHER']._serialized_start=2446
+  _globals['_TEACHER']._serialized_end=2695
 # @@protoc_insertion_point(module_scope)
