@@ -109,14 +109,16 @@ class Teacher:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--engine", "sglang", "--sglang-url", url,
-             "--port", "0", "--max-top-k", "32", "--cache-mb", "16", "--batch-wait-ms", "100", "--grace-s", "2", *extra],
+             "--port", "0", "--max-top-k", "32", "--cache-mb", "16", "--batch-wait-ms", "100", "--grace-s", "2", "--http-port", "0", *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.log, self.grpc = [], None
+        self.log, self.grpc, self.http = [], None, None
         ready = threading.Event()
 
         def read():
             for line in self.proc.stdout:
                 self.log.append(line)
+                if line.startswith("opd teacher: HTTP"):
+                    self.http = f"http://127.0.0.1:{int(line.rsplit(':', 1)[1])}"
                 if line.startswith("opd teacher: serving"):
                     self.grpc = f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
                     ready.set()
@@ -212,6 +214,22 @@ def test_handshake_lists_what_sglang_gives(teacher, hf):
     assert got.vocab_size == want.vocab_size == VOCAB and got.chat_template == want.chat_template
     assert list(got.statistics) == ["SAMPLED_LOGPROB", "TOPK", "TAIL_LOGMASS", "EXTRA_LOGPROBS"]
     assert not got.full_distribution_allowed and got.dtype == "sglang:float32"
+
+
+def test_http_front_over_sglang(teacher):
+    """slime / miles -> opd's HTTP front -> SGLang: the same numbers as gRPC; a temperature SGLang
+    cannot apply is a 400 there too."""
+    seqs, starts, ends, extra = _seqs()
+    ids = seqs[3][:ends[3]]
+    (g,) = _score(teacher.grpc, [ids], [1], [len(ids)], None, stats=("sampled", "topk"))
+    status, out = http_json(teacher.http + "/generate", {"input_ids": ids, "sampling_params": {"max_new_tokens": 0},
+                                                        "return_logprob": True, "logprob_start_len": 0,
+                                                        "top_logprobs_num": K})
+    assert status == 200
+    np.testing.assert_array_equal([e[0] for e in out["meta_info"]["input_token_logprobs"][1:]], g.sampled_logprobs)
+    status, out = http_json(teacher.http + "/v1/completions", {"prompt": ids, "max_tokens": 1, "prompt_logprobs": 2,
+                                                              "temperature": 2.0})
+    assert status == 400 and "options.temperature: 2 is not available" in str(out)
 
 
 def _raw(url, reqs):
