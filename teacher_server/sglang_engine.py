@@ -319,7 +319,7 @@ class SGLangScoringEngine:
         for t in self._threads:
             t.join(timeout)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=False)
+            self._pool.shutdown(wait=False, cancel_futures=True)   # after the drain: do not wait out a hung SGLang
 
     def score(self, items: list[ScoreItem], use_cache: bool = True) -> list[dict]:
         """Score on the caller's thread (warm-up, tests): the same requests the worker sends."""
@@ -489,6 +489,9 @@ class SGLangScoringEngine:
                 self.requests_sent += 1
             try:
                 status, out = self.http.request(url, "/generate", body)
+            except TimeoutError:  # slow, not dead: the URL stays up, the caller may retry
+                raise SGLangUnavailable(f"{url}/generate did not answer within --sglang-timeout-s "
+                                        f"{self.http.timeout_s:g}") from None
             except (OSError, http.client.HTTPException) as exc:
                 last = f"{url}: {type(exc).__name__}: {exc}"
                 self._mark(url, False, last)
