@@ -335,6 +335,27 @@ def test_tp_is_refused_and_an_unreachable_sglang_exits_1(capsys, tiny_model_dir)
     assert f"--sglang-url: no SGLang server answered /model_info within --sglang-wait-s 0: {url}" in capsys.readouterr().err
 
 
+def test_a_dead_url_is_skipped_and_marked_down(standin):
+    """Two URLs, the first refusing connections: the batch goes to the other; the dead one is
+    marked down (health stays up while one answers), and with none up the work fails UNAVAILABLE."""
+    from rollout.launcher import free_port
+
+    dead = f"http://127.0.0.1:{free_port('127.0.0.1')}"
+    seen = []
+    eng = SE.SGLangScoringEngine([dead, standin.url], vocab_size=VOCAB)
+    eng.on_health = seen.append
+    eng._urls_for = lambda batch: [u for u in eng.urls if eng._up[u]]   # the dead URL first
+    item = ScoreItem("d", np.arange(3, 13, dtype=np.int64), 1, 10, 2, frozenset({H.SAMPLED, H.TOPK}))
+    (res,) = eng.score([item], use_cache=False)
+    assert res[H.SAMPLED].shape == (9,) and eng._up == {dead: False, standin.url: True} and seen == []
+    eng._mark(standin.url, False)
+    assert seen == [False]
+    with pytest.raises(SE.SGLangUnavailable, match="no SGLang server is up"):
+        eng.score([item], use_cache=False)
+    assert SE.SGLangUnavailable.grpc_status == grpc.StatusCode.UNAVAILABLE
+    assert eng.probe(standin.url) and not eng.probe(dead)
+
+
 def test_tail_from_topk_from_the_definition():
     with np.errstate(divide="ignore"):
         v = np.log(np.array([[0.5, 0.25, 0.125], [0.9, 0.05, 0.0], [0.5, 0.5, 0.0], [0.0, 0.0, 0.0]]))
