@@ -106,10 +106,14 @@ class Teacher:
     """`opd teacher --engine sglang` as a user starts it; the 'serving' line marks it ready."""
 
     def __init__(self, model_dir, url, *extra):
+        from rollout.launcher import free_port
+
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.metrics_port = free_port("127.0.0.1")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--engine", "sglang", "--sglang-url", url,
-             "--port", "0", "--max-top-k", "32", "--cache-mb", "16", "--batch-wait-ms", "100", "--grace-s", "2", "--http-port", "0", *extra],
+             "--port", "0", "--max-top-k", "32", "--cache-mb", "16", "--batch-wait-ms", "100", "--grace-s", "2", "--http-port", "0",
+             "--metrics-port", str(self.metrics_port), *extra],
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.log, self.grpc, self.http = [], None, None
         ready = threading.Event()
@@ -214,6 +218,9 @@ def test_handshake_lists_what_sglang_gives(teacher, hf):
     assert got.vocab_size == want.vocab_size == VOCAB and got.chat_template == want.chat_template
     assert list(got.statistics) == ["SAMPLED_LOGPROB", "TOPK", "TAIL_LOGMASS", "EXTRA_LOGPROBS"]
     assert not got.full_distribution_allowed and got.dtype == "sglang:float32"
+    status, text = http_json(f"http://127.0.0.1:{teacher.metrics_port}/metrics", method="GET")
+    sequences = [ln for ln in text.splitlines() if ln.startswith("opd_teacher_engine_sequences_total ")]
+    assert status == 200 and sequences and float(sequences[0].split()[1]) >= 1   # the engine's counters
 
 
 def test_http_front_over_sglang(teacher):
@@ -354,6 +361,19 @@ def test_a_dead_url_is_skipped_and_marked_down(standin):
         eng.score([item], use_cache=False)
     assert SE.SGLangUnavailable.grpc_status == grpc.StatusCode.UNAVAILABLE
     assert eng.probe(standin.url) and not eng.probe(dead)
+
+
+def test_sglang_api_key(standin, monkeypatch):
+    """--sglang-api-key goes as SGLang's bearer token; a refused key is named at start and per request."""
+    monkeypatch.setattr(standin.svc, "api_key", "sk-sgl")
+    item = ScoreItem("k", np.arange(3, 9, dtype=np.int64), 1, 6, 0, frozenset({H.SAMPLED}))
+    with pytest.raises(ValueError, match="--sglang-api-key"):
+        SE.wait_for([standin.url], SE._Http(None, 5.0), 0)
+    assert SE.wait_for([standin.url], SE._Http("sk-sgl", 5.0), 0)[standin.url]["model_path"]
+    with pytest.raises(SE.SGLangFailed, match="refused the API key .* --sglang-api-key"):
+        SE.SGLangScoringEngine([standin.url], vocab_size=VOCAB).score([item], use_cache=False)
+    (res,) = SE.SGLangScoringEngine([standin.url], vocab_size=VOCAB, api_key="sk-sgl").score([item], use_cache=False)
+    assert res[H.SAMPLED].shape == (5,)
 
 
 def test_tail_from_topk_from_the_definition():
