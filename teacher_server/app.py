@@ -95,8 +95,8 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
                          f"in (0, 1048576]")
     if not srv.grace_s >= 0:
         raise ValueError(f"--grace-s {srv.grace_s:g}: expected >= 0 seconds")
-    if cfg.engine == "sglang":  # SGLang runs the model: teacher_server/sglang_engine.py
-        from teacher_server.sglang_engine import build_sglang_server
+    if cfg.engine == "sglang":  # SGLang runs the model: teacher_server/sglang_app.py
+        from teacher_server.sglang_app import build_sglang_server
 
         return build_sglang_server(cfg, metrics)
     if cfg.quantize not in fp8.QUANTIZE_MODES:

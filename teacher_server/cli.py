@@ -82,9 +82,9 @@ def add_arguments(p):
                    help="model id the HTTP front reports in /v1/models and accepts as 'model' (default: the --model "
                         "directory's name)")
     p.add_argument("--log-level", default="INFO", help="logging level")
-    from teacher_server import sglang_engine
+    from teacher_server import sglang_app
 
-    sglang_engine.add_arguments(p)   # --engine, --sglang-url, ...
+    sglang_app.add_arguments(p)   # --engine, --sglang-url, ...
 
 
 def _port(text: str) -> int:
@@ -102,7 +102,7 @@ def main(args) -> int:
     from teacher_server.app import TeacherConfig, build_server
     from teacher_server.service import ServerConfig
 
-    from teacher_server.sglang_engine import SGLangUnavailable, check_args
+    from teacher_server.sglang_app import SGLangUnavailable, check_args
 
     problem = check_args(args)
     if problem:

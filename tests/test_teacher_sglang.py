@@ -31,6 +31,7 @@ from rollout.server import RolloutService, make_server
 from rollout.sglang_client import http_json
 from teacher_server import codec
 from teacher_server import head as H
+from teacher_server import sglang_app as SA
 from teacher_server import sglang_engine as SE
 from teacher_server.client import ScoreSettings, TeacherClient
 from teacher_server.engine import ScoreItem
@@ -330,9 +331,9 @@ def test_config_errors_exit_2_naming_the_flag(argv, needle, capsys, tmp_path):
 def test_tp_is_refused_and_an_unreachable_sglang_exits_1(capsys, tiny_model_dir):
     ns = argparse.Namespace(engine="sglang", sglang_url="http://127.0.0.1:9", quantize="none", tp=2,
                             random_weights_seed=None, sglang_timeout_s=1.0, sglang_wait_s=0.0)
-    assert SE.check_args(ns).startswith("--tp 2: not available with --engine sglang")
+    assert SA.check_args(ns).startswith("--tp 2: not available with --engine sglang")
     ns.tp = 1
-    assert SE.check_args(ns) is None
+    assert SA.check_args(ns) is None
     from opd.cli import main
     from rollout.launcher import free_port
 
@@ -368,8 +369,8 @@ def test_sglang_api_key(standin, monkeypatch):
     monkeypatch.setattr(standin.svc, "api_key", "sk-sgl")
     item = ScoreItem("k", np.arange(3, 9, dtype=np.int64), 1, 6, 0, frozenset({H.SAMPLED}))
     with pytest.raises(ValueError, match="--sglang-api-key"):
-        SE.wait_for([standin.url], SE._Http(None, 5.0), 0)
-    assert SE.wait_for([standin.url], SE._Http("sk-sgl", 5.0), 0)[standin.url]["model_path"]
+        SA.wait_for([standin.url], SE.SGLangHttp(None, 5.0), 0)
+    assert SA.wait_for([standin.url], SE.SGLangHttp("sk-sgl", 5.0), 0)[standin.url]["model_path"]
     with pytest.raises(SE.SGLangFailed, match="refused the API key .* --sglang-api-key"):
         SE.SGLangScoringEngine([standin.url], vocab_size=VOCAB).score([item], use_cache=False)
     (res,) = SE.SGLangScoringEngine([standin.url], vocab_size=VOCAB, api_key="sk-sgl").score([item], use_cache=False)
