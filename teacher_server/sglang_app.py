@@ -150,13 +150,15 @@ def build_sglang_server(cfg, metrics=None):
             raise ValueError(f"--sglang-url {u} serves a {mt!r} model but --model {cfg.model} is a "
                              f"{mcfg.model_type!r}; give the directory of the model SGLang serves")
     version = sorted({str(i.get("weight_version", "default")) for i in infos.values()})
-    dtype = "unknown"
+    dtype, sglang_max = "unknown", None
     try:
         status, sinfo = http_.request(next(iter(infos)), "/server_info", None, method="GET", timeout=10)
-        if status == 200 and isinstance(sinfo, dict) and sinfo.get("dtype"):
-            dtype = str(sinfo["dtype"])
     except (OSError, http.client.HTTPException):
-        pass
+        status, sinfo = 0, None
+    if status == 200 and isinstance(sinfo, dict):
+        dtype = str(sinfo.get("dtype") or dtype)
+        if isinstance(sinfo.get("max_req_input_len"), int) and sinfo["max_req_input_len"] > 0:
+            sglang_max = sinfo["max_req_input_len"]   # longer prompts are a 400 there: refuse them here
     mhash = config_hash(cfg.model)
     cache = None
     if cfg.cache_mb > 0 or cfg.cache_dir:
@@ -164,6 +166,9 @@ def build_sglang_server(cfg, metrics=None):
 
         cache = StatsCache(cfg.cache_mb << 20, cfg.cache_dir)
     max_len = cfg.max_sequence_length or int(getattr(text_cfg, "max_position_embeddings", 4096))
+    if sglang_max is not None and sglang_max < max_len:
+        log.info("max sequence length %d: SGLang's max_req_input_len", sglang_max)
+        max_len = sglang_max
     engine = SGLangScoringEngine(urls, vocab_size=vocab, api_key=cfg.sglang_api_key, timeout_s=cfg.sglang_timeout_s,
                                  max_batch_tokens=cfg.max_batch_tokens or 16384, max_queue_tokens=cfg.max_queue_tokens,
                                  prefix_sharing=cfg.prefix_sharing, prefix_min_tokens=cfg.prefix_min_tokens,
