@@ -199,6 +199,17 @@ class LocalEngine:
             sd.update(load_file(f))
         self.load_state_dict_(sd, version)
 
+    @torch.no_grad()
+    def prompt_logprobs(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """float32 log_softmax of the logits at every prompt position ([L, vocab] on the CPU; row j
+        is the distribution of the token after position j), between batches (waits out a pause),
+        as SGLang's prefill-only scoring computes them: unscaled logits, no temperature."""
+        self._unpaused.wait()
+        with self._lock:
+            ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)
+            logits = self.model(input_ids=ids).logits[0]
+        return torch.log_softmax(logits.float(), dim=-1).cpu()
+
     def set_policy_version(self, version: int) -> None:
         self._policy_version = int(version)
 

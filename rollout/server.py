@@ -134,6 +134,7 @@ class RolloutService(WeightUpdates):
     def server_info(self) -> dict:
         return {"model_path": self.model_path, "max_total_num_tokens": None, "version": "opd-rollout-server",
                 "frontend": "python", "max_batch_size": self.engine.max_batch_size, "paused": self.paused,
+                "dtype": str(self.engine.model.dtype).replace("torch.", ""),
                 "tp_size": 1, "dp_size": 1}
 
     def generate(self, body: dict) -> dict | list:
@@ -170,6 +171,7 @@ class RolloutService(WeightUpdates):
                 raise RequestError("list-valued return_logprob is not allowed with n > 1")
             if len(return_logprob) != len(prompts):
                 raise RequestError("return_logprob list must have the batch length")
+        scoring = self._input_logprob_options(body, prompts, parsed, return_logprob, single)
         requests, metas = [], []
         for i, (ids, (params, seed)) in enumerate(zip(prompts, parsed)):
             lp = return_logprob[i] if isinstance(return_logprob, list) else bool(return_logprob)
@@ -183,7 +185,7 @@ class RolloutService(WeightUpdates):
                 else:
                     r, s = uuid.uuid4().hex, seed
                 requests.append((ids, params, s))
-                metas.append((r, params, lp, sps[i]))
+                metas.append((r, params, lp, sps[i], (ids, scoring[i])))
         if any(p.n > 1 for p, _ in parsed):
             single = False  # SGLang turns n > 1 into a batch: the response is a list
         with self._lock:
@@ -199,12 +201,108 @@ class RolloutService(WeightUpdates):
         out = [self._item(res, *m, t0) for res, m in zip(results, metas)]
         return out[0] if single else out
 
-    def _item(self, res: SeqResult, rid: str, params: SamplingParams, return_logprob: bool, sp: dict, t0: float) -> dict:
+    def _input_logprob_options(self, body: dict, prompts: list, parsed: list, return_logprob, single: bool) -> list:
+        """Per prompt: None, or (logprob_start_len, top_logprobs_num, token_ids_logprob) of a request
+        for input log-probs, normalised and refused as SGLang 0.5.23 does (io_struct.normalize_batch_
+        and_arguments, TokenizerManager._validate_token_ids_logprob, Scheduler.handle_generate_request).
+        The stand-in answers them for prefill-only requests (max_new_tokens 0, n 1), SGLang's prompt
+        scoring; input log-probs of a generation request are refused as not implemented here."""
+        B = len(prompts)
+
+        def per_item(key, default):
+            v = body.get(key)
+            if v is None:
+                return [default] * B
+            if not isinstance(v, list):
+                return [v] * B
+            if single or len(v) != B:
+                raise RequestError(f"{key}: a list is taken for a batch of the same length only by opd rollout-server")
+            return v
+
+        starts, tops = per_item("logprob_start_len", -1), per_item("top_logprobs_num", 0)
+        tids = body.get("token_ids_logprob") or None
+        if tids is None:
+            tids = [None] * B
+        elif not isinstance(tids[0], list):
+            tids = [list(tids)] * B
+        elif single or len(tids) != B:
+            raise RequestError("token_ids_logprob: a list of lists is taken for a batch of the same length only "
+                               "by opd rollout-server")
+        vocab = self.engine.vocab_size
+        out = []
+        for i in range(B):
+            tid = tids[i] or None
+            for t in tid or ():  # checked for every request, as SGLang's tokenizer manager does
+                if not 0 <= t < vocab:
+                    raise RequestError(f"token_ids_logprob contains out-of-vocabulary token id {t}; valid range is "
+                                       f"[0, {vocab}).")
+            lp = return_logprob[i] if isinstance(return_logprob, list) else bool(return_logprob)
+            s, k = starts[i], tops[i]
+            if not lp or (s == -1 and not k and tid is None):
+                out.append(None)
+                continue
+            params = parsed[i][0]
+            if params.max_new_tokens != 0 or params.n != 1:
+                if s != -1 or k or tid is not None:
+                    raise RequestError("input log-probs, top_logprobs_num and token_ids_logprob are answered by opd "
+                                       "rollout-server for prompt scoring only (max_new_tokens 0, n 1)")
+                out.append(None)
+                continue
+            if s < -1:
+                raise RequestError(f"logprob_start_len {s} is not supported by opd rollout-server (-1 or >= 0)")
+            if s > len(prompts[i]):
+                raise RequestError(f"req.logprob_start_len={s} is higher than the number of input tokens "
+                                   f"len(req.origin_input_ids)={len(prompts[i])}. Please use a smaller logprob_start_len.")
+            if k < 0 or k > vocab:
+                raise RequestError(f"top_logprobs_num {k} is not supported by opd rollout-server ([0, {vocab}])")
+            out.append((len(prompts[i]) if s == -1 else s, k, tid))
+        return out
+
+    def _input_logprobs(self, ids: list[int], start: int, k: int, tid: list[int] | None) -> dict:
+        """SGLang's prefill-only meta_info lists over input_ids[start:]: entry 0 is a placeholder
+        (null log-prob, null top-k row), entry i scores input_ids[start + i] given what precedes it,
+        from float32 log_softmax of unscaled logits (no temperature), top-k by torch.topk (highest
+        first), the requested ids in their order. As SGLang: -inf goes out as null (orjson writes
+        non-finite floats as null), and an id >= vocab_size - 1 is reported as 0 in
+        input_token_logprobs (scheduler's logprob_result_processor clips it)."""
+        import torch
+
+        def fl(t) -> list:
+            return [None if v == float("-inf") else v for v in t.tolist()]
+
+        n, vocab = len(ids) - start, self.engine.vocab_size
+        meta = {"input_token_logprobs": [], "output_token_logprobs": [], "output_token_logprobs_length": 0}
+        if k > 0:
+            meta["input_top_logprobs"], meta["output_top_logprobs"] = [], []
+        if tid is not None:
+            meta["input_token_ids_logprobs"], meta["output_token_ids_logprobs"] = [], []
+        if n == 0:
+            return meta
+        logp = self.engine.prompt_logprobs(ids)
+        scoring = logp[start: len(ids) - 1]  # row j scores position start + 1 + j
+        toks = torch.tensor(ids[start + 1:], dtype=torch.long)
+        vals = fl(scoring.gather(1, toks[:, None])[:, 0]) if len(toks) else []
+        meta["input_token_logprobs"] = [[v, t if t < vocab - 1 else 0, None]
+                                        for v, t in zip([None] + vals, ids[start:])]
+        if k > 0:
+            tv, ti = torch.topk(scoring, k, dim=-1, sorted=True)
+            meta["input_top_logprobs"] = [None] + [[[v, t, None] for v, t in zip(fl(a), b.tolist())]
+                                                   for a, b in zip(tv, ti)]
+        if tid is not None:
+            g = scoring[:, torch.tensor(tid, dtype=torch.long)]
+            meta["input_token_ids_logprobs"] = [None] + [[[v, t, None] for v, t in zip(fl(a), tid)] for a in g]
+        return meta
+
+    def _item(self, res: SeqResult, rid: str, params: SamplingParams, return_logprob: bool, sp: dict,
+              scoring: tuple, t0: float) -> dict:
         meta = {"id": rid, "finish_reason": finish_reason_json(res, params), "prompt_tokens": res.prompt_len,
                 "completion_tokens": len(res.output_ids), "cached_tokens": 0, "reasoning_tokens": 0,
                 "num_retractions": 0, "weight_version": self.weight_version,
                 "weight_versions": [{"version": self.weight_version, "start": 0, "end": len(res.output_ids)}]}
-        if return_logprob:
+        ids, opts = scoring
+        if return_logprob and opts is not None and res.finish_reason != "abort":
+            meta.update(self._input_logprobs(list(ids), *opts))
+        elif return_logprob:
             meta["input_token_logprobs"] = []
             meta["output_token_logprobs"] = [[lp, t, None] for lp, t in zip(res.logprobs, res.output_ids)]
             meta["output_token_logprobs_length"] = len(res.output_ids)

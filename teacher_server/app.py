@@ -46,6 +46,11 @@ class TeacherConfig:
     pipeline_depth: int = 2               # batches launched and not yet finished (engine pipeline)
     head_part_rows: int = 1024            # scored rows per head part copied out and delivered
     batch_wait_s: float = 0.002           # linger for a stream's next request
+    engine: str = "hf"                    # "sglang": score with SGLang servers (sglang_engine.py)
+    sglang_url: str | None = None         # comma-separated base URLs (engine "sglang")
+    sglang_api_key: str | None = None
+    sglang_timeout_s: float = 600.0
+    sglang_wait_s: float = 60.0
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -126,6 +131,10 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
                          f"in (0, 1048576]")
     if not srv.grace_s >= 0:
         raise ValueError(f"--grace-s {srv.grace_s:g}: expected >= 0 seconds")
+    if cfg.engine == "sglang":  # SGLang runs the model: teacher_server/sglang_app.py
+        from teacher_server.sglang_app import build_sglang_server
+
+        return build_sglang_server(cfg, metrics)
     if cfg.quantize not in fp8.QUANTIZE_MODES:
         raise ValueError(f"--quantize {cfg.quantize!r}: expected one of {fp8.QUANTIZE_MODES}")
     if cfg.quantize == "fp8":

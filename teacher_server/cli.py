@@ -87,6 +87,9 @@ def add_arguments(p):
                    help="model id the HTTP front reports in /v1/models and accepts as 'model' (default: the --model "
                         "name; one model only: with several, the HTTP front uses their NAMEs)")
     p.add_argument("--log-level", default="INFO", help="logging level")
+    from teacher_server import sglang_app
+
+    sglang_app.add_arguments(p)   # --engine, --sglang-url, ...
 
 
 def _port(text: str) -> int:
@@ -113,6 +116,15 @@ def main(args) -> int:
         print(f"opd teacher: --served-model-name {args.served_model_name!r}: only with one --model; with "
               f"{len(models)} models the HTTP front serves each under its NAME (--model NAME=DIR)", file=sys.stderr)
         return 2
+    from teacher_server.sglang_app import SGLangUnavailable, check_args
+
+    problem = check_args(args)
+    if not problem and args.engine == "sglang" and len(models) > 1:
+        problem = (f"--engine sglang: {len(models)} --model flags; an SGLang-fronted server serves the one model its "
+                   f"--sglang-url serves (run one opd teacher per SGLang deployment)")
+    if problem:
+        print(f"opd teacher: {problem}", file=sys.stderr)
+        return 2
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("--tls-cert and --tls-key go together")
     if args.http_port and args.http_port in (args.port, args.metrics_port):
@@ -131,7 +143,9 @@ def main(args) -> int:
                         prefix_sharing=not args.no_prefix_sharing, prefix_min_tokens=args.prefix_min_tokens,
                         cache_mb=args.cache_mb, cache_dir=args.cache_dir, quantize=args.quantize,
                         pipeline_depth=args.pipeline_depth, head_part_rows=args.head_part_rows,
-                        batch_wait_s=args.batch_wait_ms / 1e3)
+                        batch_wait_s=args.batch_wait_ms / 1e3, engine=args.engine, sglang_url=args.sglang_url,
+                        sglang_api_key=args.sglang_api_key, sglang_timeout_s=args.sglang_timeout_s,
+                        sglang_wait_s=args.sglang_wait_s)
     metrics = None
     if args.metrics_port is not None:
         from teacher_server.metrics import TeacherMetrics
@@ -142,6 +156,9 @@ def main(args) -> int:
     except ValueError as exc:
         print(f"opd teacher: {exc}", file=sys.stderr)
         return 2
+    except SGLangUnavailable as exc:  # --engine sglang: no server answered within --sglang-wait-s
+        print(f"opd teacher: {exc}", file=sys.stderr)
+        return 1
     for eng in getattr(server.engine, "engines", lambda: [server.engine])():
         eng.compile, eng.head, eng.split_uneven = args.compile, args.head, not args.no_split_uneven
         eng.packing = args.packing

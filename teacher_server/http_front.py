@@ -309,10 +309,15 @@ class HttpFront:
             except QueueFull as exc:
                 cancelled.set()
                 raise Unavailable(str(exc)) from None
+            except ValueError as exc:  # refused by the engine (--engine sglang: temperature != 1)
+                cancelled.set()
+                raise BadRequest(None, str(exc)) from None
             done.wait()
             for it in items:
                 res = results[index[id(it)]]
                 if isinstance(res, BaseException):
+                    if getattr(res, "grpc_status", None) is not None and res.grpc_status.name == "UNAVAILABLE":
+                        raise Unavailable(str(res))   # --engine sglang with SGLang down: 503, clients retry
                     raise RuntimeError(f"scoring failed: {type(res).__name__}: {res}")
             self._local.scored = (items, t0)   # counted once the reply's size is known (`record`)
             return results

@@ -398,9 +398,9 @@ class TeacherServicer:
                     self._abort(context, msg[1], msg[2])
                 item, res = msg
                 nbytes = opts_by_id.pop(id(item))[1]
-                if isinstance(res, BaseException):
+                if isinstance(res, BaseException):  # an engine may say which code (SGLang down: UNAVAILABLE)
                     call.cancel()
-                    self._abort(context, grpc.StatusCode.INTERNAL,
+                    self._abort(context, getattr(res, "grpc_status", grpc.StatusCode.INTERNAL),
                                 f"request_id={echo(item.request_id)}: scoring failed: {type(res).__name__}: {res}")
                 out = jobs.pop(id(item))
                 if isinstance(out, futures.Future):
