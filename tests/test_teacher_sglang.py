@@ -316,6 +316,8 @@ def test_sglang_down_is_not_serving_and_unavailable_then_back(teacher, standin):
      "--random-weights-seed 3: not available"),
     (["--engine", "sglang", "--sglang-url", "http://127.0.0.1:9", "--sglang-timeout-s", "0"], "--sglang-timeout-s 0"),
     (["--sglang-url", "http://127.0.0.1:9"], "--sglang-url http://127.0.0.1:9: only used with --engine sglang"),
+    (["--engine", "sglang", "--sglang-url", "http://127.0.0.1:9", "--model", "b=/nowhere"],
+     "--engine sglang: 2 --model flags"),
 ])
 def test_config_errors_exit_2_naming_the_flag(argv, needle, capsys, tmp_path):
     from opd.cli import main
