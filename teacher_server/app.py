@@ -40,6 +40,7 @@ class TeacherConfig:
     pipeline_depth: int = 2               # batches launched and not yet finished (engine pipeline)
     head_part_rows: int = 1024            # scored rows per head part copied out and delivered
     batch_wait_s: float = 0.002           # linger for a stream's next request
+    tp: int = 0                           # tensor-parallel ranks (tp.py; 0 = the plain one-process engine)
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -96,7 +97,14 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
         why = fp8.supported(resolve_device(cfg.device))
         if why:
             raise ValueError(why)
-    model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.random_weights_seed)
+    tp_kw = {}
+    if cfg.tp:  # this process is rank 0 of the group `tp.launch` set up
+        from teacher_server import tp
+
+        model = tp.load_model(cfg.model, cfg.dtype, cfg.device, cfg.random_weights_seed)
+        tp_kw = {"group": tp.current()}
+    else:
+        model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.random_weights_seed)
     if cfg.quantize == "fp8":
         fp8.quantize_body(model.get_decoder() if hasattr(model, "get_decoder") else model.base_model)
         torch.cuda.empty_cache()
@@ -116,7 +124,7 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
         cache = StatsCache(cfg.cache_mb << 20, cfg.cache_dir)
     budget = cfg.max_batch_tokens or auto_batch_tokens(model, cfg.device)
     log.info("max batch tokens: %d%s", budget, "" if cfg.max_batch_tokens else " (auto)")
-    engine = ScoringEngine(model, device=cfg.device, max_batch_tokens=budget,
+    engine = (tp.TPScoringEngine if cfg.tp else ScoringEngine)(model, **tp_kw, device=cfg.device, max_batch_tokens=budget,
                            chunk_size=cfg.chunk_size, max_queue_tokens=cfg.max_queue_tokens, pad_id=pad or 0,
                            prefix_sharing=cfg.prefix_sharing, prefix_min_tokens=cfg.prefix_min_tokens,
                            cache=cache, model_id=f"{mhash}:{cfg.dtype}" + ("" if cfg.quantize == "none" else f":{cfg.quantize}"),
