@@ -70,16 +70,16 @@ def main(out_path: str, *model_dirs: str) -> int:
         plain = ScoringEngine(load_model(d, "fp32", "cpu"), device="cpu", compile="off", packing="on",
                               prefix_min_tokens=8, max_batch_tokens=256, chunk_size=16, head_part_rows=20)
         vocab = int(plain.weight.shape[0])
-        for prefix in (True, False):
-            for packing in ("on", "off"):
-                for e in (eng, plain):
-                    e.prefix_sharing, e.packing = prefix, packing
-                eng.stats.shared_prefix_tokens = plain.stats.shared_prefix_tokens = 0
-                got = eng.score(make_items(vocab), use_cache=False)
-                want = plain.score(make_items(vocab), use_cache=False)
-                r = diffs(got, want)
-                r["shared_prefix_tokens"] = eng.stats.shared_prefix_tokens
-                report[f"{os.path.basename(d)}/prefix={prefix}/packing={packing}"] = r
+        cases = [(True, "on"), (True, "off"), (False, "on")] if eng.packing_active() else [(True, "off"), (False, "off")]
+        for prefix, packing in cases:
+            for e in (eng, plain):
+                e.prefix_sharing, e.packing = prefix, packing
+            eng.stats.shared_prefix_tokens = 0
+            got = eng.score(make_items(vocab), use_cache=False)
+            want = plain.score(make_items(vocab), use_cache=False)
+            r = diffs(got, want)
+            r["shared_prefix_tokens"] = eng.stats.shared_prefix_tokens
+            report[f"{plain.model.config.model_type}/prefix={prefix}/packing={packing}"] = r
         eng.stop_followers()
     if rank == 0:
         with open(out_path, "w") as f:
