@@ -26,8 +26,11 @@ One all-gather gives every rank all shards' partials; each merges them the same 
     sampled / extra = the owning shard's value - lse.
 The tail mass is exact and tie-aware like `kernels.tail_logmass`: with thr the row's k-th largest
 raw logit, each rank sums exp(z - lse) over its columns below thr and counts its columns equal to
-thr (one all-reduce), so tail = log(below + ties beyond the top-k x exp(z(thr) - lse)). FULL
-gathers each shard's log-probs. At --tp 1 the same code runs with no collectives.
+thr (one all-reduce), so tail = log(below + ties beyond the top-k x exp(z(thr) - lse)). That is
+the CUDA path (the kernels' `tail_stats` per shard); the eager path, like `head._tail`, takes
+log(1 - sum p_topk) from the merged top-k and the exact sum only when some row's tail is below
+TAIL_EXACT_BELOW (the same rows on every rank: the merged top-k is the same). FULL gathers each
+shard's log-probs. At --tp 1 the same code runs with no collectives.
 
 Failures: a rank that dies breaks the group: rank 0 notices (a spawned follower exits, or a
 collective raises), marks the engine failed, reports NOT_SERVING and shuts the server down with
@@ -45,7 +48,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -376,10 +378,29 @@ def sharded_head_statistics(req: H.HeadRequest, weight: torch.Tensor, offset: in
             out["topk_vals"].append(H._transform(g_raw, softcap, temp) - lse[:, None])
             out["topk_ids"].append(g_ids)
             if H.TAIL in req.stats:
-                out[H.TAIL].append(_tail(req, s, e, l, g_raw, lse, t1, softcap, kern, g))
+                if kern:
+                    out[H.TAIL].append(_tail(req, s, e, l, g_raw, lse, t1, softcap, kern, g))
+                else:
+                    out[H.TAIL].append(_tail_eager(req, s, e, l, g_raw, out["topk_vals"][-1], lse, t1, softcap, g))
         elif H.TAIL in req.stats:
             out[H.TAIL].append(torch.zeros(c, device=dev))            # top_k = 0: everything is tail
     return {k: torch.cat(v) for k, v in out.items() if v}
+
+
+def _tail_eager(req: H.HeadRequest, s: int, e: int, l: torch.Tensor, g_raw: torch.Tensor, vals: torch.Tensor,
+                lse: torch.Tensor, t1, softcap, g: TPGroup) -> torch.Tensor:
+    """The eager head's tail (`head._tail`): log(1 - sum p_topk) in float64 from the merged top-k,
+    and the exact complement (`_tail`) when some row's tail is below TAIL_EXACT_BELOW. Every rank
+    holds the same merged top-k, so all take the same branch."""
+    c, kk = vals.shape
+    dev = vals.device
+    k_row = req.row_k[s:e].clamp(max=kk) if req.row_k is not None else torch.full((c,), kk, device=dev)
+    in_k = torch.arange(kk, device=dev)[None, :] < k_row[:, None]
+    covered = torch.where(in_k, vals.double().exp(), torch.zeros((), dtype=torch.float64, device=dev)).sum(-1)
+    if bool((covered > 1.0 - H.TAIL_EXACT_BELOW).any()):
+        exact = _tail(req, s, e, l, g_raw, lse, t1, softcap, False, g)
+        return torch.where(covered > 1.0 - H.TAIL_EXACT_BELOW, exact, torch.log1p(-covered.clamp(max=1.0)).float())
+    return torch.log1p(-covered.clamp(max=1.0)).float()
 
 
 def _tail(req: H.HeadRequest, s: int, e: int, l: torch.Tensor, g_raw: torch.Tensor, lse: torch.Tensor,
@@ -451,6 +472,14 @@ class TPScoringEngine(ScoringEngine):
                                        self.softcap, compiled=self.compiled_head,
                                        compile_backend=self.compile_backend)
 
+    def resolved_compile(self) -> str:
+        """auto with --tp > 1: the head's row reduction only (compiling the body's layers with
+        transformers' DTensor TP hooks inside is not verified; `--compile all` asks for it, and
+        then a failed compile ends the server, since the group cannot fall back in step)."""
+        if self.compile == "auto" and self.group.world > 1:
+            return "head" if self.device.type == "cuda" else "off"
+        return super().resolved_compile()
+
     def packing_active(self) -> bool:
         if self.group.rank != 0:
             return self._follower_packing
@@ -462,9 +491,10 @@ class TPScoringEngine(ScoringEngine):
         with self._tp_lock:
             if self.failed:
                 raise RuntimeError(f"tensor-parallel group failed ({self.failed}); the server is shutting down")
+            if self.group.world == 1:  # no group to break: the one-process fallbacks apply
+                return super()._launch_batch(batch)
             try:
-                if self.group.world > 1:
-                    self._send(batch)
+                self._send(batch)
                 return super()._launch_batch(batch)
             except Exception as exc:
                 self._fail(f"a batch failed on rank 0 ({type(exc).__name__}: {exc})")
