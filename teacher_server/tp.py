@@ -80,6 +80,20 @@ class TPGroup:
     procs: list           # followers this process spawned (rank 0 of `opd teacher --tp N`)
 
 
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[world, *x.shape]: every rank's x (x itself at one rank)."""
+        if self.world == 1:
+            return x.unsqueeze(0)
+        out = torch.empty((self.world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
+        dist.all_gather_into_tensor(out, x.contiguous())
+        return out.view(self.world, *x.shape)
+
+    def all_reduce(self, x: torch.Tensor) -> None:
+        """x summed over the ranks, in place."""
+        if self.world > 1:
+            dist.all_reduce(x)
+
+
 _GROUP: TPGroup | None = None
 
 
@@ -280,15 +294,6 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- the sharded head ------------------------------------------------------------------------------
-def _all_gather(x: torch.Tensor, g: TPGroup) -> torch.Tensor:
-    """[world, *x.shape]: every rank's x (x itself at one rank)."""
-    if g.world == 1:
-        return x.unsqueeze(0)
-    out = torch.empty((g.world * x.shape[0], *x.shape[1:]), dtype=x.dtype, device=x.device)
-    dist.all_gather_into_tensor(out, x.contiguous())
-    return out.view(g.world, *x.shape)
-
-
 def _owned(l: torch.Tensor, ids: torch.Tensor, offset: int, softcap, temp) -> torch.Tensor:
     """z = cap(l) / T at global `ids` [C, M] where this shard owns them, -inf elsewhere."""
     loc = ids - offset
@@ -349,7 +354,7 @@ def sharded_head_statistics(req: H.HeadRequest, weight: torch.Tensor, offset: in
             cols.append(_owned(l, req.extra_ids[s:e], offset, softcap, temp))
         if want_k:
             cols += [raw.float(), (ids + offset).float()]
-        allp = _all_gather(torch.cat(cols, 1), g)                  # [world, C, W]
+        allp = g.all_gather(torch.cat(cols, 1))                  # [world, C, W]
         j = 0
         lse_all = allp[:, :, j]
         j += 1
@@ -368,7 +373,7 @@ def sharded_head_statistics(req: H.HeadRequest, weight: torch.Tensor, offset: in
             out[H.EXTRA].append(allp[:, :, j:j + m_extra].amax(0) - lse[:, None])
             j += m_extra
         if H.FULL in req.stats:
-            full = _all_gather(H._transform(l, softcap, temp), g)   # [world, C, Vl]
+            full = g.all_gather(H._transform(l, softcap, temp))   # [world, C, Vl]
             out[H.FULL].append(full.permute(1, 0, 2).reshape(c, -1) - lse[:, None])
         if want_k:
             cand_raw = allp[:, :, j:j + kk].permute(1, 0, 2).reshape(c, -1)
@@ -421,8 +426,7 @@ def _tail(req: H.HeadRequest, s: int, e: int, l: torch.Tensor, g_raw: torch.Tens
         z = H._transform(l, softcap, None if t1 is None else t1[:, None])
         below = torch.where(x < thr[:, None], (z - shift[:, None]).exp(), torch.zeros((), device=dev)).sum(1)
         part = torch.stack([below, (x == thr[:, None]).sum(1).float()], 1)
-    if g.world > 1:
-        dist.all_reduce(part)
+    g.all_reduce(part)
     below, eq = part[:, 0], part[:, 1]
     in_k = torch.arange(kk, device=dev)[None, :] < k_row[:, None]
     extra = (eq - ((g_raw == thr[:, None]) & in_k).sum(1)).clamp(min=0)

@@ -174,3 +174,134 @@ def test_tp_config_errors_exit_2(tiny_model_dir, argv, needle, capsys, monkeypat
     import torch.distributed as dist
 
     assert not dist.is_initialized()  # refused before any process group (or model) was set up
+
+
+class _ThreadGroup:
+    """The collectives of `tp.TPGroup` between threads of this process (one thread per rank):
+    the sharded head's merge, tested without processes."""
+
+    def __init__(self, rank: int, world: int, shared: dict):
+        self.rank, self.world, self.shared = rank, world, shared
+
+    def _exchange(self, x):
+        import torch
+
+        s = self.shared
+        s["slots"][self.rank] = x.clone()
+        s["barrier"].wait()
+        out = torch.stack(s["slots"])
+        s["barrier"].wait()
+        return out
+
+    def all_gather(self, x):
+        return self._exchange(x)
+
+    def all_reduce(self, x):
+        x.copy_(self._exchange(x).sum(0))
+
+
+def _sharded(req, W, world, chunk, softcap):
+    import threading
+
+    from teacher_server import tp
+
+    shared = {"slots": [None] * world, "barrier": threading.Barrier(world)}
+    vl = W.shape[0] // world
+    out, errs = [None] * world, []
+
+    def run(r):
+        try:
+            out[r] = tp.sharded_head_statistics(req, W[r * vl:(r + 1) * vl], r * vl, _ThreadGroup(r, world, shared),
+                                                chunk_size=chunk, softcap=softcap)
+        except Exception as exc:  # noqa: BLE001
+            errs.append(exc)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(world)]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert not errs, errs
+    for r in range(1, world):  # every rank holds the same merged statistics
+        for k in out[0]:
+            assert (out[r][k] == out[0][k]).all(), k
+    return out[0]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("softcap, temps", [(None, None), (None, [0.7, 1.3, 1.0]), (30.0, [0.5])])
+def test_sharded_head_merge_equals_one_rank_and_float64(world, softcap, temps):
+    """The merge itself, ranks as threads: ties across shards at the k-th place (duplicated
+    lm-head rows in different shards), peaked rows (tails down to ~1e-12: the exact path), per-row
+    k (including 0) and k larger than a shard, temperatures, softcap: equal to the one-rank head
+    and to float64 from the definition."""
+    import torch
+
+    from teacher_server import head as H
+
+    g = torch.Generator().manual_seed(1)
+    rows, hid, V = 29, 16, 64
+    hidden = torch.randn(rows, hid, generator=g)
+    W = torch.randn(V, hid, generator=g) * 0.7
+    W[:, 0] *= torch.linspace(0, 30, V)              # peaked rows: tiny tails
+    W[V - 1] = W[3]                                  # ties across the first and last shard
+    W[V // 2] = W[3]
+    k = V // 2 + 3                                   # more than a shard holds at world 2 and 4
+    row_k = torch.randint(0, k + 1, (rows,), generator=g)
+    row_k[:3] = torch.tensor([0, 1, k])
+    t = None if temps is None else torch.tensor(temps * rows)[:rows].float()
+    req = H.HeadRequest(hidden=hidden, targets=torch.randint(0, V, (rows,), generator=g), temperature=t,
+                        top_k=k, row_k=row_k, extra_ids=torch.randint(0, V, (rows, 5), generator=g),
+                        stats=frozenset({H.SAMPLED, H.TOPK, H.TAIL, H.LSE, H.ENTROPY, H.EXTRA, H.FULL}))
+    for chunk in (7, 64):
+        got = _sharded(req, W, world, chunk, softcap)
+        one = H.head_statistics(req, W, chunk_size=chunk, softcap=softcap)
+        assert set(got) == set(one)
+        z = (hidden.double() @ W.double().t())
+        if softcap:
+            z = torch.tanh(z / softcap) * softcap
+        if t is not None:
+            z = z / t.double()[:, None]
+        lp = torch.log_softmax(z, -1)
+        ref = {H.LSE: torch.logsumexp(z, -1), H.ENTROPY: -(lp.exp() * lp).sum(-1), H.FULL: lp,
+               H.SAMPLED: lp.gather(1, req.targets[:, None]).squeeze(1), H.EXTRA: lp.gather(1, req.extra_ids)}
+        for key, want in ref.items():
+            torch.testing.assert_close(got[key].double(), want, rtol=1e-5, atol=1e-5, msg=key)
+            torch.testing.assert_close(got[key], one[key], rtol=1e-5, atol=1e-5, msg=key)
+        # top-k: the values (ids may differ among tied values) and that the ids carry them
+        torch.testing.assert_close(got["topk_vals"].double(), lp.topk(k, -1).values, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lp.gather(1, got["topk_ids"]), got["topk_vals"].double(), rtol=1e-5, atol=1e-5)
+        # tail: the mass outside the row's own k, whichever tied ids were taken
+        tail_ref = torch.stack([torch.logsumexp(lp[r].scatter(0, lp[r].topk(int(row_k[r])).indices, float("-inf")), 0)
+                                if row_k[r] else torch.zeros((), dtype=torch.float64) for r in range(rows)])
+        # (the eager tail is log(1 - sum of k fp32 probabilities) above 1e-3: each carries ~6e-8 of
+        # rounding, so the mass is good to ~k x 6e-8 there; below 1e-3 it is the exact sum)
+        for other in (tail_ref.exp(), one[H.TAIL].exp().double()):
+            torch.testing.assert_close(got[H.TAIL].exp().double(), other, rtol=1e-4, atol=k * 6e-8)
+        small = tail_ref < -8
+        torch.testing.assert_close(got[H.TAIL].double()[small], tail_ref[small], rtol=1e-5, atol=1e-5)
+        assert tail_ref[row_k > 0].min() < -20          # the exact (tiny-tail) path was taken
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("world", [1, 2])
+def test_sharded_head_kernels_on_cuda_equal_one_rank(world):
+    """On CUDA the shards run the Triton kernels (row stats, block top-k, the exact tail): the
+    merged statistics equal the one-rank kernel head's on bf16 logits of a wide vocabulary."""
+    import torch
+
+    from teacher_server import head as H
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    rows, hid, V, k = 300, 64, 8 * 4096 + 256, 64
+    hidden = torch.randn(rows, hid, generator=g, device="cuda").bfloat16()
+    W = (torch.randn(V, hid, generator=g, device="cuda") * 0.5).bfloat16()
+    W[:, 0] *= torch.linspace(0, 30, V, device="cuda").bfloat16()
+    req = H.HeadRequest(hidden=hidden, targets=torch.randint(0, V, (rows,), generator=g, device="cuda"),
+                        temperature=None, top_k=k, row_k=torch.full((rows,), k, device="cuda"),
+                        extra_ids=torch.randint(0, V, (rows, 5), generator=g, device="cuda"),
+                        stats=frozenset({H.SAMPLED, H.TOPK, H.TAIL, H.LSE, H.ENTROPY, H.EXTRA}))
+    got = _sharded(req, W, world, 128, None)
+    one = H.head_statistics(req, W, chunk_size=128)
+    for key in (H.SAMPLED, H.LSE, H.ENTROPY, H.EXTRA, "topk_vals"):
+        torch.testing.assert_close(got[key], one[key], rtol=1e-4, atol=1e-4, msg=key)
+    torch.testing.assert_close(got[H.TAIL].exp(), one[H.TAIL].exp(), rtol=1e-3, atol=1e-6)
