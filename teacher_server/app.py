@@ -106,7 +106,8 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
     else:
         model = load_model(cfg.model, cfg.dtype, cfg.device, cfg.random_weights_seed)
     if cfg.quantize == "fp8":
-        fp8.quantize_body(model.get_decoder() if hasattr(model, "get_decoder") else model.base_model)
+        (tp.quantize_body if cfg.tp else fp8.quantize_body)(
+            model.get_decoder() if hasattr(model, "get_decoder") else model.base_model)
         torch.cuda.empty_cache()
     try:
         tok = AutoTokenizer.from_pretrained(cfg.model)

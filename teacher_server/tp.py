@@ -59,7 +59,7 @@ import torch.distributed as dist
 from teacher_server import head as H
 from teacher_server import kernels as K
 from teacher_server.engine import ScoreItem, ScoringEngine
-from teacher_server.fp8 import FP8Linear, dequantized
+from teacher_server.fp8 import FP8, FP8_MAX, FP8Linear, dequantized
 from teacher_server.model import compile_body, uncompile_body
 
 log = logging.getLogger("opd.teacher")
@@ -119,13 +119,12 @@ def check_args(args) -> str:
             return (f"--device {args.device}: with --tp {tp} expected plain 'cuda' (rank r uses cuda:r, "
                     f"or cuda:LOCAL_RANK under torchrun)")
         n = torch.cuda.device_count()
+        if n == 0:
+            return f"--tp {tp} --device {args.device}: this machine has no CUDA GPU; expected --device cpu"
         if n < tp:
             return f"--tp {tp}: needs {tp} GPUs, this machine has {n}; expected --tp <= {n}"
     if args.head != "fast":
         return f"--head {args.head}: with --tp the sharded head is used; expected --head fast"
-    if getattr(args, "quantize", "none") == "fp8" and tp > 1:
-        return (f"--quantize fp8 with --tp {tp}: not supported (fp8 layers would replace transformers' "
-                f"tensor-parallel ones); expected --tp 1 with --quantize fp8")
     cfg_path = Path(args.model) / "config.json"
     if not cfg_path.exists():
         return f"--model {args.model}: no config.json there (expected a Hugging Face model directory)"
@@ -188,6 +187,9 @@ def follow(args) -> int:
     g = _GROUP
     try:
         model = load_model(args.model, args.dtype, g.device, args.random_weights_seed)
+        if args.quantize == "fp8":
+            quantize_body(model.get_decoder())
+            torch.cuda.empty_cache()
         engine = TPScoringEngine(model, device=g.device, group=g, compile="off")
         engine.serve_follower()
     except Exception:  # noqa: BLE001 - the group is broken: leave
@@ -291,6 +293,82 @@ def load_model(model_dir: str, dtype: str, device, random_weights_seed: int | No
 
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
+
+
+# ---- fp8 over the shards -------------------------------------------------------------------------
+class FP8RowParallel(FP8Linear):
+    """A row-parallel (input-sharded) linear layer as fp8 (`fp8.FP8Linear`): this rank's weight
+    columns, the per-output-channel weight scales and the per-token activation scales taken over
+    the WHOLE input dimension (a max all-reduce: once for the weights, one [tokens] vector per
+    call), so every rank quantises exactly as one process would; the partial products are summed
+    (all-reduce) and the bias added once. Replaces transformers' rowwise layer (its all-reduce
+    included)."""
+
+    def __init__(self, linear, emulate: bool = False):
+        super().__init__(linear, emulate)
+        w = linear.weight.detach()
+        amax = w.abs().amax(dim=-1).float()
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+        self.weight_fp8 = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        self.weight_scale = scale.reshape(1, -1).contiguous()
+        self.row_bias, self.bias = self.bias, None   # added once, after the sum
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features)
+        if self.dequantized:
+            w = (self.weight_fp8.float() * self.weight_scale.t()).to(x.dtype)
+            y = torch.nn.functional.linear(x2, w)
+        else:
+            amax = x2.abs().amax(dim=-1, keepdim=True).float()
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+            xs = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+            xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+            if self.emulate:
+                y = ((xq.float() @ self.weight_fp8.float().t()) * xs * self.weight_scale).to(self.out_dtype)
+            else:
+                y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
+                                     out_dtype=self.out_dtype)
+        dist.all_reduce(y)
+        if self.row_bias is not None:
+            y = y + self.row_bias.to(y.dtype)
+        return y.reshape(*shape[:-1], self.out_features)
+
+
+def quantize_body(body, emulate: bool = False) -> int:
+    """`fp8.quantize_body` for a tensor-parallel body: every `nn.Linear` of the decoder layers whose
+    local shard is a multiple of 16 both ways becomes fp8: column-parallel ones (weight rows
+    sharded: q/k/v, gate/up; the input is whole on every rank, so `FP8Linear` of the local rows
+    quantises as one process would) and row-parallel ones (`FP8RowParallel`: o, down). The
+    replaced modules' transformers TP forwards go with them. Returns how many were replaced."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Shard
+
+    layers = getattr(body, "layers", None)
+    if not layers:
+        raise ValueError("--quantize fp8: the model's body has no `layers` to quantise")
+    n = 0
+    for layer in layers:
+        for name, mod in list(layer.named_modules()):
+            if type(mod) is not torch.nn.Linear:
+                continue
+            w = _local(mod.weight).detach()
+            if w.shape[0] % 16 or w.shape[1] % 16:
+                continue
+            bias = None if mod.bias is None else torch.nn.Parameter(_local(mod.bias).detach(), requires_grad=False)
+            lin = SimpleNamespace(weight=w, bias=bias, in_features=w.shape[1], out_features=w.shape[0])
+            placements = getattr(mod.weight, "placements", ())
+            row = bool(placements) and placements[0] == Shard(1)
+            new = FP8RowParallel(lin, emulate) if row else FP8Linear(lin, emulate)
+            parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
+            setattr(parent, name.rpartition(".")[2], new)
+            n += 1
+    if n == 0:
+        raise ValueError("--quantize fp8: no linear layer in the body could be quantised")
+    log.info("fp8: %d linear layers of the tensor-parallel body quantised (e4m3, rowwise scales)", n)
+    return n
 
 
 # ---- the sharded head ------------------------------------------------------------------------------

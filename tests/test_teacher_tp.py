@@ -2,7 +2,8 @@
 
 - Engine level (tests/tp_worker.py, two processes): every statistic of the tensor-parallel engine
   equals the one-process engine's (fp32, 1e-5; top-k ids exactly) on a dense tiny Qwen3 and a
-  tiny Qwen3-MoE, with prefix sharing (packed and KV-cache) and without.
+  tiny Qwen3-MoE, with prefix sharing (packed and KV-cache) and without, and with an fp8 body.
+- The sharded head's merge with ranks as threads (edge cases, against float64).
 - The CLI: `opd teacher --tp 2` over real gRPC on 127.0.0.1 equals the in-process one-rank server
   on requests of every statistic; killing a rank takes the server to NOT_SERVING and exit 1.
 - Configuration errors exit 2 before any model loads.
@@ -59,16 +60,20 @@ def _env(**kw) -> dict:
     return env
 
 
-def test_two_ranks_equal_one_rank_dense_and_moe(tmp_path, tiny_model_dir, tiny_moe_dir):
+def test_two_ranks_equal_one_rank_dense_moe_fp8(tmp_path, tiny_model_dir, tiny_moe_dir):
+    """tests/tp_worker.py on two gloo ranks: dense (prefix sharing packed, KV cache, off), MoE
+    (prefix sharing through the KV cache, off) and the dense body as fp8 (emulated on CPU)."""
     out = tmp_path / "report.json"
     port = str(_free_port())
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.tp_worker", str(out), tiny_model_dir, tiny_moe_dir],
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.tp_worker", str(out), tiny_model_dir, tiny_moe_dir,
+                               "fp8:" + tiny_model_dir],
                               env=_env(RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (1, 0)]
     logs = [p.communicate(timeout=240)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[1][-3000:] + logs[0][-3000:]
     report = json.loads(out.read_text())
-    assert len(report) == 5, sorted(report)
+    assert len(report) == 6, sorted(report)
+    assert "fp8 qwen3/prefix=True/packing=on" in report and "qwen3_moe/prefix=False/packing=off" in report
     for case, r in report.items():
         for key in ("sampled", "topk_logprobs", "tail", "lse", "entropy", "extra", "full"):
             assert key in r and r[key] <= TOL, (case, key, r)
@@ -160,7 +165,7 @@ def test_cli_tp2_over_grpc_equals_one_rank_and_a_lost_rank_stops_it(tiny_model_d
     (["--tp", "-1"], "--tp -1: expected a number of ranks >= 1"),
     (["--tp", "2", "--device", "cuda:1"], "--device cuda:1"),
     (["--tp", "2", "--head", "reference"], "--head reference: with --tp"),
-    (["--tp", "2", "--quantize", "fp8"], "--quantize fp8 with --tp 2"),
+    (["--tp", "64", "--device", "cuda"], "--tp 64"),
 ])
 def test_tp_config_errors_exit_2(tiny_model_dir, argv, needle, capsys, monkeypatch):
     from opd.cli import main

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from teacher_server import head as H
 from teacher_server import tp
 from teacher_server.engine import ScoreItem, ScoringEngine
+from teacher_server.fp8 import quantize_body
 from teacher_server.model import load_model
 
 ALL = frozenset({H.SAMPLED, H.TOPK, H.TAIL, H.LSE, H.ENTROPY, H.EXTRA, H.FULL})
@@ -61,16 +62,25 @@ def main(out_path: str, *model_dirs: str) -> int:
     tp._GROUP = tp.TPGroup(rank, world, rank, torch.device("cpu"), dist.new_group(backend="gloo"), [])
     report = {}
     for d in model_dirs:
+        quant = d.startswith("fp8:")    # the body as fp8 (emulated on CPU) on both sides
+        d = d.removeprefix("fp8:")
         model = tp.load_model(d, "fp32", "cpu")
+        if quant:
+            tp.quantize_body(model.get_decoder(), emulate=True)
         eng = tp.TPScoringEngine(model, group=tp.current(), device="cpu", compile="off", packing="on",
                                  prefix_min_tokens=8, max_batch_tokens=256, chunk_size=16, head_part_rows=20)
         if rank != 0:
             eng.serve_follower()
             continue
-        plain = ScoringEngine(load_model(d, "fp32", "cpu"), device="cpu", compile="off", packing="on",
+        one = load_model(d, "fp32", "cpu")
+        if quant:
+            quantize_body(one.get_decoder(), emulate=True)
+        plain = ScoringEngine(one, device="cpu", compile="off", packing="on",
                               prefix_min_tokens=8, max_batch_tokens=256, chunk_size=16, head_part_rows=20)
         vocab = int(plain.weight.shape[0])
         cases = [(True, "on"), (True, "off"), (False, "on")] if eng.packing_active() else [(True, "off"), (False, "off")]
+        if quant:
+            cases = cases[:1]
         for prefix, packing in cases:
             for e in (eng, plain):
                 e.prefix_sharing, e.packing = prefix, packing
@@ -79,7 +89,7 @@ def main(out_path: str, *model_dirs: str) -> int:
             want = plain.score(make_items(vocab), use_cache=False)
             r = diffs(got, want)
             r["shared_prefix_tokens"] = eng.stats.shared_prefix_tokens
-            report[f"{plain.model.config.model_type}/prefix={prefix}/packing={packing}"] = r
+            report[f"{'fp8 ' * quant}{plain.model.config.model_type}/prefix={prefix}/packing={packing}"] = r
         eng.stop_followers()
     if rank == 0:
         with open(out_path, "w") as f:
