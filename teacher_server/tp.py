@@ -271,9 +271,11 @@ def load_model(model_dir: str, dtype: str, device, random_weights_seed: int | No
 
         tmp = Path(tempfile.gettempdir()) / f"opd-tp-random-{os.environ.get('MASTER_PORT', '0')}"
         if g.rank == 0:
-            m = load_plain(model_dir, dtype, "cpu", random_weights_seed)
+            m = load_plain(model_dir, dtype, str(g.device), random_weights_seed)  # as one process builds it
             m.save_pretrained(str(tmp), safe_serialization=True)
             del m
+            if g.device.type == "cuda":
+                torch.cuda.empty_cache()
         dist.barrier(group=g.ctrl)
         src = str(tmp)
     model = AutoModelForCausalLM.from_pretrained(
