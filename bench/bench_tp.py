@@ -13,7 +13,9 @@ path with one rank: batch broadcast skipped, sharded head with no collectives). 
 `--together` (the default when every variant fits one device: only --tp 1) all servers run at
 once and the measurements alternate between them, round by round (`--rounds`), so drift hits
 every variant alike; otherwise each variant runs alone, one after the other. Prints a markdown
-table (median tokens/s per variant and workload, and the ratio to the plain server); --out
+table (median tokens/s per variant and workload, the ratio to the plain server, and for one fixed
+batch every variant scores the max |difference| of the sampled log-probs and the top-k id overlap
+against the first variant: 0 and 1 at --tp 1; bf16 rounding of the all-reduces at --tp > 1); --out
 writes the JSON.
 
 One H200 (the lead runs this; ~10 min incl. two 8B builds and their compiles):
@@ -192,10 +194,15 @@ def main(argv=None) -> int:
             client.score(seqs, starts, settings=settings)
             times[name][kind].append(time.perf_counter() - t)
 
-    def warm(client) -> None:
+    check_seqs, check_starts, _ = workload("plain")   # one fixed batch every variant scores: same numbers?
+    check: dict[str, list] = {}
+
+    def warm(client, name: str) -> None:
         for kind in ("plain", "prefix"):
             seqs, starts, _ = workload(kind)
             client.score(seqs, starts, settings=settings)
+        check[name] = client.score(check_seqs, check_starts, settings=ScoreSettings(
+            top_k=args.top_k, statistics=("sampled", "topk", "tail"), value_encoding="fp32"))
 
     servers: list[Server] = []
     try:
@@ -204,7 +211,7 @@ def main(argv=None) -> int:
             clients = {s.name: TeacherClient(s.wait_ready(args.ready_timeout_s), timeout_s=3600) for s in servers}
             for s in servers:
                 info[s.name] = {"ready_seconds": s.ready_s, "tp": s.tp}
-                warm(clients[s.name])
+                warm(clients[s.name], s.name)
             for _ in range(args.rounds):
                 for s in servers:
                     measure(s.name, clients[s.name])
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
                 servers.append(s)
                 c = TeacherClient(s.wait_ready(args.ready_timeout_s), timeout_s=3600)
                 info[v] = {"ready_seconds": s.ready_s, "tp": n}
-                warm(c)
+                warm(c, v)
                 for _ in range(args.rounds):
                     measure(v, c)
                 c.close()
@@ -234,6 +241,13 @@ def main(argv=None) -> int:
             ts = times[v][kind]
             med = statistics.median(ts)
             row[kind] = {"seconds": ts, "median_seconds": med, "tokens_per_s": n_tok / med}
+        ref = check.get(variants[0][0])
+        if ref is not None and v in check:  # vs the first variant (the plain server unless --no-plain)
+            row["max_abs_diff_sampled_vs_first"] = max(
+                float(np.abs(a.sampled_logprobs - b.sampled_logprobs).max()) for a, b in zip(check[v], ref))
+            row["topk_id_agreement_vs_first"] = float(np.mean(
+                [np.mean([len(set(x) & set(y)) / len(x) for x, y in zip(a.topk_ids, b.topk_ids)])
+                 for a, b in zip(check[v], ref)]))
         R["variants"][v] = row
     print(report(R, args))
     if args.out:
@@ -251,13 +265,16 @@ def report(R, args) -> str:
              f"{'servers side by side, calls alternating' if R['together'] else 'one server at a time'}; "
              f"plain = {args.seqs} x {args.seq_len} tokens, prefix = {args.prompts} prompts x {args.samples} samples x "
              f"({args.prompt_len} + {args.response_len}).", "",
-             "| variant | workload | tokens/s | vs plain server | calls (s) |", "|---|---|---|---|---|"]
+             "| variant | workload | tokens/s | vs plain server | calls (s) | max abs diff sampled, top-k agreement "
+             "(vs the first row's server, one batch) |", "|---|---|---|---|---|---|"]
     for v, row in R["variants"].items():
         for kind in ("plain", "prefix"):
             tps = row[kind]["tokens_per_s"]
             ratio = f"{tps / base[kind]['tokens_per_s']:.3f}x" if base else "n/a"
             calls = ", ".join(f"{t:.2f}" for t in row[kind]["seconds"])
-            lines.append(f"| {v} | {kind} | {tps:,.0f} | {ratio} | {calls} |")
+            same = (f"{row['max_abs_diff_sampled_vs_first']:.3g}, {row['topk_id_agreement_vs_first']:.4f}"
+                    if kind == "plain" and "max_abs_diff_sampled_vs_first" in row else "")
+            lines.append(f"| {v} | {kind} | {tps:,.0f} | {ratio} | {calls} | {same} |")
     return "\n".join(lines)
 
 
