@@ -125,7 +125,8 @@ def build_server(cfg: TeacherConfig, metrics=None) -> TeacherServer:
         cache = StatsCache(cfg.cache_mb << 20, cfg.cache_dir)
     budget = cfg.max_batch_tokens or auto_batch_tokens(model, cfg.device)
     log.info("max batch tokens: %d%s", budget, "" if cfg.max_batch_tokens else " (auto)")
-    engine = (tp.TPScoringEngine if cfg.tp else ScoringEngine)(model, **tp_kw, device=cfg.device, max_batch_tokens=budget,
+    engine_cls = tp.TPScoringEngine if cfg.tp else ScoringEngine
+    engine = engine_cls(model, **tp_kw, device=cfg.device, max_batch_tokens=budget,
                            chunk_size=cfg.chunk_size, max_queue_tokens=cfg.max_queue_tokens, pad_id=pad or 0,
                            prefix_sharing=cfg.prefix_sharing, prefix_min_tokens=cfg.prefix_min_tokens,
                            cache=cache, model_id=f"{mhash}:{cfg.dtype}" + ("" if cfg.quantize == "none" else f":{cfg.quantize}"),

@@ -123,6 +123,12 @@ def check_args(args) -> str:
             return f"--tp {tp} --device {args.device}: this machine has no CUDA GPU; expected --device cpu"
         if n < tp:
             return f"--tp {tp}: needs {tp} GPUs, this machine has {n}; expected --tp <= {n}"
+    if getattr(args, "quantize", "none") == "fp8":
+        from teacher_server.fp8 import supported
+
+        why = supported(torch.device("cuda", 0) if dev.type == "cuda" else dev)
+        if why:
+            return why
     if args.head != "fast":
         return f"--head {args.head}: with --tp the sharded head is used; expected --head fast"
     cfg_path = Path(args.model) / "config.json"

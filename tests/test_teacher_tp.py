@@ -166,6 +166,7 @@ def test_cli_tp2_over_grpc_equals_one_rank_and_a_lost_rank_stops_it(tiny_model_d
     (["--tp", "2", "--device", "cuda:1"], "--device cuda:1"),
     (["--tp", "2", "--head", "reference"], "--head reference: with --tp"),
     (["--tp", "64", "--device", "cuda"], "--tp 64"),
+    (["--tp", "2", "--quantize", "fp8"], "--quantize fp8 needs a CUDA GPU"),
 ])
 def test_tp_config_errors_exit_2(tiny_model_dir, argv, needle, capsys, monkeypatch):
     from opd.cli import main
