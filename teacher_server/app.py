@@ -51,6 +51,7 @@ class TeacherConfig:
     sglang_api_key: str | None = None
     sglang_timeout_s: float = 600.0
     sglang_wait_s: float = 60.0
+    tp: int = 0                           # tensor-parallel ranks (tp.py; 0 = the plain one-process engine)
     server: ServerConfig = field(default_factory=ServerConfig)
 
 
@@ -195,16 +196,25 @@ def _tokenizer_info(path: str) -> tuple[str, int, str, int | None]:
 
 def _load(cfg: TeacherConfig, path: str, cache, mhash: str) -> tuple[ScoringEngine, Limits, pb.TeacherInfo]:
     """Load one model directory: its engine (not started), request limits and TeacherInfo."""
-    model = load_model(path, cfg.dtype, cfg.device, cfg.random_weights_seed)
+    tp_kw = {}
+    if cfg.tp:  # this process is rank 0 of the group `tp.launch` set up
+        from teacher_server import tp
+
+        model = tp.load_model(path, cfg.dtype, cfg.device, cfg.random_weights_seed)
+        tp_kw = {"group": tp.current()}
+    else:
+        model = load_model(path, cfg.dtype, cfg.device, cfg.random_weights_seed)
     if cfg.quantize == "fp8":
-        fp8.quantize_body(model.get_decoder() if hasattr(model, "get_decoder") else model.base_model)
+        (tp.quantize_body if cfg.tp else fp8.quantize_body)(
+            model.get_decoder() if hasattr(model, "get_decoder") else model.base_model)
         torch.cuda.empty_cache()
     tok_fp, tok_len, template, pad = _tokenizer_info(path)
     vocab = int(model.get_output_embeddings().weight.shape[0])
     max_len = cfg.max_sequence_length or int(getattr(model.config, "max_position_embeddings", 4096))
     budget = cfg.max_batch_tokens or auto_batch_tokens(model, cfg.device)
     log.info("max batch tokens: %d%s", budget, "" if cfg.max_batch_tokens else " (auto)")
-    engine = ScoringEngine(model, device=cfg.device, max_batch_tokens=budget,
+    engine_cls = tp.TPScoringEngine if cfg.tp else ScoringEngine
+    engine = engine_cls(model, **tp_kw, device=cfg.device, max_batch_tokens=budget,
                            chunk_size=cfg.chunk_size, max_queue_tokens=cfg.max_queue_tokens, pad_id=pad or 0,
                            prefix_sharing=cfg.prefix_sharing, prefix_min_tokens=cfg.prefix_min_tokens,
                            cache=cache, model_id=f"{mhash}:{cfg.dtype}" + ("" if cfg.quantize == "none" else f":{cfg.quantize}"),

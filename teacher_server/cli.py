@@ -86,6 +86,11 @@ def add_arguments(p):
     p.add_argument("--served-model-name", default=None,
                    help="model id the HTTP front reports in /v1/models and accepts as 'model' (default: the --model "
                         "name; one model only: with several, the HTTP front uses their NAMEs)")
+    p.add_argument("--tp", type=int, default=0,
+                   help="tensor-parallel ranks on this node (0 = off): the model sharded by transformers' TP plan, "
+                        "rank 0 serves, every batch runs on all ranks, the head merges vocabulary shards exactly; "
+                        "spawns the ranks itself, or run under `torchrun --nproc_per_node N -m opd teacher --tp N` "
+                        "(docs/deploy.md)")
     p.add_argument("--log-level", default="INFO", help="logging level")
     from teacher_server import sglang_app
 
@@ -132,6 +137,22 @@ def main(args) -> int:
               f"{'--port' if args.http_port == args.port else '--metrics-port'}; expected another port (or 0)",
               file=sys.stderr)
         return 2
+    if args.tp:  # checked before any model loads; followers run their loop and return here
+        from teacher_server import tp
+
+        if len(models) > 1:
+            print(f"opd teacher: --tp {args.tp}: one --model only ({len(models)} given); run one tensor-parallel "
+                  f"server per model", file=sys.stderr)
+            return 2
+        args.model = models[0][1]   # tp.check_args / the followers read one directory
+
+        problem = tp.check_args(args)
+        if problem:
+            print(f"opd teacher: {problem}", file=sys.stderr)
+            return 2
+        rc = tp.launch(args)
+        if rc is not None:
+            return rc
     server_cfg = ServerConfig(host=args.host, port=args.port, max_workers=args.max_workers, queue_wait_s=args.queue_wait_s,
                               max_unread_mb_per_stream=args.max_unread_mb_per_stream,
                               auth_token=args.auth_token, tls_cert=args.tls_cert, tls_key=args.tls_key,
@@ -145,7 +166,7 @@ def main(args) -> int:
                         pipeline_depth=args.pipeline_depth, head_part_rows=args.head_part_rows,
                         batch_wait_s=args.batch_wait_ms / 1e3, engine=args.engine, sglang_url=args.sglang_url,
                         sglang_api_key=args.sglang_api_key, sglang_timeout_s=args.sglang_timeout_s,
-                        sglang_wait_s=args.sglang_wait_s)
+                        sglang_wait_s=args.sglang_wait_s, tp=args.tp)
     metrics = None
     if args.metrics_port is not None:
         from teacher_server.metrics import TeacherMetrics
@@ -171,6 +192,8 @@ def main(args) -> int:
         logging.getLogger("opd.teacher").info("signal %d: NOT_SERVING, draining for up to %.0fs", signum, args.grace_s)
         stop.set()
 
+    if args.tp:
+        tp.watch(server, stop)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     http = None
@@ -206,4 +229,4 @@ def main(args) -> int:
     if drain_http is not None:
         drain_http.join(args.grace_s + 5)
     print("opd teacher: stopped", flush=True)
-    return 0
+    return tp.finish(server) if args.tp else 0

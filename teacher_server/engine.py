@@ -109,6 +109,8 @@ class EngineStats:
 
 
 class ScoringEngine:
+    updatable_weights = True          # `update_weights` (the UpdateWeights RPC) applies to this engine
+
     def __init__(self, model, *, device: str | torch.device = "cpu", max_batch_tokens: int = 16384,
                  chunk_size: int = 1024, max_queue_tokens: int = 1 << 20, pad_id: int = 0,
                  prefix_sharing: bool = True, prefix_min_tokens: int = 16,
@@ -674,13 +676,17 @@ class ScoringEngine:
             top_k=max(it.top_k for it in items), row_k=torch.cat(row_k).to(dev, non_blocking=True),
             extra_ids=torch.cat(extra).to(dev, non_blocking=True) if max_m else None,
             stats=frozenset().union(*(it.stats for it in items)))
-        res = H.HEADS[self.head](req, self.weight, self.chunk_size, self.softcap, compiled=self.compiled_head,
-                                 compile_backend=self.compile_backend)
+        res = self._head_fn(req)
         sorted_ids = "topk_ids" in res and len({it.top_k for it in items}) == 1
         if sorted_ids:  # ids ascending on the device (for delta coding): no host-side argsort
             res["topk_ids"], order = res["topk_ids"].sort(dim=1)
             res["topk_vals"] = res["topk_vals"].gather(1, order)
         return res, sorted_ids
+
+    def _head_fn(self, req: H.HeadRequest) -> dict[str, torch.Tensor]:
+        """The statistics head over the whole vocabulary (tp.TPScoringEngine: over its shard, merged)."""
+        return H.HEADS[self.head](req, self.weight, self.chunk_size, self.softcap, compiled=self.compiled_head,
+                                  compile_backend=self.compile_backend)
 
     def _finish(self, launched: "_Launched", deliver: bool) -> list[dict]:
         """Wait for each part's copy, split it into per-item results, fill the cache and (if

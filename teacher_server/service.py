@@ -481,7 +481,7 @@ class _WeightUpdate:
                 raise InvalidRequest(f"{where}.{exc}") from None
             self.served, self.version, self.partial = served, int(req.version), bool(req.partial)
             self.engine = self.servicer.engine_for(served.name)
-            if not hasattr(self.engine, "update_weights"):
+            if not getattr(self.engine, "updatable_weights", False):
                 raise _Refused(f"model {served.name!r} runs on {type(self.engine).__name__}, which cannot update weights")
             if self.engine.quantized:
                 raise _Refused(f"model {served.name!r} is served fp8-quantised (--quantize fp8); its weights cannot "

@@ -50,7 +50,7 @@ def check_args(args) -> str | None:
     for flag, value, default in (("--quantize", getattr(args, "quantize", "none"), "none"),
                                  ("--tp", getattr(args, "tp", None), None),
                                  ("--random-weights-seed", getattr(args, "random_weights_seed", None), None)):
-        if value is not None and value != default and not (flag == "--tp" and value == 1):
+        if value is not None and value != default and not (flag == "--tp" and value in (0, 1)):
             return (f"{flag} {value}: not available with --engine sglang (the SGLang server runs the model; "
                     f"set its precision and parallelism there)")
     if not args.sglang_timeout_s > 0:
