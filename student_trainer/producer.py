@@ -31,7 +31,7 @@ import torch
 
 from student_trainer import losses as L
 from student_trainer.batching import Sample, teacher_arrays
-from student_trainer.config import ConfigError, TrainConfig
+from student_trainer.config import DEFAULT_TEACHER, ConfigError, TeacherSpec, TrainConfig, teacher_specs
 
 log = logging.getLogger("opd.train")
 
@@ -44,11 +44,30 @@ class StepData:
     counters: dict = field(default_factory=dict)
 
 
+@dataclass
+class Teacher:
+    """A configured teacher (the default one or a route) with its connection; routes that name the
+    same server (url and model) share one client."""
+    spec: TeacherSpec
+    client: object                    # teacher_server.client.TeacherClient
+    settings: object                  # its ScoreSettings (top_k, temperature, statistics, encoding)
+    chat_template: str                # the server's, which renders prompt templates
+
+
 class Producer:
     def __init__(self, cfg: TrainConfig, tokenizer, vocab: int, device: str):
         self.cfg, self.tokenizer, self.vocab, self.device = cfg, tokenizer, vocab, device
+        uses_teacher = cfg.loss.objective not in ("grpo", "sft")
+        self.specs = teacher_specs(cfg) if uses_teacher else {}
+        self.routed = bool(self.specs) and bool(cfg.teacher.routes)  # per-teacher packing and metrics
         self.data = self._data_source()  # bad data settings fail before any network wait
-        self.teacher = self._connect_teacher() if cfg.teacher.url and cfg.loss.objective not in ("grpo", "sft") else None
+        self._check_rows()
+        self.teachers = self._connect_teachers() if self.specs else {}
+        # the default teacher's client (else the first route's): None when no teacher is asked
+        first = self.teachers.get(DEFAULT_TEACHER) or next(iter(self.teachers.values()), None)
+        self.teacher = first.client if first is not None else None
+        if cfg.teacher.refresh_every:
+            _check_refresh_support()
         self.rollout = self.warm_rollout = self.wsync = None
         self.engine, self.rank, self.world = None, 0, 1
         self.version = 0
@@ -83,55 +102,126 @@ class Producer:
         for eng in (self.rollout, self.warm_rollout):
             if eng is not None and hasattr(eng, "close"):
                 eng.close()
-        if self.teacher is not None:
-            self.teacher.close()
+        for client in {id(x.client): x.client for x in self.teachers.values()}.values():
+            client.close()
 
     # ---- set-up ----------------------------------------------------------------------------------
-    def _connect_teacher(self):
+    def _data_source(self):
+        from student_trainer.data import builtin_source, file_source
+
+        d, t = self.cfg.data, self.cfg.teacher
+        if d.task:
+            return builtin_source(self.tokenizer, d.task, seed=d.seed)
+        # routing and prompt templates read the file's records
+        rows = bool(self.specs) and (bool(t.routes) or any(s.prompt_template for s in self.specs.values()))
+        return file_source(d, self.tokenizer, self.cfg.loss.reward_fn or "math", rows=rows)
+
+    # ---- teachers: routing, handshake, privileged prompts -------------------------------------
+    def route_of(self, row: dict | None, label: str = "a prompt") -> str:
+        """The name of the teacher that scores a prompt whose data row is `row`: the route named
+        by the row's teacher.route_key value, else the default teacher; neither is a ConfigError."""
+        t = self.cfg.teacher
+        if not t.routes:
+            return DEFAULT_TEACHER
+        from rollout.data import get_key
+
+        try:
+            value = str(get_key(row or {}, t.route_key))
+        except KeyError:
+            value = None
+        if value in t.routes:
+            return value
+        if DEFAULT_TEACHER in self.specs:
+            return DEFAULT_TEACHER
+        shown = f"{t.route_key}={value!r}" if value is not None else f"no {t.route_key!r}"
+        raise ConfigError(f"teacher.routes: {label} has {shown}, which no route names (routes: "
+                          f"{', '.join(t.routes)}) and there is no default teacher (teacher.url)")
+
+    def _check_rows(self) -> None:
+        """Before any network wait: every training row has a teacher and the fields its prompt
+        template names."""
+        from student_trainer.config import template_fields
+
+        rows = self.data.rows
+        if rows is None or not self.specs:
+            return
+        fields = {n: template_fields(s.prompt_template, f"{s.key}.prompt_template") for n, s in self.specs.items()}
+        used: dict[str, int] = {}
+        for i, row in enumerate(rows):
+            name = self.route_of(row, self.data.row_label(i))
+            used[name] = used.get(name, 0) + 1
+            for f in fields[name]:
+                if f not in row:
+                    raise ConfigError(f"{self.specs[name].key}.prompt_template: {self.data.row_label(i)} has no field "
+                                      f"{f!r} (its fields: {', '.join(map(str, row))})")
+        if self.cfg.teacher.routes:
+            log.info("teacher routes (%s): %s", self.cfg.teacher.route_key,
+                     ", ".join(f"{n} {used.get(n, 0)} prompts" for n in self.specs))
+
+    def _connect_teachers(self) -> dict:
+        """One client per distinct (url, model); the handshake (chat template, tokenizer
+        fingerprint, vocabulary, max_top_k) per client, its errors naming the teachers that use it."""
         from teacher_server.client import ScoreSettings, TeacherClient, TokenizerMismatchError
 
         t = self.cfg.teacher
         stats = ["sampled", "topk", "tail"] + (["extra"] if t.student_top_k else []) + (
             ["full"] if self.cfg.loss.support == "full" else [])
-        client = TeacherClient(t.url, settings=ScoreSettings(top_k=t.top_k, statistics=tuple(stats),
-                                                             temperature=self.cfg.loss.temperature,
-                                                             value_encoding=t.value_encoding, compression=t.compression),
-                               timeout_s=t.timeout_s, max_retries=t.max_retries, max_backoff_s=t.max_backoff_s,
-                               token=t.token or None)
-        info = client.info()
-        # the chat template first (the tokenizer fingerprint covers it too, but says less)
-        if (self.tokenizer.chat_template or "") != info.chat_template and not t.allow_tokenizer_mismatch:
-            raise ConfigError("teacher.url: the teacher's chat template differs from the student's; prompts would be "
-                              "formatted differently on the two sides (teacher.allow_tokenizer_mismatch=true overrides)")
+        users: dict[tuple, list] = {}
+        for spec in self.specs.values():
+            users.setdefault((spec.url, spec.model), []).append(spec)
+        out = {}
+        for (url, model), specs in users.items():
+            keys = " / ".join(f"{s.key}.url" for s in specs)
+            who = f"{keys} ({', '.join(repr(s.name) for s in specs)} teacher at {url})" if t.routes else keys
+            client = TeacherClient(url, timeout_s=t.timeout_s, max_retries=t.max_retries, max_backoff_s=t.max_backoff_s,
+                                   token=t.token or None, **_model_kwargs(specs[0].key, model))
+            info = client.info()
+            # the chat template first (the tokenizer fingerprint covers it too, but says less)
+            if (self.tokenizer.chat_template or "") != info.chat_template and not t.allow_tokenizer_mismatch:
+                raise ConfigError(f"{who}: the teacher's chat template differs from the student's; prompts would be "
+                                  "formatted differently on the two sides (teacher.allow_tokenizer_mismatch=true "
+                                  "overrides)")
+            try:
+                client.check_tokenizer(self.tokenizer, t.allow_tokenizer_mismatch)
+            except TokenizerMismatchError as exc:
+                raise ConfigError(f"{who}: {exc} (config key: teacher.allow_tokenizer_mismatch=true)") from None
+            if info.vocab_size < self.vocab:
+                raise ConfigError(f"{who}: the teacher's logit width {info.vocab_size} is smaller than the "
+                                  f"student's {self.vocab}; they cannot share token ids")
+            if info.vocab_size > self.vocab:
+                log.info("teacher logit width %d > student %d: padded teacher rows are folded into the tail",
+                         info.vocab_size, self.vocab)
+            for s in specs:
+                if s.top_k > info.max_top_k:
+                    key = "teacher.top_k" if s.key == "teacher" or t.routes[s.name].top_k < 0 else f"{s.key}.top_k"
+                    raise ConfigError(f"{key}: {s.top_k} exceeds the server's max_top_k {info.max_top_k} "
+                                      f"(teacher {s.name!r} at {url})")
+                settings = ScoreSettings(top_k=s.top_k, statistics=tuple(stats), temperature=s.temperature,
+                                         value_encoding=t.value_encoding, compression=t.compression)
+                out[s.name] = Teacher(s, client, settings, info.chat_template)
+            log.info("teacher %s (%s, vocab %d) at %s for %s", info.model_name, info.dtype, info.vocab_size, url,
+                     ", ".join(s.name for s in specs))
+        return out
+
+    def teacher_prompt_ids(self, name: str, prompt) -> list[int] | None:
+        """Privileged context: the prompt teacher `name` scores the response after, built from its
+        prompt template over the prompt's data row as one user message through the teacher's chat
+        template (with the generation prompt); None without a template (the student's prompt)."""
+        tch = self.teachers[name]
+        template = tch.spec.prompt_template
+        if not template:
+            return None
+        row = prompt.metadata.get("row") or {}
         try:
-            client.check_tokenizer(self.tokenizer, t.allow_tokenizer_mismatch)
-        except TokenizerMismatchError as exc:
-            raise ConfigError(f"teacher.url: {exc} (config key: teacher.allow_tokenizer_mismatch=true)") from None
-        if info.vocab_size < self.vocab:
-            raise ConfigError(f"teacher.url: the teacher's logit width {info.vocab_size} is smaller than the "
-                              f"student's {self.vocab}; they cannot share token ids")
-        if info.vocab_size > self.vocab:
-            log.info("teacher logit width %d > student %d: padded teacher rows are folded into the tail",
-                     info.vocab_size, self.vocab)
-        if t.top_k > info.max_top_k:
-            raise ConfigError(f"teacher.top_k: {t.top_k} exceeds the server's max_top_k {info.max_top_k}")
-        if t.student_top_k and self.cfg.rollout.staleness:
-            raise ConfigError("teacher.student_top_k needs rollout.staleness=0 (the student's top ids come from the "
-                              "current weights)")
-        log.info("teacher %s (%s, vocab %d) at %s", info.model_name, info.dtype, info.vocab_size, t.url)
-        return client
-
-    def _data_source(self):
-        from student_trainer.data import BUILTIN_TASKS, arithmetic_source, file_source, task_source
-
-        d = self.cfg.data
-        if d.task:
-            if d.task not in BUILTIN_TASKS:
-                raise ConfigError(f"data.task: {d.task!r} is not a built-in task (built in: {', '.join(BUILTIN_TASKS)})")
-            if d.task != "arithmetic":
-                return task_source(self.tokenizer, d.task, seed=d.seed)
-            return arithmetic_source(self.tokenizer, seed=d.seed)
-        return file_source(d, self.tokenizer, self.cfg.loss.reward_fn or "math")
+            text = template.format_map(row)
+        except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
+            label = f"record {prompt.metadata['index']}" if "index" in prompt.metadata else "a prompt"
+            raise ValueError(f"{tch.spec.key}.prompt_template: {label} of {self.data.where} does not fill "
+                             f"{template!r}: {type(exc).__name__}: {exc} (its fields: {', '.join(map(str, row))})") from None
+        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True,
+                                                      chat_template=tch.chat_template or None)
+        return list(self.tokenizer.encode(rendered, add_special_tokens=False))
 
     def _rollout_engine(self, model_dir: str, urls: str = ""):
         """The configured engine; for a built-in task that needs tools (``calc``) wrapped in the
@@ -276,18 +366,31 @@ class Producer:
         futures: list[cf.Future] = []
         pool = cf.ThreadPoolExecutor(max_workers=max(1, cfg.teacher.concurrency))
         gen_done = [0.0]
+        # each prompt's teacher (a prompt group is scored by one teacher) and, with a prompt
+        # template, the teacher's own prompt the response is scored after (privileged context)
+        route = [self.route_of(p.metadata.get("row"), self.data.where) for p in prompts] if self.teachers else []
+        t_prompt = [self.teacher_prompt_ids(name, p) for name, p in zip(route, prompts)]
 
-        def score(batch: list[Sample]):
-            ids = [s.token_ids for s in batch]
-            starts = [s.prompt_len for s in batch]
+        def score(name: str, batch: list[Sample]):
+            t_call = time.perf_counter()
+            tch = self.teachers[name]
+            ids, starts = [], []
+            for s in batch:
+                tp = t_prompt[s.group]
+                if tp is None:
+                    ids.append(s.token_ids)
+                    starts.append(s.prompt_len)
+                else:  # the same response tokens after the teacher's prompt: row r is response token r
+                    ids.append(tp + s.token_ids[s.prompt_len:])
+                    starts.append(len(tp))
             s_top = None
             if cfg.teacher.student_top_k:  # the student's own top ids, from the current weights
                 s_top = self.engine.module.top_ids(batch, cfg.teacher.student_top_k, cfg.loss.temperature,
                                                    cfg.optim.micro_batch_tokens, self.device)
-            res = self.teacher.score(ids, starts, extra_ids=s_top)
+            res = tch.client.score(ids, starts, extra_ids=s_top, settings=tch.settings)
             for i, (s, st) in enumerate(zip(batch, res)):
                 s.teacher = teacher_arrays(st, self.vocab, None if s_top is None else s_top[i])
-            return sum(st.wire_bytes for st in res), time.perf_counter()
+            return name, sum(st.wire_bytes for st in res), t_call, time.perf_counter()
 
         stats = getattr(getattr(engine, "inner", engine), "stats", None)
         stats0 = dict(stats) if stats is not None else {}
@@ -295,7 +398,7 @@ class Producer:
         aborted, stale = [0], [0]
 
         async def collect():
-            pending: list[Sample] = []
+            pending: dict[str, list[Sample]] = {}
             async for ro in engine.generate([p.prompt_ids for p in prompts], params):
                 if ro.finish_reason == "abort":  # partial output: never reaches the loss
                     aborted[0] += 1
@@ -312,13 +415,16 @@ class Producer:
                 if s.num_response == 0:
                     continue
                 samples.append(s)
-                if self.teacher is not None:
-                    pending.append(s)
-                    if len(pending) >= max(cfg.rollout.n, cfg.teacher.batch_sequences):
-                        futures.append(pool.submit(score, pending))
-                        pending = []
-            if self.teacher is not None and pending:
-                futures.append(pool.submit(score, pending))
+                if self.teachers:
+                    s.route = route[s.group]
+                    batch = pending.setdefault(s.route, [])
+                    batch.append(s)
+                    if len(batch) >= max(cfg.rollout.n, cfg.teacher.batch_sequences):
+                        futures.append(pool.submit(score, s.route, batch))
+                        pending[s.route] = []
+            for name, batch in pending.items():
+                if batch:
+                    futures.append(pool.submit(score, name, batch))
             gen_done[0] = time.perf_counter()
 
         asyncio.run(collect())
@@ -338,18 +444,37 @@ class Producer:
                                f"engine error: {getattr(getattr(engine, 'inner', engine), 'last_error', None)}")
         log.debug("step %d: %d rollouts in %.1fs", step, len(samples), t_gen - t0)
         wire, last = 0, t_gen
+        per: dict[str, dict] = {}  # per teacher: wire bytes, seconds in scoring calls, last answer
         for f in futures:
-            b, t_end = f.result()
+            name, b, t_call, t_end = f.result()
             wire += b
             last = max(last, t_end)
+            d = per.setdefault(name, {"wire_bytes": 0, "score_s": 0.0, "last": t_gen})
+            d["wire_bytes"] += b
+            d["score_s"] += t_end - t_call
+            d["last"] = max(d["last"], t_end)
         pool.shutdown()
         t1 = time.perf_counter()
         samples.sort(key=lambda s: (s.group, s.token_ids))
         self._weights_and_advantages(samples)
+        for s in samples:  # a teacher's weight multiplies its samples' loss
+            if s.route and self.teachers[s.route].spec.weight != 1.0:
+                s.weight *= self.teachers[s.route].spec.weight
         n_resp = sum(s.num_response for s in samples)
+        teachers = {}
+        if self.routed:
+            for name in self.teachers:
+                mine = [s for s in samples if s.route == name]
+                d = per.get(name, {"wire_bytes": 0, "score_s": 0.0, "last": t_gen})
+                ntok = sum(s.num_response for s in mine)
+                teachers[name] = {"samples": len(mine), "tokens": ntok, "score_s": d["score_s"],
+                                  # the part of the step's wait on this teacher after generation ended
+                                  "wait_s": max(0.0, d["last"] - t_gen),
+                                  "wire_bytes_per_token": d["wire_bytes"] / max(1, ntok)}
         return StepData(step, samples, timings={
             "rollout_s": t_gen - t0, "teacher_tail_s": t1 - t_gen, "produce_s": t1 - t0},
             counters={"wire_bytes": wire, "response_tokens": n_resp, "warmup": warm, "rollouts_stale": stale[0],
+                      "teachers": teachers,
                       # aborted attempts the engine saw (an engine without counters: aborted rollouts)
                       "rollout_aborted": delta.get("aborted", 0) if stats is not None else aborted[0],
                       "rollout_failed": delta.get("failed", 0),
@@ -394,14 +519,55 @@ class Producer:
 
 
 def task_tools(task: str | None) -> tuple:
-    """The tools a built-in task's rollouts must offer (empty for single-turn tasks and files)."""
+    """The tools a built-in task's rollouts must offer (empty for single-turn tasks and files); for
+    a mix ("arithmetic,calc") those of every task in it."""
     from student_trainer.data import BUILTIN_TASKS
 
-    if task not in BUILTIN_TASKS:
-        return ()
-    from opd.tasks import get_task
+    out: list = []
+    for name in (task or "").split(","):
+        if name.strip() not in BUILTIN_TASKS:
+            continue
+        from opd.tasks import get_task
 
-    return tuple(getattr(get_task(task), "tools", ()) or ())
+        out += [x for x in getattr(get_task(name.strip()), "tools", ()) or () if x not in out]
+    return tuple(out)
+
+
+# ---- teacher.model and teacher.refresh_every: WIRING PENDING ----------------------------------------------
+# The multi-model teacher server and its weight-update RPC land in another branch
+# (TeacherClient(endpoints, ..., model="NAME"), TeacherClient.update_weights(named_tensors, version,
+# model=None)). These two functions are the only places the trainer touches them; until that branch
+# is merged a configuration that needs them stops at start with exit 2 (the keys are parsed and
+# validated already). After the merge: check the signatures below against the client and drop the
+# guards.
+def _model_kwargs(key: str, model: str) -> dict:
+    """TeacherClient keyword arguments that name the model a request is for (teacher.model /
+    teacher.routes.NAME.model); {} for the server's default model."""
+    if not model:
+        return {}
+    import inspect
+
+    from teacher_server.client import TeacherClient
+
+    if "model" not in inspect.signature(TeacherClient).parameters:
+        raise ConfigError(f"{key}.model: {model!r}: this build's teacher client cannot name a model (the "
+                          "multi-model teacher server is not merged yet); leave it empty")
+    return {"model": model}
+
+
+def _check_refresh_support() -> None:
+    from teacher_server.client import TeacherClient
+
+    if not hasattr(TeacherClient, "update_weights"):
+        raise ConfigError("teacher.refresh_every: this build's teacher client has no weight-update RPC "
+                          "(TeacherClient.update_weights is not merged yet); leave it 0")
+
+
+def refresh_teacher(producer: "Producer", named_tensors: dict, version: int) -> None:
+    """teacher.refresh_every: the student's weights (HF names -> tensors) to the default teacher's
+    server as `version` (the lead completes this after merging the weight-update RPC)."""
+    tch = producer.teachers[DEFAULT_TEACHER]
+    tch.client.update_weights(named_tensors, version, model=tch.spec.model or None)
 
 
 def engine_info(eng, key: str, poll_s: float = 5.0) -> dict:

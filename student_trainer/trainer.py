@@ -16,6 +16,7 @@ scoring, weights to the rollout engines) is `student_trainer.producer.Producer`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -34,7 +35,8 @@ from student_trainer import losses as L
 from student_trainer.batching import Sample, attention_mask_for, build_micro_batch, pack
 from student_trainer.config import ConfigError, LossCfg, TrainConfig
 from student_trainer.observe import RunLog
-from student_trainer.producer import Producer, StepData, engine_info, load_causal_lm, task_tools  # noqa: F401
+from student_trainer.producer import (Producer, StepData, engine_info, load_causal_lm,  # noqa: F401
+                                      refresh_teacher, task_tools)
 
 log = logging.getLogger("opd.train")
 
@@ -191,7 +193,16 @@ class Trainer:
         cfg, lc = self.cfg, self.cfg.loss
         terms = _loss_terms(cfg, data.step, data.counters.get("warmup", False))
         loss_cfg = _loss_config(lc, terms)
-        mbs = pack(data.samples, cfg.optim.micro_batch_tokens)
+        if self.producer.routed:
+            # a micro-batch holds one teacher's samples: its statistics share a shape (top_k), its
+            # loss the teacher's temperature, and its metrics are that teacher's
+            by_route: dict[str, list[Sample]] = {}
+            for s in data.samples:
+                by_route.setdefault(s.route, []).append(s)
+            routed = [(name, mb) for name in sorted(by_route) for mb in pack(by_route[name], cfg.optim.micro_batch_tokens)]
+        else:
+            routed = [(None, mb) for mb in pack(data.samples, cfg.optim.micro_batch_tokens)]
+        mbs = [mb for _, mb in routed]
         dev = torch.device(self.device)
         kept = [sum(m for s in mb for m in s.response_mask) for mb in mbs]
         if lc.token_keep_ratio < 1.0:
@@ -206,25 +217,34 @@ class Trainer:
         t0 = time.perf_counter()
         total = 0.0
         offset = 0
-        for i, group in enumerate(mbs):
+        per_teacher: dict[str, dict[str, float]] = {}
+        for i, (route, group) in enumerate(routed):
             mb = build_micro_batch(group, offset)
             offset += len(group)
             mb = _to(mb, dev)
             self.engine.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
-            loss, met = self.engine.engine(mb, loss_cfg, global_tokens.to(dev), global_seqs.to(dev),
+            cfg_i = loss_cfg
+            if route is not None and self.producer.teachers[route].spec.temperature != loss_cfg.temperature:
+                cfg_i = dataclasses.replace(loss_cfg, temperature=self.producer.teachers[route].spec.temperature)
+            loss, met = self.engine.engine(mb, cfg_i, global_tokens.to(dev), global_seqs.to(dev),
                                            lc.token_keep_ratio, lc.token_score)
             self.engine.backward(loss * self.world)  # DeepSpeed averages over ranks; undo it
             total += float(loss.detach())
             ntok = float(met["tokens"])
-            for k, v in met.items():
-                if k != "tokens":
-                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) * ntok
-            metrics_sum["tokens"] = metrics_sum.get("tokens", 0.0) + ntok
+            sums = [metrics_sum] + ([per_teacher.setdefault(route, {})] if route is not None else [])
+            for d in sums:
+                for k, v in met.items():
+                    if k != "tokens":
+                        d[k] = d.get(k, 0.0) + float(v) * ntok
+                d["tokens"] = d.get("tokens", 0.0) + ntok
         grad_norm = self.engine.step()
         t_train = time.perf_counter() - t0
         loss_tokens = metrics_sum.pop("tokens", 0.0)  # rows with weight > 0 (after TIP's selection)
         ntok = max(1.0, loss_tokens)
         out = {f"loss/{k}": v / ntok for k, v in metrics_sum.items()}
+        for route, d in per_teacher.items():  # per teacher: its samples' mean row loss (before its weight), KLs, ...
+            n = max(1.0, d.pop("tokens"))
+            out.update({f"teacher/{route}/{'loss' if k == 'loss_row_mean' else k}": v / n for k, v in d.items()})
         reason = _zero_signal_reason(data.samples, terms)
         if reason:
             self.zero_signal_steps += 1
@@ -258,6 +278,10 @@ class Trainer:
                     self.producer.release_memory()
                 m = self._train_step(data)
                 sync_s = self.producer.sync_weights(step + 1)
+                if cfg.teacher.refresh_every and (step + 1) % cfg.teacher.refresh_every == 0:
+                    sd = self.engine.full_state_dict()  # every rank gathers (ZeRO-3); rank 0 pushes
+                    if self.rank == 0:
+                        refresh_teacher(self.producer, sd, step + 1)
                 self.producer.notify()
                 step_s = time.perf_counter() - t_step + wait_s
                 rew = [s.reward for s in data.samples]
@@ -281,6 +305,8 @@ class Trainer:
                           **self.producer.sync_counters,
                           "policy_lag": step - min(
                               (s.policy_version for s in data.samples), default=step)})
+                for name, d in data.counters.get("teachers", {}).items():
+                    m.update({f"teacher/{name}/{k}": v for k, v in d.items()})
                 if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                     m["eval_accuracy"] = self.evaluate()
                 self.log.step(m)
