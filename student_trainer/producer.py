@@ -66,8 +66,6 @@ class Producer:
         # the default teacher's client (else the first route's): None when no teacher is asked
         first = self.teachers.get(DEFAULT_TEACHER) or next(iter(self.teachers.values()), None)
         self.teacher = first.client if first is not None else None
-        if cfg.teacher.refresh_every:
-            _check_refresh_support()
         self.rollout = self.warm_rollout = self.wsync = None
         self.engine, self.rank, self.world = None, 0, 1
         self.version = 0
@@ -536,31 +534,14 @@ def task_tools(task: str | None) -> tuple:
 # ---- teacher.model and teacher.refresh_every: WIRING PENDING ----------------------------------------------
 # The multi-model teacher server and its weight-update RPC land in another branch
 # (TeacherClient(endpoints, ..., model="NAME"), TeacherClient.update_weights(named_tensors, version,
-# model=None)). These two functions are the only places the trainer touches them; until that branch
-# is merged a configuration that needs them stops at start with exit 2 (the keys are parsed and
-# validated already). After the merge: check the signatures below against the client and drop the
-# guards.
+# model=None)). These two functions are the only places the trainer uses them; until that branch is
+# merged, config._pending_teacher_features refuses a configuration that sets the keys (exit 2 when
+# parsed). After the merge: check the calls below against the client (and test them through
+# `opd train`); the parse-time guard then passes by itself.
 def _model_kwargs(key: str, model: str) -> dict:
     """TeacherClient keyword arguments that name the model a request is for (teacher.model /
-    teacher.routes.NAME.model); {} for the server's default model."""
-    if not model:
-        return {}
-    import inspect
-
-    from teacher_server.client import TeacherClient
-
-    if "model" not in inspect.signature(TeacherClient).parameters:
-        raise ConfigError(f"{key}.model: {model!r}: this build's teacher client cannot name a model (the "
-                          "multi-model teacher server is not merged yet); leave it empty")
-    return {"model": model}
-
-
-def _check_refresh_support() -> None:
-    from teacher_server.client import TeacherClient
-
-    if not hasattr(TeacherClient, "update_weights"):
-        raise ConfigError("teacher.refresh_every: this build's teacher client has no weight-update RPC "
-                          "(TeacherClient.update_weights is not merged yet); leave it 0")
+    teacher.routes.NAME.model, `key` its config prefix); {} for the server's default model."""
+    return {"model": model} if model else {}
 
 
 def refresh_teacher(producer: "Producer", named_tensors: dict, version: int) -> None:
