@@ -274,3 +274,40 @@ def test_prompt_template_field_missing_names_the_record(models, tmp_path, capsys
     assert ("config error: teacher.prompt_template: record 1 of data.path " in err
             and "has no field 'hint' (its fields: prompt, answer, data_source)" in err)
     assert Path(data).exists()
+
+
+def test_file_rows_route_and_fill_the_template(teachers, tmp_path):
+    """A JSONL file with two data_source values: source x goes to teacher A, which scores the
+    response after the record's prompt plus its hint (a field only the file has); source y goes to
+    teacher B with the student's own prompt. The statistics equal float64 forwards of each."""
+    from transformers import AutoTokenizer
+
+    from student_trainer.trainer import Trainer
+
+    (dir_a, url_a), (dir_b, url_b), student = teachers["a"], teachers["b"], teachers["student"]
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {i}+{i}?", "answer": str(2 * i), "hint": f"twice {i}",
+                                        "data_source": "xy"[i % 2]}) + "\n" for i in range(4)))
+    tr = Trainer(load_config(None, _args(student, tmp_path / "f", f"data.path={data}", "run.steps=1",
+                                         f"teacher.routes.x.url={url_a}", "teacher.routes.x.prompt_template="
+                                         "{prompt}\nHint: {hint}", f"teacher.routes.y.url={url_b}")))
+    got = _capture(tr)
+    try:
+        tr.run()
+        prompts = tr.data.batch(0, 4)
+    finally:
+        tr.close()
+    tok = AutoTokenizer.from_pretrained(student)
+    seen = set()
+    for s in got[0].samples:
+        row = prompts[s.group].metadata["row"]
+        assert s.route == row["data_source"]
+        seen.add(s.route)
+        if s.route == "x":
+            text = f"{row['prompt']}\nHint: {row['hint']}"
+            tp = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                    add_generation_prompt=True), add_special_tokens=False)
+            _check_stats(s, dir_a, tp + s.token_ids[s.prompt_len:], len(tp), 1.0, 16)
+        else:
+            _check_stats(s, dir_b, s.token_ids, s.prompt_len, 1.0, 16)
+    assert seen == {"x", "y"}
