@@ -279,6 +279,8 @@ class Trainer:
                 m = self._train_step(data)
                 sync_s = self.producer.sync_weights(step + 1)
                 if cfg.teacher.refresh_every and (step + 1) % cfg.teacher.refresh_every == 0:
+                    # WIRING PENDING (producer.refresh_teacher): refused when parsed until the
+                    # teacher client has its weight-update RPC
                     sd = self.engine.full_state_dict()  # every rank gathers (ZeRO-3); rank 0 pushes
                     if self.rank == 0:
                         refresh_teacher(self.producer, sd, step + 1)
