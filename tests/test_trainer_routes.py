@@ -311,3 +311,26 @@ def test_file_rows_route_and_fill_the_template(teachers, tmp_path):
         else:
             _check_stats(s, dir_b, s.token_ids, s.prompt_len, 1.0, 16)
     assert seen == {"x", "y"}
+
+
+def test_mixed_tasks_interleave_and_grade_by_their_own_task(models):
+    """data.task=arithmetic,sort: one example of each in turn (the single-task sources' examples, in
+    their order), each prompt graded by its own task's grader and carrying its row fields."""
+    from transformers import AutoTokenizer
+
+    from opd import demo_task
+    from opd.tasks import get_task
+    from student_trainer.data import TASK_ROW_FIELDS, builtin_source
+
+    tok = AutoTokenizer.from_pretrained(models[1])
+    src = builtin_source(tok, "arithmetic,sort", seed=0, n_train=8, n_eval=4)
+    ar, so = (get_task(n).make_examples("train", 8, seed=0) for n in ("arithmetic", "sort"))
+    assert len(src.train) == 16 and len(src.eval) == 8 and len(src.rows) == 16
+    for i in range(16):
+        p, ex, name = src.train[i], (ar, so)[i % 2][i // 2], ("arithmetic", "sort")[i % 2]
+        assert p.metadata["task"] == name and p.prompt_ids == demo_task.prompt_ids(tok, ex)
+        assert tuple(p.metadata["row"]) == TASK_ROW_FIELDS and src.rows[i] is p.metadata["row"]
+        assert p.metadata["row"]["solution"] == ex.response and p.metadata["row"]["question"] == ex.question
+        assert src.reward(ex.response, p) == 1.0  # the worked response, graded by its own task
+    # an arithmetic answer ("Answer: 122") is not a sort answer, and the other way round
+    assert src.reward(so[0].response, src.train[0]) == 0.0 and src.reward(ar[0].response, src.train[1]) == 0.0
