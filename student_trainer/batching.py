@@ -37,6 +37,7 @@ class Sample:
     policy_version: int = 0
     num_turns: int = 1
     finish_reason: str = "stop"
+    route: str = ""                   # the teacher that scored it (config.DEFAULT_TEACHER or a route's name)
 
     @property
     def num_response(self) -> int:

@@ -18,7 +18,11 @@ def add_arguments(p):
     p.add_argument("--print-config", action="store_true", help="print the resolved configuration and exit")
     p.add_argument("--log-level", default="INFO")
     p.epilog = ("Any config key can be overridden as --section.key=value, e.g. --loss.divergence=forward_kl "
-                "--optim.zero_stage=3 --rollout.n=8. Multi-process: torchrun --nproc_per_node N -m opd train ...")
+                "--optim.zero_stage=3 --rollout.n=8. Several teachers: --teacher.routes.NAME.url=HOST:PORT (and "
+                ".top_k/.temperature/.weight/.prompt_template) sends prompts whose teacher.route_key (data_source) is "
+                "NAME there; --data.task=arithmetic,sort mixes built-in tasks; --teacher.prompt_template='{question} "
+                "{solution}' gives the teacher a privileged prompt (docs/teachers.md). "
+                "Multi-process: torchrun --nproc_per_node N -m opd train ...")
 
 
 def main(args, extra: list[str] | None = None) -> int:

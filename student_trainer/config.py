@@ -68,8 +68,21 @@ class RolloutCfg:
 
 
 @dataclass(frozen=True)
+class RouteCfg:
+    """One entry of ``teacher.routes`` (docs/teachers.md): the teacher of the prompts whose
+    ``teacher.route_key`` equals the route's name. Unset keys take the default teacher's value."""
+    url: str = ""                     # HOST:PORT[,HOST:PORT...] ("" = teacher.url)
+    top_k: int = -1                   # -1 = teacher.top_k
+    temperature: float = 0.0          # the teacher is asked at it, the student's loss uses it (0 = loss.temperature)
+    weight: float = 1.0               # multiplies the loss of this route's samples
+    prompt_template: str = ""         # the teacher's prompt from the data row ("" = teacher.prompt_template)
+    model: str = ""                   # the model named on requests to a multi-model server ("" = teacher.model)
+
+
+@dataclass(frozen=True)
 class TeacherCfg:
-    url: str = ""                     # HOST:PORT[,HOST:PORT...]
+    url: str = ""                     # HOST:PORT[,HOST:PORT...]: the default teacher ("" = none: every
+                                      # prompt must match a route)
     top_k: int = 16
     value_encoding: str = "bf16"
     compression: str = "zstd"
@@ -81,6 +94,16 @@ class TeacherCfg:
     allow_tokenizer_mismatch: bool = False
     concurrency: int = 4              # scoring calls in flight while rollouts stream in
     batch_sequences: int = 16         # finished rollouts sent per scoring call (whole groups at least)
+    # Routing (docs/teachers.md): a prompt goes to routes[str(row[route_key])], else to the default
+    # teacher (teacher.url); a prompt group is scored by one teacher.
+    route_key: str = "data_source"    # a (dotted) key of the data row; built-in tasks: task / data_source
+    routes: dict = field(default_factory=dict)   # {key value: RouteCfg}
+    weight: float = 1.0               # the default teacher's loss multiplier
+    # Privileged context: the teacher scores the response after a prompt built from this template
+    # over the row's fields ("{question}\nReference solution: {solution}"); "" = the student's prompt
+    prompt_template: str = ""
+    model: str = ""                   # the model named on scoring requests ("" = the server's default)
+    refresh_every: int = 0            # >0: the student's weights to the default teacher every N steps (0 = off)
 
 
 @dataclass(frozen=True)
@@ -227,8 +250,35 @@ def _apply(section_obj, section: str, values: dict):
     for k, v in values.items():
         if k not in fields:
             raise ConfigError(f"unknown config key {section}.{k}; valid keys of [{section}]: {', '.join(fields)}")
-        kw[k] = _coerce(f"{section}.{k}", fields[k].type, v)
+        if section == "teacher" and k == "routes":
+            kw[k] = _routes(v, section_obj.routes)
+        else:
+            kw[k] = _coerce(f"{section}.{k}", fields[k].type, v)
     return dataclasses.replace(section_obj, **kw)
+
+
+def _routes(value, current: dict) -> dict:
+    """``teacher.routes``: a mapping of route names to mappings of RouteCfg keys (a JSON string on
+    the command line); ``--teacher.routes.NAME.KEY=V`` overrides arrive as such mappings too."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value or "{}")
+        except json.JSONDecodeError:
+            raise ConfigError(f"teacher.routes: {value!r} is not a JSON mapping of route names to settings "
+                              "(or use --teacher.routes.NAME.KEY=VALUE)") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"teacher.routes: must be a mapping of route names to settings, got {type(value).__name__}")
+    out = dict(current)
+    for name, entry in value.items():
+        key = f"teacher.routes.{name}"
+        if isinstance(entry, RouteCfg):
+            out[str(name)] = entry
+            continue
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{key}: must be a mapping of route keys ({', '.join(RouteCfg.__dataclass_fields__)}), "
+                              f"got {entry!r}")
+        out[str(name)] = _apply(out.get(str(name), RouteCfg()), key, entry)
+    return out
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None, base: TrainConfig | None = None) -> TrainConfig:
@@ -256,6 +306,19 @@ def load_config(path: str | None = None, overrides: list[str] | None = None, bas
             raise ConfigError(f"override {ov!r}: expected --section.key=value")
         key, value = ov.split("=", 1)
         section, name = key.split(".", 1)
+        if section == "teacher" and name.startswith("routes."):  # --teacher.routes.NAME.KEY=VALUE
+            route, _, rkey = name[len("routes."):].rpartition(".")
+            if not route or not rkey:
+                raise ConfigError(f"override {ov!r}: expected --teacher.routes.NAME.KEY=VALUE "
+                                  f"(keys: {', '.join(RouteCfg.__dataclass_fields__)})")
+            routes = data.setdefault("teacher", {}).setdefault("routes", {})
+            if isinstance(routes, str):
+                routes = data["teacher"]["routes"] = _routes(routes, {})
+            entry = routes.setdefault(route, {})
+            if isinstance(entry, RouteCfg):
+                entry = routes[route] = dataclasses.asdict(entry)
+            entry[rkey] = value
+            continue
         data.setdefault(section, {})[name] = value
     cfg = base or TrainConfig()
     sections = {f.name for f in dataclasses.fields(cfg)}
@@ -339,12 +402,149 @@ def validate(cfg: TrainConfig) -> None:
         raise ConfigError("model.student: required (a Hugging Face model directory)")
     if not cfg.data.path and not cfg.data.task:
         raise ConfigError("data.path or data.task: one is required")
-    if cfg.loss.objective != "grpo" and cfg.loss.objective != "sft" and not cfg.teacher.url:
+    if cfg.loss.objective != "grpo" and cfg.loss.objective != "sft" and not cfg.teacher.url and not cfg.teacher.routes:
         raise ConfigError("teacher.url: required for objective "
-                          f"{cfg.loss.objective!r} (or pass --teacher-url HOST:PORT)")
+                          f"{cfg.loss.objective!r} (or pass --teacher-url HOST:PORT, or give teacher.routes)")
     if cfg.rollout.engine == "sglang" and not cfg.rollout.urls:
         raise ConfigError("rollout.urls: required with rollout.engine=sglang")
     _cross_checks(cfg)
+
+
+DEFAULT_TEACHER = "default"  # the name of the teacher of teacher.url in messages and metrics
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """A teacher as the producer uses it: the default (teacher.*) or a route, unset keys resolved."""
+    name: str                         # "default" or the route's name (a value of teacher.route_key)
+    key: str                          # its config prefix: "teacher" or "teacher.routes.NAME"
+    url: str
+    model: str
+    top_k: int
+    temperature: float
+    weight: float
+    prompt_template: str
+
+
+def teacher_specs(cfg: TrainConfig) -> dict[str, TeacherSpec]:
+    """Every configured teacher by name: the default one (if teacher.url is set) and each route."""
+    t = cfg.teacher
+    out = {}
+    if t.url:
+        out[DEFAULT_TEACHER] = TeacherSpec(DEFAULT_TEACHER, "teacher", t.url, t.model, t.top_k, cfg.loss.temperature,
+                                           t.weight, t.prompt_template)
+    for name, r in t.routes.items():
+        out[name] = TeacherSpec(name, f"teacher.routes.{name}", r.url or t.url, r.model or t.model,
+                                t.top_k if r.top_k < 0 else r.top_k, r.temperature or cfg.loss.temperature, r.weight,
+                                r.prompt_template or t.prompt_template)
+    return out
+
+
+def template_fields(template: str, key: str) -> list[str]:
+    """The row fields a prompt template names (``{question}``, ``{reward_model[ground_truth]}``
+    names ``reward_model``); a malformed template is a ConfigError naming `key`."""
+    import string
+
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ConfigError(f"{key}: {template!r} is not a valid template ({exc}); fields are written "
+                          "{name}, a literal brace {{ or }}") from None
+    out = []
+    for _, name, _, _ in parts:
+        if name is None:
+            continue
+        root = name.split(".", 1)[0].split("[", 1)[0]
+        if not root or root.isdigit():
+            raise ConfigError(f"{key}: {template!r} has a positional field {{{name}}}; name a field of the data "
+                              "row, e.g. {question}")
+        if root not in out:
+            out.append(root)
+    return out
+
+
+def _pending_teacher_features(cfg: TrainConfig, specs: dict) -> None:
+    """teacher.model and teacher.refresh_every need the multi-model teacher server's client
+    (``TeacherClient(..., model=)``, ``TeacherClient.update_weights``), merged from another branch:
+    until then a configuration that sets them stops here (see producer._model_kwargs /
+    producer.refresh_teacher, where the trainer uses them)."""
+    named = [s for s in specs.values() if s.model]
+    if not named and not cfg.teacher.refresh_every:
+        return
+    import inspect
+
+    from teacher_server.client import TeacherClient
+
+    if named and "model" not in inspect.signature(TeacherClient).parameters:
+        raise ConfigError(f"{named[0].key}.model: {named[0].model!r}: this build's teacher client cannot name a model "
+                          "(the multi-model teacher server is not merged yet); leave it empty")
+    if cfg.teacher.refresh_every and not hasattr(TeacherClient, "update_weights"):
+        raise ConfigError(f"teacher.refresh_every: {cfg.teacher.refresh_every}: this build's teacher client has no "
+                          "weight-update RPC (TeacherClient.update_weights is not merged yet); leave it 0")
+
+
+def _teacher_checks(cfg: TrainConfig) -> None:
+    """teacher.routes, route_key, prompt templates, model, refresh_every (docs/teachers.md)."""
+    t, lc = cfg.teacher, cfg.loss
+    for key, ok, msg in [("teacher.weight", t.weight > 0, "must be > 0"),
+                         ("teacher.refresh_every", t.refresh_every >= 0, "must be >= 0 (0 = off)")]:
+        if not ok:
+            raise ConfigError(f"{key}: {getattr(t, key.split('.')[1])!r} {msg}")
+    uses_teacher = lc.objective not in ("grpo", "sft")
+    if t.routes and not uses_teacher:
+        raise ConfigError(f"teacher.routes: set, but loss.objective={lc.objective} asks no teacher "
+                          "(routes apply to opd and opd+grpo)")
+    for name, r in t.routes.items():
+        key = f"teacher.routes.{name}"
+        if not name.strip() or name == DEFAULT_TEACHER:
+            raise ConfigError(f"{key}: route name {name!r} is not allowed (empty, or {DEFAULT_TEACHER!r}, the name "
+                              "of the teacher of teacher.url)")
+        for k, ok, msg in [("top_k", r.top_k >= -1, "must be -1 (teacher.top_k) or >= 0"),
+                           ("temperature", r.temperature >= 0, "must be >= 0 (0 = loss.temperature)"),
+                           ("weight", r.weight > 0, "must be > 0")]:
+            if not ok:
+                raise ConfigError(f"{key}.{k}: {getattr(r, k)!r} {msg}")
+        if not r.url and not t.url:
+            raise ConfigError(f"{key}.url: required: there is no default teacher (teacher.url) to inherit it from")
+    if t.refresh_every and not t.url:
+        raise ConfigError(f"teacher.refresh_every: {t.refresh_every} pushes the student's weights to the default "
+                          "teacher (teacher.url), which is not set")
+    if t.refresh_every and not uses_teacher:
+        raise ConfigError(f"teacher.refresh_every: {t.refresh_every} needs a teacher objective (opd, opd+grpo; here "
+                          f"{lc.objective})")
+    specs = teacher_specs(cfg) if uses_teacher else {}
+    _pending_teacher_features(cfg, specs)
+    weighted = sorted(f"{s.key}.weight={s.weight:g}" for s in specs.values() if s.weight != 1.0)
+    if weighted and (lc.objective != "opd" or lc.sft_weight):
+        raise ConfigError(f"{weighted[0]}: a teacher's weight multiplies its samples' whole loss, which here also "
+                          f"holds the {'GRPO' if lc.objective != 'opd' else 'SFT'} term (allowed with weights != 1: "
+                          "loss.objective=opd without loss.sft_weight)")
+    for spec in specs.values():
+        if spec.prompt_template:
+            template_fields(spec.prompt_template, f"{spec.key}.prompt_template")
+    if not cfg.data.task or not specs:
+        return
+    # built-in tasks: every row's fields and route value are known now
+    from student_trainer.data import TASK_ROW_FIELDS
+
+    tasks = [x.strip() for x in cfg.data.task.split(",")]
+    if t.route_key not in TASK_ROW_FIELDS:
+        raise ConfigError(f"teacher.route_key: {t.route_key!r} is not a field of built-in task rows "
+                          f"(allowed: {', '.join(TASK_ROW_FIELDS)})")
+    for spec in specs.values():
+        for f in template_fields(spec.prompt_template, f"{spec.key}.prompt_template"):
+            if f not in TASK_ROW_FIELDS:
+                raise ConfigError(f"{spec.key}.prompt_template: field {{{f}}} is not a field of built-in task rows "
+                                  f"(allowed: {', '.join(TASK_ROW_FIELDS)})")
+    if t.route_key in ("task", "data_source"):  # the row's value is the task's name
+        for name in t.routes:
+            if name not in tasks:
+                raise ConfigError(f"teacher.routes.{name}: no prompt of data.task={cfg.data.task} has "
+                                  f"{t.route_key}={name!r} (values: {', '.join(tasks)})")
+        missing = [x for x in tasks if x not in t.routes]
+        if missing and not t.url:
+            raise ConfigError(f"teacher.routes: data.task {', '.join(missing)} has no route (routes: "
+                              f"{', '.join(t.routes)}) and there is no default teacher (teacher.url)")
 
 
 def _cross_checks(cfg: TrainConfig) -> None:
@@ -358,8 +558,13 @@ def _cross_checks(cfg: TrainConfig) -> None:
     if cfg.data.task:
         from student_trainer.data import BUILTIN_TASKS
 
-        if cfg.data.task not in BUILTIN_TASKS:
-            raise ConfigError(f"data.task: {cfg.data.task!r} is not one of {', '.join(BUILTIN_TASKS)}")
+        tasks = [x.strip() for x in cfg.data.task.split(",")]
+        for x in tasks:
+            if x not in BUILTIN_TASKS:
+                raise ConfigError(f"data.task: {x!r} is not one of {', '.join(BUILTIN_TASKS)} (several, mixed: "
+                                  "a comma-separated list)")
+        if len(set(tasks)) < len(tasks):
+            raise ConfigError(f"data.task: {cfg.data.task!r} names a task twice")
         if lc.reward_fn:
             raise ConfigError(f"loss.reward_fn: {lc.reward_fn!r} grades data.path prompts; the built-in task "
                               f"{cfg.data.task!r} uses its own grader (leave loss.reward_fn empty)")
@@ -371,6 +576,7 @@ def _cross_checks(cfg: TrainConfig) -> None:
         except ValueError as exc:
             raise ConfigError(f"loss.reward_fn: {lc.reward_fn!r}: {exc} (allowed: {', '.join(sorted(REWARDS))} "
                               "or module:function)") from None
+    _teacher_checks(cfg)
     distill = lc.objective in ("opd", "opd+grpo")
     schedule = lc.fkl_to_rkl_switch_step >= 0
     if lc.objective == "opd+grpo" and lc.rl_weight <= 0:

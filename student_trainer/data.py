@@ -45,11 +45,22 @@ class LazyPrompts(Sequence):
 
 
 class PromptSource:
+    """`rows`: the data row of each training prompt (a dict: a file's record, a built-in task's
+    fields), what teacher routing and prompt templates read; a prompt carries its own row as
+    ``metadata["row"]`` too. `where` and `labels`: how messages name the data and each training
+    row ("record 17" of "data.path x.jsonl")."""
+
     def __init__(self, train: list[Prompt], eval_: list[Prompt], reward: Callable[[str, Prompt], float], seed: int = 0,
-                 shuffle: bool = True):
+                 shuffle: bool = True, rows: Sequence[dict] | None = None, where: str = "data",
+                 labels: Sequence[str] | None = None):
         if not train:
             raise ValueError("data: no training prompts (all filtered out or an empty file)")
         self.train, self.eval, self.reward_fn, self.seed, self.shuffle = train, eval_, reward, seed, shuffle
+        self.rows, self.where, self.labels = rows, where, labels
+
+    def row_label(self, i: int) -> str:
+        """How an error names training row i ("record 17 of data.path x.jsonl")."""
+        return f"{self.labels[i] if self.labels else f'row {i}'} of {self.where}"
 
     def _order(self, epoch: int) -> list[int]:
         idx = list(range(len(self.train)))
@@ -68,48 +79,82 @@ class PromptSource:
         return float(self.reward_fn(text, prompt))
 
 
-def arithmetic_source(tokenizer, seed: int = 0, n_train: int = 4096, n_eval: int = 128, digits: int = 2,
-                      style: str = "worked") -> PromptSource:
-    """The built-in task of `opd demo` (rollout.tasks.arithmetic): addition with a worked answer."""
-    from rollout.tasks import arithmetic as T
+# The fields of a built-in task's data row (for teacher.route_key and prompt templates): the task's
+# name (twice: `data_source` is the route key files use), the question as the student sees it, the
+# reference answer and the worked target response ("solution"; for calc the whole tool trajectory).
+TASK_ROW_FIELDS = ("task", "data_source", "question", "answer", "solution")
+
+
+def task_row(task: str, ex) -> dict:
+    return {"task": task, "data_source": task, "question": ex.question, "answer": str(ex.answer),
+            "solution": ex.response}
+
+
+def builtin_source(tokenizer, tasks: str | Sequence[str], seed: int = 0, n_train: int = 4096,
+                   n_eval: int = 128) -> PromptSource:
+    """Built-in tasks of `rollout.tasks` ("arithmetic", "sort", ...; several: "arithmetic,sort"),
+    each prompt graded by its own task's grader. Several tasks are interleaved (one example of each
+    in turn, in the order given; `n_train` / `n_eval` per task); a run's order is then the source's
+    seeded permutation, as for one task."""
+    from rollout.tasks import get_task
     from rollout.tasks.encoding import prompt_ids
 
-    def mk(ex):
-        return Prompt(prompt_ids(tokenizer, ex), str(ex.answer), "arithmetic", {"a": ex.a, "b": ex.b})
+    names = [x.strip() for x in tasks.split(",")] if isinstance(tasks, str) else list(tasks)
+    graders = {name: get_task(name).grade for name in names}
 
-    train = LazyPrompts(T.make_examples("train", n_train, seed=seed, digits=digits, style=style), mk)
-    ev = LazyPrompts(T.make_examples("eval", n_eval, seed=seed, digits=digits, style=style), mk)
-    return PromptSource(train, ev, lambda text, p: T.grade(text, {"answer": p.answer}), seed=seed)
+    def mk(item):
+        name, ex, row = item
+        meta = {"a": ex.a, "b": ex.b} if name == "arithmetic" else {}
+        return Prompt(prompt_ids(tokenizer, ex), str(ex.answer), name, {**meta, "task": name, "row": row})
+
+    def items(split, n):
+        per = [[(name, ex, task_row(name, ex)) for ex in get_task(name).make_examples(split, n, seed=seed)]
+               for name in names]
+        return [it for group in zip(*per) for it in group]
+
+    train_items = items("train", n_train)
+    train = LazyPrompts(train_items, mk)
+    ev = LazyPrompts(items("eval", n_eval), mk)
+    return PromptSource(train, ev, lambda text, p: graders[p.metadata["task"]](text, {"answer": p.answer}), seed=seed,
+                        rows=[row for _, _, row in train_items], where=f"data.task {','.join(names)}")
 
 
-def file_source(data_cfg, tokenizer, reward_name: str = "math") -> PromptSource:
-    """Prompts from a JSONL/Parquet file (rollout.data layouts); graded by a named reward."""
-    from rollout.data import DataConfig, load_prompts
+def arithmetic_source(tokenizer, seed: int = 0, n_train: int = 4096, n_eval: int = 128) -> PromptSource:
+    """The built-in task of `opd demo` (rollout.tasks.arithmetic): addition with a worked answer."""
+    return builtin_source(tokenizer, "arithmetic", seed=seed, n_train=n_train, n_eval=n_eval)
+
+
+def task_source(tokenizer, task: str, seed: int = 0, n_train: int = 4096, n_eval: int = 128) -> PromptSource:
+    """A built-in synthetic task of `rollout.tasks` ("sort", "reverse", ...), graded by its own grader."""
+    return builtin_source(tokenizer, task, seed=seed, n_train=n_train, n_eval=n_eval)
+
+
+def file_source(data_cfg, tokenizer, reward_name: str = "math", rows: bool = False) -> PromptSource:
+    """Prompts from a JSONL/Parquet file (rollout.data layouts); graded by a named reward.
+    `rows`: keep each prompt's record (teacher routing / prompt templates read it), with
+    ``data_source`` set as rollout.data sets the source when the record has none (the file stem)."""
+    from rollout.data import DataConfig, load_prompts, read_records
     from rollout.grading import get_reward_fn
 
     exs, counts = load_prompts(DataConfig(path=data_cfg.path, prompt_key=data_cfg.prompt_key or None,
                                           answer_key=data_cfg.answer_key or None,
                                           max_prompt_tokens=data_cfg.max_prompt_tokens), tokenizer)
-    prompts = [Prompt(e.prompt_ids, e.answer, e.source, dict(e.metadata)) for e in exs]
+    records = read_records(data_cfg.path) if rows else None
+
+    def row(e):
+        rec = dict(records[e.index])
+        if not rec.get("data_source"):
+            rec["data_source"] = e.source
+        return rec
+
+    prompts = [Prompt(e.prompt_ids, e.answer, e.source, {**e.metadata, **({"row": row(e)} if rows else {})})
+               for e in exs]
     fn = get_reward_fn(reward_name or "math")
     rng = random.Random(data_cfg.seed)
     held = sorted(rng.sample(range(len(prompts)), k=min(len(prompts) // 10, 256))) if len(prompts) >= 20 else []
     held_set = set(held)
     train = [p for i, p in enumerate(prompts) if i not in held_set]
     return PromptSource(train, [prompts[i] for i in held], lambda text, p: fn(text, p.answer), seed=data_cfg.seed,
-                        shuffle=data_cfg.shuffle)
+                        shuffle=data_cfg.shuffle, rows=[p.metadata["row"] for p in train] if rows else None,
+                        where=f"data.path {data_cfg.path}", labels=[f"record {p.metadata['index']}" for p in train])
 
-
-def task_source(tokenizer, task: str, seed: int = 0, n_train: int = 4096, n_eval: int = 128) -> PromptSource:
-    """A built-in synthetic task of `rollout.tasks` ("sort", "reverse", ...), graded by its own grader."""
-    from rollout.tasks import get_task
-    from rollout.tasks.encoding import prompt_ids
-
-    t = get_task(task)
-
-    def mk(ex):
-        return Prompt(prompt_ids(tokenizer, ex), str(ex.answer), task, {})
-
-    train = LazyPrompts(t.make_examples("train", n_train, seed=seed), mk)
-    ev = LazyPrompts(t.make_examples("eval", n_eval, seed=seed), mk)
-    return PromptSource(train, ev, lambda text, p: t.grade(text, {"answer": p.answer}), seed=seed)

@@ -8,12 +8,15 @@ A producer thread generates step s's rollouts and scores them with the teacher w
 thread trains step s-1 (staleness 1) or waits for it (staleness 0, strictly on-policy: the
 producer starts step s only once the weights of step s-1 reached the rollout engine). Each phase
 records how long it waited on the others.
+
+This module holds the optimizer loop, checkpoints and export; the producer (rollouts, teacher
+scoring, weights to the rollout engines) is `student_trainer.producer.Producer`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures as cf
+import dataclasses
 import json
 import logging
 import math
@@ -23,16 +26,17 @@ import random
 import shutil
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from student_trainer import losses as L
-from student_trainer.batching import Sample, attention_mask_for, build_micro_batch, pack, teacher_arrays
+from student_trainer.batching import Sample, attention_mask_for, build_micro_batch, pack
 from student_trainer.config import ConfigError, LossCfg, TrainConfig
 from student_trainer.observe import RunLog
+from student_trainer.producer import (Producer, StepData, engine_info, load_causal_lm,  # noqa: F401
+                                      refresh_teacher, task_tools)
 
 log = logging.getLogger("opd.train")
 
@@ -88,14 +92,6 @@ class StudentWithLoss(torch.nn.Module):
                               rollout_logprobs_N=mb.rollout_logprobs, advantages_N=mb.advantages)
 
 
-@dataclass
-class StepData:
-    step: int
-    samples: list[Sample]
-    timings: dict = field(default_factory=dict)
-    counters: dict = field(default_factory=dict)
-
-
 def _loss_terms(cfg: TrainConfig, step: int, warm: bool) -> tuple:
     lc = cfg.loss
     if warm:  # teacher-generated rollouts: forward KL, or plain NLL of the teacher's samples for sft
@@ -144,7 +140,7 @@ class Trainer:
 
         self.tokenizer = AutoTokenizer.from_pretrained(cfg.model.student)
         dtype = torch.bfloat16 if cfg.model.dtype == "bf16" else torch.float32
-        student = _load_causal_lm(cfg.model.student, dtype, cfg.model.random_init, self.device,
+        student = load_causal_lm(cfg.model.student, dtype, cfg.model.random_init, self.device,
                                   attn_implementation=cfg.model.attn_implementation)
         if cfg.model.gradient_checkpointing:
             student.gradient_checkpointing_enable()
@@ -153,8 +149,8 @@ class Trainer:
         student.train()
         student.config.use_cache = False
         self.vocab = int(student.get_output_embeddings().weight.shape[0])
-        self.data = self._data_source()  # bad data settings fail before any network wait
-        self.teacher = self._connect_teacher() if cfg.teacher.url and cfg.loss.objective not in ("grpo", "sft") else None
+        # data source and teacher handshake: bad settings fail before DeepSpeed starts
+        self.producer = Producer(cfg, self.tokenizer, self.vocab, self.device)
         from student_trainer.ds_engine import Engine
 
         log.info("student %s loaded (vocab %d); starting DeepSpeed", cfg.model.student, self.vocab)
@@ -166,325 +162,47 @@ class Trainer:
         self.zero_signal_steps = 0  # steps whose loss was exactly 0 for every sample (this process)
         if resume:
             self.start_step = self._load_latest()
-        self.rollout = self._rollout_engine(cfg.model.student)
-        self.warm_rollout = None
-        if cfg.warmup.steps > 0:  # teacher rollouts: never the student's engines
-            self.warm_rollout = (self._rollout_engine("", cfg.warmup.rollout_url) if cfg.rollout.engine == "sglang"
-                                 else self._rollout_engine(cfg.warmup.teacher_model))
-        self.version = self.start_step
-        self.wsync = self._weight_sync()
-        self._sync_weights(self.start_step)
+        self.producer.attach(self.engine, rank=self.rank, world=self.world, start_step=self.start_step, out=self.out,
+                             export_hf=self.export_hf)
         log.info("DeepSpeed ZeRO-%d and the %s rollout engine ready", cfg.optim.zero_stage, cfg.rollout.engine)
         self.log = RunLog(self.out, cfg, resume=resume, enabled=self.rank == 0)
-        self._version_cv = threading.Condition()
 
-    # ---- set-up ----------------------------------------------------------------------------------
-    def _connect_teacher(self):
-        from teacher_server.client import ScoreSettings, TeacherClient, TokenizerMismatchError
+    # the producer's parts, as the trainer's attributes
+    @property
+    def data(self):
+        return self.producer.data
 
-        t = self.cfg.teacher
-        stats = ["sampled", "topk", "tail"] + (["extra"] if t.student_top_k else []) + (
-            ["full"] if self.cfg.loss.support == "full" else [])
-        client = TeacherClient(t.url, settings=ScoreSettings(top_k=t.top_k, statistics=tuple(stats),
-                                                             temperature=self.cfg.loss.temperature,
-                                                             value_encoding=t.value_encoding, compression=t.compression),
-                               timeout_s=t.timeout_s, max_retries=t.max_retries, max_backoff_s=t.max_backoff_s,
-                               token=t.token or None)
-        info = client.info()
-        # the chat template first (the tokenizer fingerprint covers it too, but says less)
-        if (self.tokenizer.chat_template or "") != info.chat_template and not t.allow_tokenizer_mismatch:
-            raise ConfigError("teacher.url: the teacher's chat template differs from the student's; prompts would be "
-                              "formatted differently on the two sides (teacher.allow_tokenizer_mismatch=true overrides)")
-        try:
-            client.check_tokenizer(self.tokenizer, t.allow_tokenizer_mismatch)
-        except TokenizerMismatchError as exc:
-            raise ConfigError(f"teacher.url: {exc} (config key: teacher.allow_tokenizer_mismatch=true)") from None
-        if info.vocab_size < self.vocab:
-            raise ConfigError(f"teacher.url: the teacher's logit width {info.vocab_size} is smaller than the "
-                              f"student's {self.vocab}; they cannot share token ids")
-        if info.vocab_size > self.vocab:
-            log.info("teacher logit width %d > student %d: padded teacher rows are folded into the tail",
-                     info.vocab_size, self.vocab)
-        if t.top_k > info.max_top_k:
-            raise ConfigError(f"teacher.top_k: {t.top_k} exceeds the server's max_top_k {info.max_top_k}")
-        if t.student_top_k and self.cfg.rollout.staleness:
-            raise ConfigError("teacher.student_top_k needs rollout.staleness=0 (the student's top ids come from the "
-                              "current weights)")
-        log.info("teacher %s (%s, vocab %d) at %s", info.model_name, info.dtype, info.vocab_size, t.url)
-        return client
+    @property
+    def teacher(self):
+        return self.producer.teacher
 
-    def _data_source(self):
-        from student_trainer.data import BUILTIN_TASKS, arithmetic_source, file_source, task_source
+    @property
+    def rollout(self):
+        return self.producer.rollout
 
-        d = self.cfg.data
-        if d.task:
-            if d.task not in BUILTIN_TASKS:
-                raise ConfigError(f"data.task: {d.task!r} is not a built-in task (built in: {', '.join(BUILTIN_TASKS)})")
-            if d.task != "arithmetic":
-                return task_source(self.tokenizer, d.task, seed=d.seed)
-            return arithmetic_source(self.tokenizer, seed=d.seed)
-        return file_source(d, self.tokenizer, self.cfg.loss.reward_fn or "math")
+    @property
+    def wsync(self):
+        return self.producer.wsync
 
-    def _rollout_engine(self, model_dir: str, urls: str = ""):
-        """The configured engine; for a built-in task that needs tools (``calc``) wrapped in the
-        multi-turn tool loop (model turn -> tool call -> tool output as mask-0 tokens -> ...).
-        sglang: `urls` names other engines than rollout.urls (the warm-up's teacher engines)."""
-        eng = self._plain_rollout_engine(model_dir, urls)
-        tools = task_tools(self.cfg.data.task)
-        if tools:
-            from rollout.tasks.tool_engine import ToolEngine
-
-            eng = ToolEngine(eng, self.tokenizer, tools)
-        return eng
-
-    def _plain_rollout_engine(self, model_dir: str, urls: str = ""):
-        r = self.cfg.rollout
-        if r.engine == "sglang":
-            from rollout.sglang_client import SGLangEngine
-
-            eng = SGLangEngine([u.strip() for u in (urls or r.urls).split(",") if u.strip()],
-                               router_url=None if urls else (r.router_url or None), api_key=r.api_key or None,
-                               admin_api_key=r.admin_api_key or None, max_attempts=r.max_attempts)
-            info = engine_info(eng, "warmup.rollout_url" if urls else "rollout.urls")
-            log.info("%s rollouts from SGLang at %s (model %s, weight_version %s)", "warm-up" if urls else "student",
-                     ", ".join(eng.urls), info.get("model_path"), info.get("weight_version"))
-            return eng
-        from transformers import AutoTokenizer
-
-        from rollout.local_engine import LocalEngine
-
-        dev = self.device
-        dtype = torch.float32 if dev == "cpu" else torch.bfloat16
-        random_init = self.cfg.model.random_init and model_dir == self.cfg.model.student  # weights come by sync
-        model = _load_causal_lm(model_dir, dtype, random_init, dev).to(dev)
-        return LocalEngine(model, AutoTokenizer.from_pretrained(model_dir), max_batch_size=r.max_batch_size)
-
-    # ---- weights to the rollout engine ----------------------------------------------------------
-    def _weight_sync_mode(self) -> str:
-        from student_trainer.config import default_weight_sync
-
-        r = self.cfg.rollout
-        return default_weight_sync(r.engine) if r.weight_sync == "auto" else r.weight_sync
-
-    def _weight_sync(self):
-        """SGLang engines: the pusher for this rank's engines (engine i belongs to rank i % world, so
-        each engine gets one update per step); None for the local engine."""
-        r = self.cfg.rollout
-        if r.engine != "sglang":
-            return None
-        from rollout import weight_sync as ws
-
-        mode = self._weight_sync_mode()
-        own = ws.engines_of_rank([u.strip() for u in r.urls.split(",") if u.strip()], self.rank, self.world)
-        client = getattr(self.rollout, "inner", self.rollout)  # the key the generation client resolved
-        key = getattr(client, "admin_api_key", None) or getattr(client, "api_key", None)
-        kw = {"api_key": key, "retries": r.sync_retries, "timeout_s": r.sync_timeout_s}
-        if mode == "disk":
-            sync = ws.DiskSync(own, **kw)
-        elif mode == "distributed":
-            sync = ws.DistributedSync(own, address=r.sync_address, port=r.sync_port + self.rank if r.sync_port else 0,
-                                      group_name=f"opd-weights-r{self.rank}",
-                                      backend="nccl" if self.device.startswith("cuda") else "gloo", **kw)
-        else:
-            if not torch.cuda.is_available():
-                raise ConfigError("rollout.weight_sync=tensor: CUDA-IPC handles need CUDA, which is not available "
-                                  "here (allowed without CUDA: distributed, disk)")
-            sync = ws.TensorSync(own, **kw)
-        if own:
-            sync.connect()
-        log.info("weight sync %s: rank %d pushes to %s", mode, self.rank, ", ".join(own) or "no engine")
-        return sync
-
-    def _sync_weights(self, version: int) -> float:
-        t0 = time.perf_counter()
-        r = self.cfg.rollout
-        mode = self._weight_sync_mode()
-        stats0 = dict(self.wsync.stats) if self.wsync is not None else {}
-        if r.engine == "local" and mode == "memory":
-            self.rollout.load_state_dict_(self.engine.full_state_dict(), version)
-        elif r.engine == "local":  # disk: each rank's own local engine reloads
-            path = Path(r.sync_dir or self.out / "weights_sync")
-            self.export_hf(path)
-            if self.world > 1:
-                torch.distributed.barrier()  # written by rank 0 before any engine reads it
-            asyncio.run(self.rollout.update_weights_from_disk(str(path), version))
-        elif mode == "disk":
-            path = Path(r.sync_dir or self.out / "weights_sync")
-            self.export_hf(path)  # every rank gathers (ZeRO-3), rank 0 writes
-            if self.world > 1:
-                torch.distributed.barrier()  # written before any engine reads it
-            if r.release_memory:
-                self.wsync.resume_memory(["weights"])
-            if self.wsync.urls:
-                self.wsync.push(str(path), version)
-        else:  # distributed / tensor: bucket by bucket from the live parameters
-            if r.release_memory:
-                self.wsync.resume_memory(["weights"])  # (their contents are gone until the push)
-            n, buckets = self.engine.weight_buckets(int(r.sync_bucket_mb * 2**20))
-            if self.wsync.urls and mode == "distributed":
-                # an engine lost mid-broadcast: the weights again, unless the gathers are collective
-                rebuild = None if self.world > 1 and self.engine.zero_stage == 3 else (
-                    lambda: self.engine.weight_buckets(int(r.sync_bucket_mb * 2**20)))
-                self.wsync.push(buckets, n, version, rebuild=rebuild)
-            elif self.wsync.urls:
-                self.wsync.push(buckets, n, version)
-            else:
-                for _ in buckets:  # ZeRO-3: the gathers are collective, every rank takes part
-                    pass
-        if r.release_memory:
-            self.wsync.resume_memory(["kv_cache"])
-        if self.wsync is not None:  # engines out of service / back / group re-opens in this push
-            d = {k: v - stats0.get(k, 0) for k, v in self.wsync.stats.items()}
-            self.sync_counters = {"sync_engines_down": d.get("engine_down", 0),
-                                  "sync_engines_rejoined": d.get("engine_rejoined", 0),
-                                  "sync_group_reopens": d.get("group_reopened", 0)}
-            client = getattr(self.rollout, "inner", self.rollout)
-            if hasattr(client, "weights_pushed"):  # rejoining engines: catch-up source, probed at once
-                client.weights_pushed(version, str(path) if mode == "disk" else None, self.wsync.live)
-        if r.engine == "sglang" and self.world > 1:
-            torch.distributed.barrier()  # every engine has the new weights before any rank samples again
-        self.version = version
-        return time.perf_counter() - t0
-
-    # ---- producer: rollouts + teacher scoring ---------------------------------------------------------
-    def _sampling(self, step: int, warm: bool):
-        from rollout.types import SamplingParams
-
-        r = self.cfg.rollout
-        return SamplingParams(n=r.n, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                              max_new_tokens=r.max_new_tokens, seed=self.cfg.run.seed * 100_003 + step)
-
-    def _produce(self, step: int) -> StepData:
-        cfg = self.cfg
-        warm = step < cfg.warmup.steps and self.warm_rollout is not None
-        engine = self.warm_rollout if warm else self.rollout
-        prompts = self.data.batch(step * self.world + self.rank, cfg.data.prompts_per_step)
-        params = self._sampling(step, warm)
-        t0 = time.perf_counter()
-        samples: list[Sample] = []
-        futures: list[cf.Future] = []
-        pool = cf.ThreadPoolExecutor(max_workers=max(1, cfg.teacher.concurrency))
-        gen_done = [0.0]
-
-        def score(batch: list[Sample]):
-            ids = [s.token_ids for s in batch]
-            starts = [s.prompt_len for s in batch]
-            s_top = None
-            if cfg.teacher.student_top_k:  # the student's own top ids, from the current weights
-                s_top = self.engine.module.top_ids(batch, cfg.teacher.student_top_k, cfg.loss.temperature,
-                                                   cfg.optim.micro_batch_tokens, self.device)
-            res = self.teacher.score(ids, starts, extra_ids=s_top)
-            for i, (s, st) in enumerate(zip(batch, res)):
-                s.teacher = teacher_arrays(st, self.vocab, None if s_top is None else s_top[i])
-            return sum(st.wire_bytes for st in res), time.perf_counter()
-
-        stats = getattr(getattr(engine, "inner", engine), "stats", None)
-        stats0 = dict(stats) if stats is not None else {}
-        received: dict[int, int] = {}  # finished (not aborted) rollouts per prompt group
-        aborted, stale = [0], [0]
-
-        async def collect():
-            pending: list[Sample] = []
-            async for ro in engine.generate([p.prompt_ids for p in prompts], params):
-                if ro.finish_reason == "abort":  # partial output: never reaches the loss
-                    aborted[0] += 1
-                    continue
-                if not warm and ro.policy_version < step - cfg.rollout.staleness:
-                    stale[0] += 1  # the engine says it sampled with older weights than allowed
-                    continue
-                received[ro.prompt_index] = received.get(ro.prompt_index, 0) + 1
-                text = self.tokenizer.decode(ro.response_ids, skip_special_tokens=True)
-                s = Sample(token_ids=list(ro.prompt_ids) + list(ro.response_ids), prompt_len=len(ro.prompt_ids),
-                           response_mask=list(ro.response_mask), rollout_logprobs=list(ro.logprobs),
-                           group=ro.prompt_index, reward=self.data.reward(text, prompts[ro.prompt_index]),
-                           policy_version=ro.policy_version, num_turns=ro.num_turns, finish_reason=ro.finish_reason)
-                if s.num_response == 0:
-                    continue
-                samples.append(s)
-                if self.teacher is not None:
-                    pending.append(s)
-                    if len(pending) >= max(cfg.rollout.n, cfg.teacher.batch_sequences):
-                        futures.append(pool.submit(score, pending))
-                        pending = []
-            if self.teacher is not None and pending:
-                futures.append(pool.submit(score, pending))
-            gen_done[0] = time.perf_counter()
-
-        asyncio.run(collect())
-        t_gen = gen_done[0]
-        # A group with a member missing (aborted past its retries, or its request failed) is
-        # dropped whole: group-relative advantages and weights need every member.
-        short = {g for g in range(len(prompts)) if received.get(g, 0) < params.n}
-        if short:
-            samples[:] = [s for s in samples if s.group not in short]
-        delta = {k: v - stats0.get(k, 0) for k, v in (stats or {}).items()}
-        if short or delta.get("aborted") or delta.get("failed") or aborted[0]:
-            log.warning("step %d: %d rollout(s) aborted, %d request(s) failed, %d dropped after retries: "
-                        "%d of %d prompt groups dropped", step, delta.get("aborted", 0) if stats is not None else aborted[0],
-                        delta.get("failed", 0), delta.get("dropped", 0), len(short), len(prompts))
-        if not samples:
-            raise RuntimeError(f"step {step}: no complete rollout group ({len(prompts)} prompts x {params.n}); last "
-                               f"engine error: {getattr(getattr(engine, 'inner', engine), 'last_error', None)}")
-        log.debug("step %d: %d rollouts in %.1fs", step, len(samples), t_gen - t0)
-        wire, last = 0, t_gen
-        for f in futures:
-            b, t_end = f.result()
-            wire += b
-            last = max(last, t_end)
-        pool.shutdown()
-        t1 = time.perf_counter()
-        samples.sort(key=lambda s: (s.group, s.token_ids))
-        self._weights_and_advantages(samples)
-        n_resp = sum(s.num_response for s in samples)
-        return StepData(step, samples, timings={
-            "rollout_s": t_gen - t0, "teacher_tail_s": t1 - t_gen, "produce_s": t1 - t0},
-            counters={"wire_bytes": wire, "response_tokens": n_resp, "warmup": warm, "rollouts_stale": stale[0],
-                      # aborted attempts the engine saw (an engine without counters: aborted rollouts)
-                      "rollout_aborted": delta.get("aborted", 0) if stats is not None else aborted[0],
-                      "rollout_failed": delta.get("failed", 0),
-                      "rollout_retried": delta.get("retried", 0), "rollout_dropped": delta.get("dropped", 0),
-                      "groups_dropped": len(short), "engines_down": delta.get("engine_down", 0),
-                      "tool_tokens": sum(len(s.response_mask) - sum(s.response_mask) for s in samples),
-                      "turns": float(np.mean([s.num_turns for s in samples])) if samples else 0.0})
-
-    def _weights_and_advantages(self, samples: list[Sample]) -> None:
-        if not samples:
-            return
-        lc = self.cfg.loss
-        rewards = torch.tensor([s.reward for s in samples], dtype=torch.float64)
-        groups = torch.tensor([s.group for s in samples])
-        if lc.objective in ("grpo", "opd+grpo"):
-            adv = L.grpo_advantages(rewards, group_ids_B=groups)
-            for s, a in zip(samples, adv.tolist()):
-                s.advantage = a
-        if lc.sample_weighting == "reward":
-            w = L.reward_weights(rewards, beta=lc.reward_beta, group_ids_B=groups)
-        elif lc.sample_weighting == "paced":
-            w = L.paced_weights(rewards, group_ids_B=groups, a=lc.paced_a, b=lc.paced_b)
-        else:
-            return
-        for s, x in zip(samples, w.tolist()):
-            s.weight = float(x)
-
-    def _producer(self, q: queue.Queue, stop: threading.Event):
-        staleness = self.cfg.rollout.staleness
-        try:
-            for step in range(self.start_step, self.cfg.run.steps):
-                with self._version_cv:  # on-policy: wait until weights of step - staleness are in the engine
-                    while self.version < step - staleness and not stop.is_set():
-                        self._version_cv.wait(0.5)
-                if stop.is_set():
-                    return
-                q.put(self._produce(step))
-        except BaseException as exc:  # surfaced on the trainer thread
-            q.put(exc)
+    @property
+    def version(self) -> int:
+        return self.producer.version
 
     # ---- training ------------------------------------------------------------------------------
     def _train_step(self, data: StepData) -> dict:
         cfg, lc = self.cfg, self.cfg.loss
         terms = _loss_terms(cfg, data.step, data.counters.get("warmup", False))
         loss_cfg = _loss_config(lc, terms)
-        mbs = pack(data.samples, cfg.optim.micro_batch_tokens)
+        if self.producer.routed:
+            # a micro-batch holds one teacher's samples: its statistics share a shape (top_k), its
+            # loss the teacher's temperature, and its metrics are that teacher's
+            by_route: dict[str, list[Sample]] = {}
+            for s in data.samples:
+                by_route.setdefault(s.route, []).append(s)
+            routed = [(name, mb) for name in sorted(by_route) for mb in pack(by_route[name], cfg.optim.micro_batch_tokens)]
+        else:
+            routed = [(None, mb) for mb in pack(data.samples, cfg.optim.micro_batch_tokens)]
+        mbs = [mb for _, mb in routed]
         dev = torch.device(self.device)
         kept = [sum(m for s in mb for m in s.response_mask) for mb in mbs]
         if lc.token_keep_ratio < 1.0:
@@ -499,25 +217,34 @@ class Trainer:
         t0 = time.perf_counter()
         total = 0.0
         offset = 0
-        for i, group in enumerate(mbs):
+        per_teacher: dict[str, dict[str, float]] = {}
+        for i, (route, group) in enumerate(routed):
             mb = build_micro_batch(group, offset)
             offset += len(group)
             mb = _to(mb, dev)
             self.engine.engine.set_gradient_accumulation_boundary(i == len(mbs) - 1)
-            loss, met = self.engine.engine(mb, loss_cfg, global_tokens.to(dev), global_seqs.to(dev),
+            cfg_i = loss_cfg
+            if route is not None and self.producer.teachers[route].spec.temperature != loss_cfg.temperature:
+                cfg_i = dataclasses.replace(loss_cfg, temperature=self.producer.teachers[route].spec.temperature)
+            loss, met = self.engine.engine(mb, cfg_i, global_tokens.to(dev), global_seqs.to(dev),
                                            lc.token_keep_ratio, lc.token_score)
             self.engine.backward(loss * self.world)  # DeepSpeed averages over ranks; undo it
             total += float(loss.detach())
             ntok = float(met["tokens"])
-            for k, v in met.items():
-                if k != "tokens":
-                    metrics_sum[k] = metrics_sum.get(k, 0.0) + float(v) * ntok
-            metrics_sum["tokens"] = metrics_sum.get("tokens", 0.0) + ntok
+            sums = [metrics_sum] + ([per_teacher.setdefault(route, {})] if route is not None else [])
+            for d in sums:
+                for k, v in met.items():
+                    if k != "tokens":
+                        d[k] = d.get(k, 0.0) + float(v) * ntok
+                d["tokens"] = d.get("tokens", 0.0) + ntok
         grad_norm = self.engine.step()
         t_train = time.perf_counter() - t0
         loss_tokens = metrics_sum.pop("tokens", 0.0)  # rows with weight > 0 (after TIP's selection)
         ntok = max(1.0, loss_tokens)
         out = {f"loss/{k}": v / ntok for k, v in metrics_sum.items()}
+        for route, d in per_teacher.items():  # per teacher: its samples' mean row loss (before its weight), KLs, ...
+            n = max(1.0, d.pop("tokens"))
+            out.update({f"teacher/{route}/{'loss' if k == 'loss_row_mean' else k}": v / n for k, v in d.items()})
         reason = _zero_signal_reason(data.samples, terms)
         if reason:
             self.zero_signal_steps += 1
@@ -533,7 +260,8 @@ class Trainer:
         cfg = self.cfg
         q: queue.Queue = queue.Queue(maxsize=max(1, cfg.rollout.staleness))
         stop = threading.Event()
-        producer = threading.Thread(target=self._producer, args=(q, stop), name="opd-producer", daemon=True)
+        producer = threading.Thread(target=self.producer.loop, args=(q, stop, self.start_step), name="opd-producer",
+                                    daemon=True)
         producer.start()
         last = {}
         try:
@@ -547,11 +275,16 @@ class Trainer:
                 if cfg.rollout.release_memory:  # the engines are idle (staleness 0): their GPU memory to training
                     if self.world > 1:
                         torch.distributed.barrier()  # every rank's rollouts are in
-                    self.wsync.release_memory()
+                    self.producer.release_memory()
                 m = self._train_step(data)
-                sync_s = self._sync_weights(step + 1)
-                with self._version_cv:
-                    self._version_cv.notify_all()
+                sync_s = self.producer.sync_weights(step + 1)
+                if cfg.teacher.refresh_every and (step + 1) % cfg.teacher.refresh_every == 0:
+                    # WIRING PENDING (producer.refresh_teacher): refused when parsed until the
+                    # teacher client has its weight-update RPC
+                    sd = self.engine.full_state_dict()  # every rank gathers (ZeRO-3); rank 0 pushes
+                    if self.rank == 0:
+                        refresh_teacher(self.producer, sd, step + 1)
+                self.producer.notify()
                 step_s = time.perf_counter() - t_step + wait_s
                 rew = [s.reward for s in data.samples]
                 m.update(data.timings)
@@ -571,9 +304,11 @@ class Trainer:
                           "turns": data.counters["turns"],
                           **{k: data.counters[k] for k in ("rollout_aborted", "rollout_failed", "rollout_retried",
                                                            "rollout_dropped", "groups_dropped", "engines_down")},
-                          **getattr(self, "sync_counters", {}),
+                          **self.producer.sync_counters,
                           "policy_lag": step - min(
                               (s.policy_version for s in data.samples), default=step)})
+                for name, d in data.counters.get("teachers", {}).items():
+                    m.update({f"teacher/{name}/{k}": v for k, v in d.items()})
                 if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
                     m["eval_accuracy"] = self.evaluate()
                 self.log.step(m)
@@ -584,8 +319,7 @@ class Trainer:
                     self.on_step(step + 1, m)
         finally:
             stop.set()
-            with self._version_cv:
-                self._version_cv.notify_all()
+            self.producer.notify()
         if cfg.run.steps > self.start_step:
             self.save_checkpoint(cfg.run.steps)
         if cfg.run.export_hf:
@@ -666,44 +400,8 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        if getattr(self, "wsync", None) is not None:
-            self.wsync.close()
-        for eng in (self.rollout, self.warm_rollout):
-            if eng is not None and hasattr(eng, "close"):
-                eng.close()
-        if self.teacher is not None:
-            self.teacher.close()
-
-
-def task_tools(task: str | None) -> tuple:
-    """The tools a built-in task's rollouts must offer (empty for single-turn tasks and files)."""
-    from student_trainer.data import BUILTIN_TASKS
-
-    if task not in BUILTIN_TASKS:
-        return ()
-    from rollout.tasks import get_task
-
-    return tuple(getattr(get_task(task), "tools", ()) or ())
-
-
-def engine_info(eng, key: str, poll_s: float = 5.0) -> dict:
-    """The first SGLang engine's /model_info, waiting (up to the client's wait_for_engine_s) for an
-    engine that is still starting; a refused key is a configuration error at once."""
-    from rollout.sglang_client import SGLangError, SGLangRequestError
-
-    deadline = time.monotonic() + eng.wait_for_engine_s
-    while True:
-        try:
-            return asyncio.run(eng.model_info())
-        except SGLangRequestError as e:
-            raise ConfigError(f"{key}: {e} (the engines' key: rollout.api_key or OPD_ROLLOUT_API_KEY)") from None
-        except (SGLangError, OSError) as e:
-            err = e
-        if time.monotonic() >= deadline:
-            raise ConfigError(f"{key}: no SGLang engine answered /model_info for {eng.wait_for_engine_s:.0f} s "
-                              f"({', '.join(eng.urls)}): {err}")
-        log.warning("waiting for the SGLang engine at %s: %s", ", ".join(eng.urls), err)
-        time.sleep(poll_s)
+        if getattr(self, "producer", None) is not None:
+            self.producer.close()
 
 
 def resolve_train_device(device: str) -> str:
@@ -724,19 +422,6 @@ def resolve_train_device(device: str) -> str:
         raise ConfigError(f"run.device={device}: this machine has {torch.cuda.device_count()} GPU(s) "
                           f"(allowed: cuda:0..cuda:{torch.cuda.device_count() - 1})")
     return f"cuda:{index}"
-
-
-def _load_causal_lm(path: str, dtype, random_init: bool = False, device: str = "cpu",
-                    attn_implementation: str | None = None):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    if random_init:
-        # random weights are drawn on the target device: drawing billions of them on the CPU
-        # takes minutes, on a GPU a second
-        with torch.device(device):
-            return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=dtype, **kw)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kw)
 
 
 def _to(mb, dev):

@@ -78,13 +78,13 @@ def _args(student, out, *extra, url=None):
 
 def _capture(trainer) -> dict:
     """The StepData (rollouts + teacher statistics) of every step the trainer produces."""
-    got, produce = {}, trainer._produce
+    got, produce = {}, trainer.producer.produce
 
     def wrapped(step):
         got[step] = produce(step)
         return got[step]
 
-    trainer._produce = wrapped
+    trainer.producer.produce = wrapped
     return got
 
 
@@ -281,7 +281,7 @@ def divergence_run(models, teacher_url, tmp_path_factory):
     teacher, student = models
     args = _args(student, tmp_path_factory.mktemp("div"), "run.steps=50", url=teacher_url)
     tr = Trainer(load_config(None, args))
-    data = tr._produce(0)
+    data = tr.producer.produce(0)
     yield tr, data, args, Reference(student)
     tr.close()
 

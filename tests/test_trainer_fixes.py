@@ -163,10 +163,10 @@ def test_packed_equals_separate(models, impl):
     boolean block mask wrong before: ~2 apart)."""
     from student_trainer import losses as L
     from student_trainer.batching import build_micro_batch
-    from student_trainer.trainer import StudentWithLoss, _load_causal_lm
+    from student_trainer.trainer import StudentWithLoss, load_causal_lm
 
     _, _, student = models
-    mod = StudentWithLoss(_load_causal_lm(student, torch.float32, attn_implementation=impl))
+    mod = StudentWithLoss(load_causal_lm(student, torch.float32, attn_implementation=impl))
     assert mod.student.config._attn_implementation == impl
     samples = _samples(stats=True)
     packed = build_micro_batch(samples)
