@@ -463,26 +463,6 @@ def template_fields(template: str, key: str) -> list[str]:
     return out
 
 
-def _pending_teacher_features(cfg: TrainConfig, specs: dict) -> None:
-    """teacher.model and teacher.refresh_every need the multi-model teacher server's client
-    (``TeacherClient(..., model=)``, ``TeacherClient.update_weights``), merged from another branch:
-    until then a configuration that sets them stops here (see producer._model_kwargs /
-    producer.refresh_teacher, where the trainer uses them)."""
-    named = [s for s in specs.values() if s.model]
-    if not named and not cfg.teacher.refresh_every:
-        return
-    import inspect
-
-    from teacher_server.client import TeacherClient
-
-    if named and "model" not in inspect.signature(TeacherClient).parameters:
-        raise ConfigError(f"{named[0].key}.model: {named[0].model!r}: this build's teacher client cannot name a model "
-                          "(the multi-model teacher server is not merged yet); leave it empty")
-    if cfg.teacher.refresh_every and not hasattr(TeacherClient, "update_weights"):
-        raise ConfigError(f"teacher.refresh_every: {cfg.teacher.refresh_every}: this build's teacher client has no "
-                          "weight-update RPC (TeacherClient.update_weights is not merged yet); leave it 0")
-
-
 def _teacher_checks(cfg: TrainConfig) -> None:
     """teacher.routes, route_key, prompt templates, model, refresh_every (docs/teachers.md)."""
     t, lc = cfg.teacher, cfg.loss
@@ -513,7 +493,6 @@ def _teacher_checks(cfg: TrainConfig) -> None:
         raise ConfigError(f"teacher.refresh_every: {t.refresh_every} needs a teacher objective (opd, opd+grpo; here "
                           f"{lc.objective})")
     specs = teacher_specs(cfg) if uses_teacher else {}
-    _pending_teacher_features(cfg, specs)
     weighted = sorted(f"{s.key}.weight={s.weight:g}" for s in specs.values() if s.weight != 1.0)
     if weighted and (lc.objective != "opd" or lc.sft_weight):
         raise ConfigError(f"{weighted[0]}: a teacher's weight multiplies its samples' whole loss, which here also "

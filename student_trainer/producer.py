@@ -531,24 +531,35 @@ def task_tools(task: str | None) -> tuple:
     return tuple(out)
 
 
-# ---- teacher.model and teacher.refresh_every: WIRING PENDING ----------------------------------------------
-# The multi-model teacher server and its weight-update RPC land in another branch
-# (TeacherClient(endpoints, ..., model="NAME"), TeacherClient.update_weights(named_tensors, version,
-# model=None)). These two functions are the only places the trainer uses them; until that branch is
-# merged, config._pending_teacher_features refuses a configuration that sets the keys (exit 2 when
-# parsed). After the merge: check the calls below against the client (and test them through
-# `opd train`); the parse-time guard then passes by itself.
+# ---- teacher.model and teacher.refresh_every -------------------------------------------------------
 def _model_kwargs(key: str, model: str) -> dict:
     """TeacherClient keyword arguments that name the model a request is for (teacher.model /
     teacher.routes.NAME.model, `key` its config prefix); {} for the server's default model."""
     return {"model": model} if model else {}
 
 
-def refresh_teacher(producer: "Producer", named_tensors: dict, version: int) -> None:
-    """teacher.refresh_every: the student's weights (HF names -> tensors) to the default teacher's
-    server as `version` (the lead completes this after merging the weight-update RPC)."""
+def refresh_teacher(producer: "Producer", engine, version: int, rank: int, bucket_mb: float = 64.0) -> dict:
+    """teacher.refresh_every: the student's weights (HF parameter names; tied weights once) to the
+    default teacher's server(s) as weight `version`, through the UpdateWeights RPC. Every rank
+    walks the buckets (ZeRO-3 gathers each in step); rank 0 streams them. Returns the servers'
+    answers' totals on rank 0 ({} elsewhere)."""
     tch = producer.teachers[DEFAULT_TEACHER]
-    tch.client.update_weights(named_tensors, version, model=tch.spec.model or None)
+    _, buckets = engine.weight_buckets(int(bucket_mb * (1 << 20)))
+    if rank != 0:
+        for _ in buckets:
+            pass
+        return {}
+    several = len(tch.client.endpoints) > 1   # the client lists the tensors: copies outlive the buckets
+
+    def tensors():
+        for bucket in buckets:
+            for name, t in bucket:
+                yield name, (t.detach().cpu().clone() if several else t)
+
+    t0 = time.perf_counter()
+    answers = tch.client.update_weights(tensors(), version, model=tch.spec.model or None, bucket_mb=bucket_mb)
+    return {"teacher_refresh_s": time.perf_counter() - t0, "teacher_refresh_mb": sum(a.bytes for a in answers) / 1e6,
+            "teacher_weight_version": version}
 
 
 def engine_info(eng, key: str, poll_s: float = 5.0) -> dict:

@@ -278,12 +278,10 @@ class Trainer:
                     self.producer.release_memory()
                 m = self._train_step(data)
                 sync_s = self.producer.sync_weights(step + 1)
+                refresh = {}
                 if cfg.teacher.refresh_every and (step + 1) % cfg.teacher.refresh_every == 0:
-                    # WIRING PENDING (producer.refresh_teacher): refused when parsed until the
-                    # teacher client has its weight-update RPC
-                    sd = self.engine.full_state_dict()  # every rank gathers (ZeRO-3); rank 0 pushes
-                    if self.rank == 0:
-                        refresh_teacher(self.producer, sd, step + 1)
+                    # the student's weights to the default teacher (self-distillation that follows the student)
+                    refresh = refresh_teacher(self.producer, self.engine, step + 1, self.rank)
                 self.producer.notify()
                 step_s = time.perf_counter() - t_step + wait_s
                 rew = [s.reward for s in data.samples]
@@ -291,6 +289,7 @@ class Trainer:
                 versions = [s.policy_version for s in data.samples]  # as the engines reported them
                 m.update({"rollouts_stale": data.counters["rollouts_stale"], "weight_version": self.version,
                           "policy_version_min": min(versions, default=-1), "policy_version_max": max(versions, default=-1)})
+                m.update(refresh)
                 m.update({"step": step + 1, "wait_rollout_teacher_s": wait_s, "weight_sync_s": sync_s, "step_s": step_s,
                           # the trainer waits on the teacher for the part of its wait that came after
                           # generation ended (with staleness 1 most of it hides behind training)

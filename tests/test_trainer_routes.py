@@ -334,3 +334,39 @@ def test_mixed_tasks_interleave_and_grade_by_their_own_task(models):
         assert src.reward(ex.response, p) == 1.0  # the worked response, graded by its own task
     # an arithmetic answer ("Answer: 122") is not a sort answer, and the other way round
     assert src.reward(so[0].response, src.train[0]) == 0.0 and src.reward(ar[0].response, src.train[1]) == 0.0
+
+
+def test_refresh_every_pushes_the_student_to_the_teacher(models, tmp_path):
+    """teacher.refresh_every=1 through `opd train`, against a server hosting the student's initial
+    weights under a name (teacher.model): after two steps the server reports weight version 2 and
+    scores exactly as the exported student does (float64 forward), no longer as the initial one.
+    The teacher sees a privileged prompt, so it differs from the student and the step trains."""
+    from opd import cli
+    from teacher_server.client import ScoreSettings, TeacherClient
+
+    _, student = models
+    out = tmp_path / "refresh"
+    with running_server(student, models=[("self", student)]) as (_, url):
+        code = cli.main(["train", *[f"--{a}" for a in _args(student, out, "data.task=arithmetic", f"teacher.url={url}",
+                                                            "teacher.model=self", "teacher.refresh_every=1",
+                                                            "teacher.prompt_template={question} = {answer}",
+                                                            "run.steps=2", "optim.lr=1e-2", "run.export_hf=true")],
+                         "--log-level", "WARNING"])
+        assert code == 0
+        client = TeacherClient(url, model="self", settings=ScoreSettings(value_encoding="fp32"))
+        try:
+            info = client.info()
+            assert [m.weight_version for m in info.models if m.model_name == "self"] == [2]
+            ids = [3, 17, 42, 9, 88, 120, 7, 64, 31, 5]
+            (st,) = client.score([ids], [3])
+        finally:
+            client.close()
+    assert st.weight_version == 2
+    want = reference_logprobs(str(out / "hf"), ids)[2:len(ids) - 1]
+    sampled = np.asarray(st.sampled_logprobs, dtype=np.float64)
+    np.testing.assert_allclose(sampled, want[np.arange(len(sampled)), ids[3:]], atol=1e-4)
+    before = reference_logprobs(student, ids)[2:len(ids) - 1]
+    assert np.abs(sampled - before[np.arange(len(sampled)), ids[3:]]).max() > 1e-3  # the weights did change
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "teacher_weight_version" in r]
+    assert [r["teacher_weight_version"] for r in steps] == [1, 2] and all(r["teacher_refresh_mb"] > 0 for r in steps)
