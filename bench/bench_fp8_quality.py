@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     from opd import demo_prep
+    from rollout.tasks.encoding import max_new_tokens_for, prompt_ids
     from teacher_server import fp8
     from teacher_server.engine import ScoreItem, ScoringEngine
 
@@ -43,9 +44,7 @@ def main(argv=None) -> int:
     n = fp8.quantize_body(quant.get_decoder(), emulate=True)
     acc = {name: demo_prep.evaluate_accuracy(m, tok, examples) for name, m in (("exact", exact), ("fp8", quant))}
     # statistics on the exact teacher's own greedy responses (prompt + response, scored from the response)
-    rows = demo_prep.generate_responses(exact, tok, examples, max_new_tokens=demo_prep.max_new_tokens_for(tok, examples))
-    from rollout.tasks.encoding import prompt_ids
-
+    rows = demo_prep.generate_responses(exact, tok, examples, max_new_tokens=max_new_tokens_for(tok, examples))
     prompts = [prompt_ids(tok, ex) for ex in examples]
     seqs = [np.asarray(p + r, dtype=np.int64) for p, r in zip(prompts, rows)]
     starts = [len(p) for p in prompts]

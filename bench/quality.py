@@ -127,22 +127,9 @@ class WarmTargetSpec:
 
 def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None) -> float:
     """Greedy accuracy graded by the task's own grader; multi-turn tasks go through the tool loop."""
-    from transformers import AutoModelForCausalLM
+    from rollout.evaluate import model_accuracy
 
-    from opd import demo_prep
-
-    if isinstance(model, (str, os.PathLike)):
-        tok = tok or demo_prep._load_tokenizer(model)
-        model = AutoModelForCausalLM.from_pretrained(str(model))
-    mnt = max_new_tokens or demo_prep.max_new_tokens_for(tok, examples)
-    if task.tools:
-        from rollout.tasks.tool_engine import tool_generate
-
-        texts = tool_generate(model, tok, task, examples, max_new_tokens=mnt)
-    else:
-        rows = demo_prep.generate_responses(model, tok, examples, max_new_tokens=mnt)
-        texts = tok.batch_decode(rows, skip_special_tokens=True)
-    return sum(task.grade(t, ex) for t, ex in zip(texts, examples)) / len(examples)
+    return model_accuracy(model, tok, examples, task.grade, tools=task.tools, max_new_tokens=max_new_tokens)
 
 
 def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
@@ -252,11 +239,12 @@ def format_rate(model_dir: str, task, n: int) -> float:
     from transformers import AutoModelForCausalLM
 
     from opd import demo_prep
+    from rollout.tasks.encoding import max_new_tokens_for
 
     tok = demo_prep._load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     evals = task.make_examples("eval", n, seed=0)
-    rows = demo_prep.generate_responses(model, tok, evals, max_new_tokens=demo_prep.max_new_tokens_for(tok, evals))
+    rows = demo_prep.generate_responses(model, tok, evals, max_new_tokens=max_new_tokens_for(tok, evals))
     texts = tok.batch_decode(rows, skip_special_tokens=True)
     return sum(bool(re.search(r"Answer:\s*\d", t)) for t in texts) / len(texts)
 
@@ -360,6 +348,7 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     """Child: teacher + warm students for one task, and their held-out accuracies."""
     from opd import demo_prep
     from rollout.tasks import get_task
+    from rollout.tasks.encoding import max_new_tokens_for
 
     _deterministic(conf["threads"])
     task = get_task(task_name)
@@ -369,7 +358,7 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     tok = demo_prep._load_tokenizer(teacher)
     evals = task.make_examples("eval", conf["eval_size"], seed=0)
     # room for the longest reference trajectory (+ eos) and some slack, over train and eval problems
-    mnt = max(demo_prep.max_new_tokens_for(tok, evals), demo_prep.max_new_tokens_for(
+    mnt = max(max_new_tokens_for(tok, evals), max_new_tokens_for(
         tok, task.make_examples("train", 512, seed=0)))
     info = {"dir": str(teacher), "accuracy": task_accuracy(str(teacher), tok, task, evals, mnt),
             "max_new_tokens": mnt, "students": {}}

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from rollout.tasks import arithmetic
-from rollout.tasks.encoding import encode_example, prompt_ids
+from rollout.tasks.encoding import encode, prompt_ids
 
 CACHE_VERSION = 1
 
@@ -120,7 +120,7 @@ def collate(tokenizer, examples) -> tuple:
     """Right-padded (input_ids, attention_mask, loss_mask) for prompt + response + eos."""
     import torch
 
-    rows = [_encode(tokenizer, ex) for ex in examples]
+    rows = [encode(tokenizer, ex) for ex in examples]
     length = max(len(p) + len(r) for p, r, _ in rows)
     ids = torch.full((len(rows), length), tokenizer.pad_token_id, dtype=torch.long)
     att = torch.zeros((len(rows), length), dtype=torch.long)
@@ -134,14 +134,6 @@ def collate(tokenizer, examples) -> tuple:
         else:  # multi-turn examples (rollout.tasks.calc.CalcExample): no loss on tool-response tokens
             loss_mask[i, len(p):n] = torch.tensor(m, dtype=torch.bool)
     return ids, att, loss_mask
-
-
-def _encode(tokenizer, ex) -> tuple[list[int], list[int], list[int] | None]:
-    """(prompt ids, response ids, response loss mask or None = all response tokens)."""
-    if hasattr(ex, "encode"):
-        return ex.encode(tokenizer)
-    p, r = encode_example(tokenizer, ex)
-    return p, r, None
 
 
 def _warmup_cosine(steps: int, warmup: int, floor: float = 0.05) -> Callable[[int], float]:
@@ -195,11 +187,6 @@ def sft_train(model, tokenizer, examples, *, steps: int, batch_size: int, lr: fl
     return loss_val
 
 
-def max_new_tokens_for(tokenizer, examples) -> int:
-    """Room for the longest target response (+ eos) plus a little slack."""
-    return max(len(_encode(tokenizer, ex)[1]) for ex in examples) + 4
-
-
 def generate_responses(model, tokenizer, examples, *, max_new_tokens: int, temperature: float = 0.0,
                        batch_size: int = 512) -> list[list[int]]:
     """Batched decoding (greedy when temperature == 0) of the examples' prompts; token ids per
@@ -233,24 +220,12 @@ def generate_responses(model, tokenizer, examples, *, max_new_tokens: int, tempe
     return out_rows
 
 
-def evaluate_accuracy(model, tokenizer, examples, max_new_tokens: int | None = None,
-                      batch_size: int = 512) -> float:
-    """Greedy accuracy of `model` (a model or a HF directory) on `examples` (graded by
-    `arithmetic.grade`). `tokenizer` may be None when `model` is a directory."""
-    from transformers import AutoModelForCausalLM
+def evaluate_accuracy(model, tokenizer, examples, max_new_tokens: int | None = None) -> float:
+    """Greedy accuracy of `model` (a model or a HF directory) on arithmetic `examples`
+    (`rollout.evaluate.model_accuracy`). `tokenizer` may be None when `model` is a directory."""
+    from rollout.evaluate import model_accuracy
 
-    if isinstance(model, (str, os.PathLike)):
-        if tokenizer is None:
-            tokenizer = _load_tokenizer(model)
-        model = AutoModelForCausalLM.from_pretrained(str(model))
-    if not examples:
-        return 0.0
-    if max_new_tokens is None:
-        max_new_tokens = max_new_tokens_for(tokenizer, examples)
-    rows = generate_responses(model, tokenizer, examples, max_new_tokens=max_new_tokens,
-                              batch_size=batch_size)
-    texts = tokenizer.batch_decode(rows, skip_special_tokens=True)
-    return sum(arithmetic.grade(t, ex) for t, ex in zip(texts, examples)) / len(examples)
+    return model_accuracy(model, tokenizer, examples, arithmetic.grade, max_new_tokens=max_new_tokens)
 
 
 def eval_examples(digits: int = 2, style: str = "worked", n: int = 256, seed: int = 0):

@@ -136,7 +136,7 @@ def test_calc_task_trajectory_and_grading():
     assert int(lmask[0].sum()) == sum(mask)
     # single-turn examples (the demo's) keep the old layout: loss on every response token
     from rollout.tasks import arithmetic
-    from rollout.tasks.encoding import encode_example, response_ids
+    from rollout.tasks.encoding import encode_example, max_new_tokens_for, response_ids
 
     arith = arithmetic.make_examples("train", 3, seed=0, style="worked")
     ids, att, lmask = demo_prep.collate(tok, arith)
@@ -144,7 +144,7 @@ def test_calc_task_trajectory_and_grading():
         p_ids, r_ids = encode_example(tok, e)
         assert ids[i, :len(p_ids) + len(r_ids)].tolist() == p_ids + r_ids
         assert lmask[i].nonzero().flatten().tolist() == list(range(len(p_ids), len(p_ids) + len(r_ids)))
-    assert demo_prep.max_new_tokens_for(tok, arith) == max(len(response_ids(tok, e)) for e in arith) + 4
+    assert max_new_tokens_for(tok, arith) == max(len(response_ids(tok, e)) for e in arith) + 4
 
 
 def test_tool_engine_runs_the_calculator_loop():

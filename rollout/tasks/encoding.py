@@ -23,3 +23,17 @@ def response_ids(tokenizer, example) -> list[int]:
 def encode_example(tokenizer, example) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids): the model sees prompt + response; loss on response ids only."""
     return prompt_ids(tokenizer, example), response_ids(tokenizer, example)
+
+
+def encode(tokenizer, example) -> tuple[list[int], list[int], list[int] | None]:
+    """(prompt ids, response ids, response loss mask or None = every response token): a multi-turn
+    example's own `encode`, else `encode_example`."""
+    if hasattr(example, "encode"):
+        return example.encode(tokenizer)
+    p, r = encode_example(tokenizer, example)
+    return p, r, None
+
+
+def max_new_tokens_for(tokenizer, examples) -> int:
+    """Room for the longest target response (+ eos) plus a little slack."""
+    return max(len(encode(tokenizer, ex)[1]) for ex in examples) + 4
