@@ -89,7 +89,7 @@ SIZES = {
     "teacher": TinySize(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=768),
     "student": TinySize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384),
     "test": TinySize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, head_dim=16),
-    # `opd demo`'s teacher: trains to ~98% on 2-digit addition in ~300 CPU SFT steps (opd.demo_prep).
+    # `opd demo`'s teacher: trains to ~98% on 2-digit addition in ~300 CPU SFT steps (opd.demo_models).
     "demo_teacher": TinySize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
 }
 
