@@ -8,6 +8,14 @@ Single-turn examples (arithmetic, sort, reverse) have ``messages`` and ``respons
 from __future__ import annotations
 
 
+class UserQuestion:
+    """The prompt of a built-in task's example: one user chat message, the example's ``question``."""
+
+    @property
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.question}]
+
+
 def prompt_ids(tokenizer, example) -> list[int]:
     ids = tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=True,
                                         return_dict=False)
