@@ -135,6 +135,7 @@ def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None)
 def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
     """Train (first call) or load (cached) a tiny teacher for `spec.task` with opd.sft's helper."""
     from opd import model_cache, sft
+    from opd.tiny import random_model
     from rollout.tasks import get_task
 
     out = Path(cache_dir) / model_cache.cache_key(f"teacher-{spec.task}", spec)
@@ -144,7 +145,7 @@ def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
     task = get_task(spec.task)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tok = model_cache.load_tokenizer(model_cache.tokenizer_dir(cache_dir, spec.vocab_size))
-    model = model_cache.new_model(tok, spec.size, spec.seed)
+    model = random_model(tok, spec.size, spec.seed)
     train = task.make_examples("train", spec.steps * spec.batch_size, seed=spec.seed)
     evals = task.make_examples("eval", spec.eval_size, seed=spec.seed)
     t0 = time.time()

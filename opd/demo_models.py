@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Callable
 
 from opd import sft
-from opd.model_cache import cache_key, load_tokenizer, new_model, read_info, save_model, tokenizer_dir
+from opd.model_cache import cache_key, load_tokenizer, read_info, save_model, tokenizer_dir
+from opd.tiny import random_model
 from rollout.tasks import arithmetic
 
 
@@ -85,7 +86,7 @@ def prepare_teacher(cache_dir: str | os.PathLike, settings: TeacherSettings | No
     tok_dir = tokenizer_dir(cache_dir, s.vocab_size)
     tok = load_tokenizer(tok_dir)
     t0 = time.time()
-    model = new_model(tok, s.size, s.seed)
+    model = random_model(tok, s.size, s.seed)
     train = arithmetic.make_examples("train", s.steps * s.batch_size, seed=s.seed, digits=s.digits,
                                     style=s.style, sample_seed=s.seed + 1000)
     evals = eval_examples(s.digits, s.style, s.eval_size, s.seed)
@@ -113,7 +114,7 @@ def prepare_student(cache_dir: str | os.PathLike, settings: StudentSettings | No
         return out
     cache_dir.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(tokenizer_dir(cache_dir, s.vocab_size))
-    model = new_model(tok, s.size, s.seed)
+    model = random_model(tok, s.size, s.seed)
     if s.pretrain_steps > 0:
         if log:
             log(f"student: pre-training {s.size} on word text for {s.pretrain_steps} steps")

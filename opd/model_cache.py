@@ -1,5 +1,5 @@
-"""The cache of prepared models (`opd demo`, the quality bench): the built-in tokenizer, fresh
-models of a named size, and directories keyed by their settings.
+"""The cache of prepared models (`opd demo`, the quality bench): the built-in tokenizer, and
+directories keyed by the settings of the models in them.
 
 A prepared model is a Hugging Face directory (safetensors + tokenizer) with an ``opd_demo.json``
 record of its settings (and accuracy); its name is `cache_key(kind, settings)`, a hash of the
@@ -56,21 +56,6 @@ def load_tokenizer(path):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(path))
-
-
-def new_model(tok, size: str, seed: int):
-    """A fresh random-weight model of the built-in size `size` (`opd.tiny.SIZES`) for tokenizer `tok`."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from opd.tiny import model_config
-
-    cfg = model_config(len(tok), size, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg)
-    model.generation_config.pad_token_id = tok.pad_token_id
-    model.generation_config.eos_token_id = tok.eos_token_id
-    return model
 
 
 def _write_info(out: Path, info: dict) -> None:
