@@ -29,7 +29,10 @@ starts the teacher server IN-PROCESS on 127.0.0.1 and measures in one run:
       build and compile overlap the in-process sections; default options = compile auto): end to
       end 8 x 2048, two clients at once (sustained), and prefix sharing through gRPC.
 Prints markdown tables; --out writes everything as JSON. --skip drops sections
-(a, b, L, d_eager, d, u, r, c, wire, e, p).
+(a, b, L, d_eager, d, u, r, c, wire, e, q, p).
+
+Reading the code: `main` runs the sections in order; `TeacherBench` has the shared helpers first,
+then one method per section in that order; `report` turns the results into the tables.
 
 GPU (H100, ~5-6 min incl. ~1 min model build and the compiles):
     PYTHONPATH=. python bench/bench_teacher.py --device cuda --out bench_teacher.json
