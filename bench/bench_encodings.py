@@ -41,17 +41,17 @@ def main() -> int:
     args = ap.parse_args()
     from transformers import AutoModelForCausalLM
 
-    from opd import demo_prep
+    from opd import generation, model_cache
     from rollout.tasks import arithmetic
     from rollout.tasks.encoding import prompt_ids
     from teacher_server.app import TeacherConfig, build_server
     from teacher_server.client import ScoreSettings, TeacherClient
     from teacher_server.service import ServerConfig
 
-    tok = demo_prep._load_tokenizer(args.teacher)
+    tok = model_cache.load_tokenizer(args.teacher)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
     exs = arithmetic.make_examples("eval", args.n, seed=0, digits=2, style="worked")
-    responses = demo_prep.generate_responses(teacher, tok, exs, max_new_tokens=32)  # ids, through eos
+    responses = generation.generate_responses(teacher, tok, exs, max_new_tokens=32)  # ids, through eos
     seqs, starts = [], []
     for ex, r in zip(exs, responses):
         p = prompt_ids(tok, ex)

@@ -29,23 +29,22 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from opd import demo_prep
+    from opd import demo_models, generation, model_cache
+    from rollout.tasks.encoding import max_new_tokens_for, prompt_ids
     from teacher_server import fp8
     from teacher_server.engine import ScoreItem, ScoringEngine
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
-    tdir = demo_prep.prepare_teacher(a.cache_dir, log=None)
-    tok = demo_prep._load_tokenizer(tdir)
-    examples = demo_prep.eval_examples(n=a.eval_size)
+    tdir = demo_models.prepare_teacher(a.cache_dir, log=None)
+    tok = model_cache.load_tokenizer(tdir)
+    examples = demo_models.eval_examples(n=a.eval_size)
     exact = AutoModelForCausalLM.from_pretrained(str(tdir)).eval()
     quant = AutoModelForCausalLM.from_pretrained(str(tdir)).eval()
     n = fp8.quantize_body(quant.get_decoder(), emulate=True)
-    acc = {name: demo_prep.evaluate_accuracy(m, tok, examples) for name, m in (("exact", exact), ("fp8", quant))}
+    acc = {name: demo_models.evaluate_accuracy(m, tok, examples) for name, m in (("exact", exact), ("fp8", quant))}
     # statistics on the exact teacher's own greedy responses (prompt + response, scored from the response)
-    rows = demo_prep.generate_responses(exact, tok, examples, max_new_tokens=demo_prep.max_new_tokens_for(tok, examples))
-    from rollout.tasks.encoding import prompt_ids
-
+    rows = generation.generate_responses(exact, tok, examples, max_new_tokens=max_new_tokens_for(tok, examples))
     prompts = [prompt_ids(tok, ex) for ex in examples]
     seqs = [np.asarray(p + r, dtype=np.int64) for p, r in zip(prompts, rows)]
     starts = [len(p) for p in prompts]

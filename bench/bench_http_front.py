@@ -32,13 +32,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {
-    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, max_position_embeddings=40960,
-                     rope_theta=1000000.0),
-    "tiny": dict(vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=32, intermediate_size=384, max_position_embeddings=8192, rope_theta=10000.0),
-}
+from bench.common import TEACHER_SHAPES as SHAPES, qwen3_config  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,7 +56,6 @@ def main(argv=None) -> int:
     import numpy as np
     import requests
     import torch
-    from transformers import Qwen3Config
 
     from teacher_server import http_front
     from teacher_server.app import TeacherConfig, build_server
@@ -74,8 +67,8 @@ def main(argv=None) -> int:
         return 2
     ks = [int(k) for k in args.top_k.split(",") if k]
     tmp = tempfile.mkdtemp(prefix="opd-bench-http-")
-    Qwen3Config(**SHAPES[args.shape], tie_word_embeddings=False, pad_token_id=0, bos_token_id=None,
-                eos_token_id=None).save_pretrained(tmp)
+    qwen3_config(SHAPES[args.shape], tie_word_embeddings=False, pad_token_id=0, bos_token_id=None,
+                 eos_token_id=None).save_pretrained(tmp)
     srv = build_server(TeacherConfig(model=tmp, dtype=args.dtype, device=args.device, random_weights_seed=0,
                                      max_top_k=max(ks + [1]), max_queue_tokens=1 << 22, server=ServerConfig(port=0)))
     srv.start()

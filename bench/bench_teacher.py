@@ -29,7 +29,10 @@ starts the teacher server IN-PROCESS on 127.0.0.1 and measures in one run:
       build and compile overlap the in-process sections; default options = compile auto): end to
       end 8 x 2048, two clients at once (sustained), and prefix sharing through gRPC.
 Prints markdown tables; --out writes everything as JSON. --skip drops sections
-(a, b, L, d_eager, d, u, r, c, wire, e, p).
+(a, b, L, d_eager, d, u, r, c, wire, e, q, p).
+
+Reading the code: `main` runs the sections in order; `TeacherBench` has the shared helpers first,
+then one method per section in that order; `report` turns the results into the tables.
 
 GPU (H100, ~5-6 min incl. ~1 min model build and the compiles):
     PYTHONPATH=. python bench/bench_teacher.py --device cuda --out bench_teacher.json
@@ -53,22 +56,18 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SHAPES = {
-    "qwen3-8b": dict(vocab_size=151936, hidden_size=4096, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128, intermediate_size=12288, max_position_embeddings=40960,
-                     rope_theta=1000000.0),
-    "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128, intermediate_size=6144, max_position_embeddings=40960,
-                       rope_theta=1000000.0),
-    "tiny": dict(vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                 head_dim=32, intermediate_size=384, max_position_embeddings=8192, rope_theta=10000.0),
-}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import TEACHER_SHAPES as SHAPES, qwen3_config, scrape  # noqa: E402
+
 STREAM_BATCHES = 4  # the streamed end-to-end rows send this many batches' worth of distinct sequences
 # sizes per shape: seqs x seq_len (b, c, e); prompts x samples x (prompt_len + response_len) (d); matmul n (a)
 SIZES = {
     "full": dict(seqs=8, seq_len=2048, prompts=16, samples=8, prompt_len=1024, response_len=1024, matmul=8192),
     "tiny": dict(seqs=8, seq_len=256, prompts=4, samples=4, prompt_len=128, response_len=128, matmul=512),
 }
+STATS3 = frozenset({"sampled", "topk", "tail"})
+LEVERS = [("eager body + old head", "off", "reference"), ("eager body + new head", "off", "fast"),
+          ("eager body + new head compiled", "head", "fast"), ("compiled body + compiled new head", "all", "fast")]
 
 
 def parse_args(argv=None):
@@ -116,149 +115,214 @@ def main(argv=None) -> int:
     except ImportError:
         print("bench_teacher: the teacher server needs `zstandard` (pip install zstandard)", file=sys.stderr)
         return 2
-    import numpy as np
     import torch
-    import transformers
-    from transformers import Qwen3Config
 
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from teacher_server.app import TeacherConfig, build_server
-    from teacher_server.cache import StatsCache
-    from teacher_server.client import ScoreSettings, TeacherClient, TeacherStats
-    from teacher_server.engine import ScoreItem, ScoringEngine
-    from teacher_server.service import ServerConfig, encode_result
-    from teacher_server.wire import pb
-
-    dev = torch.device(args.device)
-    cuda = dev.type == "cuda"
-    if cuda and not torch.cuda.is_available():
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("bench_teacher: --device cuda but CUDA is not available", file=sys.stderr)
         return 2
-    skip = set(filter(None, args.skip.split(",")))
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+    b = TeacherBench(args)
+    b.section("a", b.matmul)
+    b.build()                                # the separate-process server starts here (overlaps what follows)
+    b.section("b", b.baseline)
+    b.section("L", b.levers_eager)
+    if "d" not in b.skip:
+        b.section("d_eager", b.prefix_eager)
+    b.section("L", b.levers_compiled)
+    b.serve_best()                           # the best configuration for the remaining sections
+    b.section("d", lambda: b.prefix_engine("prefix"))
+    b.section("u", b.uneven)
+    b.section("r", b.rollout_shaped)
+    b.section("c", b.e2e)
+    b.section("wire", b.wire)
+    b.section("e", b.cached)
+    if args.quantize != "none":
+        b.section("q", b.quant_quality)
+    b.stop_in_process()
+    b.section("p", b.own_process)
+    b.stop_process()
+    b.save()
+    print(report(b.R, args))
+    return 0 if not b.R["errors"] else 1
 
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(dev)
 
-    def timed(fn, reps, warm=True):
+class TeacherBench:
+    """The measurements, one method per section, in the order `main` runs them; `R` holds the results."""
+
+    # ---- setup and shared helpers ---------------------------------------------------------------
+    def __init__(self, args):
+        import torch
+        import transformers
+
+        self.args = args
+        self.dev = torch.device(args.device)
+        self.cuda = self.dev.type == "cuda"
+        self.skip = set(filter(None, args.skip.split(",")))
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
+        self.proc_state = None
+        self.R: dict = {"args": vars(args), "env": {
+            "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "device": torch.cuda.get_device_name(self.dev) if self.cuda else platform.processor() or "cpu",
+            "threads": torch.get_num_threads()}, "errors": {}}
+
+    def sync(self):
+        if self.cuda:
+            import torch
+
+            torch.cuda.synchronize(self.dev)
+
+    def timed(self, fn, reps, warm=True):
+        """(median, all times) of `reps` device-synchronised calls of `fn`, after one warm-up call."""
         if warm:
             fn()  # warm-up
-        sync()
+        self.sync()
         ts = []
         for _ in range(reps):
             t = time.perf_counter()
             fn()
-            sync()
+            self.sync()
             ts.append(time.perf_counter() - t)
         return statistics.median(ts), ts
 
-    R: dict = {"args": vars(args), "env": {
-        "python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-        "device": torch.cuda.get_device_name(dev) if cuda else platform.processor() or "cpu",
-        "threads": torch.get_num_threads()}, "errors": {}}
+    def save(self):
+        if self.args.out:
+            with open(self.args.out, "w") as f:
+                json.dump(self.R, f, indent=2, default=str)
 
-    def save():
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(R, f, indent=2, default=str)
-
-    def section(name, fn):
-        if name in skip:
+    def section(self, name, fn):
+        """Run one section unless skipped; a failure is recorded and the other sections still run."""
+        if name in self.skip:
             return
         t = time.perf_counter()
         try:
             fn()
         except Exception as exc:  # keep the other numbers if one section fails
-            R["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
+            self.R["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"
             print(f"[{name}] FAILED: {exc}", file=sys.stderr, flush=True)
         print(f"[{name}] {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
-        save()
+        self.save()
 
-    # ---- (a) matmul rate ---------------------------------------------------------------------
-    def matmul():
-        n = args.matmul_size
-        x = torch.randn(n, n, device=dev, dtype=dtype)
-        y = torch.randn(n, n, device=dev, dtype=dtype)
-        iters = 20 if cuda else 3
-        med, _ = timed(lambda: [torch.matmul(x, y) for _ in range(iters)], args.reps)
-        R["matmul"] = {"n": n, "tflops": 2 * n ** 3 * iters / med / 1e12}
-        if args.quantize == "fp8" and cuda:  # the fp8 GEMM's own rate (rowwise scales, as the body uses)
-            xq, yq = x.to(torch.float8_e4m3fn), y.t().contiguous().to(torch.float8_e4m3fn).t()
-            sa, sb = torch.ones(n, 1, device=dev), torch.ones(1, n, device=dev)
-            med8, _ = timed(lambda: [torch._scaled_mm(xq, yq, scale_a=sa, scale_b=sb, out_dtype=dtype)
-                                     for _ in range(iters)], args.reps)
-            R["matmul"]["fp8_tflops"] = 2 * n ** 3 * iters / med8 / 1e12
-            del xq, yq
-        del x, y
+    def build(self):
+        """The model config; the separate-process server (unless --proc-late); the in-process server
+        (builds the random-weight model on the device), a client, and the sequences every section scores."""
+        import numpy as np
 
-    section("a", matmul)
+        from teacher_server.app import TeacherConfig, build_server
+        from teacher_server.client import TeacherClient
+        from teacher_server.service import ServerConfig
 
-    # ---- the model config; the separate-process server starts now (its build overlaps ours) ----
-    tmp = tempfile.mkdtemp(prefix="opd-bench-")
-    cfg = Qwen3Config(**SHAPES[args.shape], tie_word_embeddings=False, pad_token_id=0,
-                      bos_token_id=None, eos_token_id=None)
-    cfg.save_pretrained(tmp)
-    backend = args.compile_backend or ("inductor" if cuda else "eager")
-    proc_state = None
-    if "p" not in skip and not args.proc_late:
-        proc_state = start_server_process(args, tmp)
+        args, R = self.args, self.R
+        self.tmp = tempfile.mkdtemp(prefix="opd-bench-")
+        cfg = qwen3_config(SHAPES[args.shape], tie_word_embeddings=False, pad_token_id=0,
+                           bos_token_id=None, eos_token_id=None)
+        cfg.save_pretrained(self.tmp)
+        self.backend = args.compile_backend or ("inductor" if self.cuda else "eager")
+        if "p" not in self.skip and not args.proc_late:
+            self.proc_state = start_server_process(args, self.tmp)
 
-    # ---- the in-process server (builds the random-weight model on the device) -----------------
-    t = time.perf_counter()
-    srv = build_server(TeacherConfig(model=tmp, dtype=args.dtype, device=args.device, random_weights_seed=0,
-                                     max_batch_tokens=args.max_batch_tokens, chunk_size=args.chunk,
-                                     max_top_k=max(256, args.top_k), max_queue_tokens=1 << 22,
-                                     quantize=args.quantize,
-                                     server=ServerConfig(port=0, max_inflight_per_call=1024)))
-    eng = srv.engine
-    eng.compile, eng.compile_backend = "off", backend   # the lever rows switch it on later
-    srv.start()
-    srv.warm_up_and_serve()
-    R["build_seconds"] = time.perf_counter() - t
-    model = eng.model
-    n_params = sum(p.numel() for p in model.parameters()) + sum(  # (+ an fp8 body's weights, held as buffers)
-        b.numel() for n, b in model.named_buffers() if n.endswith("weight_fp8"))
-    n_embed = model.get_input_embeddings().weight.numel()
-    R["params"] = {"total": n_params, "matmul": n_params - n_embed}
-    if "matmul" in R:
-        R["roofline_tokens_per_s"] = R["matmul"]["tflops"] * 1e12 / (2 * (n_params - n_embed))
-    url = f"127.0.0.1:{srv.port}"
-    client = TeacherClient(url, timeout_s=1800)
-    V, K = cfg.vocab_size, args.top_k
-    rng = np.random.default_rng(0)
-    seqs = rng.integers(0, V, size=(args.seqs, args.seq_len))
-    n_tok = seqs.size
-    print(f"model {args.shape}: {n_params / 1e9:.3f}B params, built in {R['build_seconds']:.1f}s on {R['env']['device']}",
-          file=sys.stderr, flush=True)
-    STATS3 = frozenset({"sampled", "topk", "tail"})
-    prompts = rng.integers(0, V, size=(args.prompts, args.prompt_len))
-    pseqs = [np.concatenate([prompts[i], rng.integers(0, V, size=args.response_len)])
-             for i in range(args.prompts) for _ in range(args.samples)]
-    p_tokens = sum(len(x) for x in pseqs)
-    lo = max(2, args.seq_len // 8)
-    useqs = [rng.integers(0, V, size=int(n)) for n in rng.integers(lo, args.seq_len + 1, size=args.uneven_seqs)]
+        t = time.perf_counter()
+        self.srv = build_server(TeacherConfig(model=self.tmp, dtype=args.dtype, device=args.device, random_weights_seed=0,
+                                              max_batch_tokens=args.max_batch_tokens, chunk_size=args.chunk,
+                                              max_top_k=max(256, args.top_k), max_queue_tokens=1 << 22,
+                                              quantize=args.quantize,
+                                              server=ServerConfig(port=0, max_inflight_per_call=1024)))
+        eng = self.eng = self.srv.engine
+        eng.compile, eng.compile_backend = "off", self.backend   # the lever rows switch it on later
+        self.srv.start()
+        self.srv.warm_up_and_serve()
+        R["build_seconds"] = time.perf_counter() - t
+        model = self.model = eng.model
+        n_params = sum(p.numel() for p in model.parameters()) + sum(  # (+ an fp8 body's weights, held as buffers)
+            b.numel() for n, b in model.named_buffers() if n.endswith("weight_fp8"))
+        n_embed = model.get_input_embeddings().weight.numel()
+        self.n_params, self.n_embed = n_params, n_embed
+        R["params"] = {"total": n_params, "matmul": n_params - n_embed}
+        if "matmul" in R:
+            R["roofline_tokens_per_s"] = R["matmul"]["tflops"] * 1e12 / (2 * (n_params - n_embed))
+        self.client = TeacherClient(f"127.0.0.1:{self.srv.port}", timeout_s=1800)
+        V = self.V = cfg.vocab_size
+        rng = self.rng = np.random.default_rng(0)
+        self.seqs = rng.integers(0, V, size=(args.seqs, args.seq_len))
+        self.n_tok = self.seqs.size
+        print(f"model {args.shape}: {n_params / 1e9:.3f}B params, built in {R['build_seconds']:.1f}s on {R['env']['device']}",
+              file=sys.stderr, flush=True)
+        prompts = rng.integers(0, V, size=(args.prompts, args.prompt_len))
+        self.pseqs = [np.concatenate([prompts[i], rng.integers(0, V, size=args.response_len)])
+                      for i in range(args.prompts) for _ in range(args.samples)]
+        self.p_tokens = sum(len(x) for x in self.pseqs)
+        lo = max(2, args.seq_len // 8)
+        self.useqs = [rng.integers(0, V, size=int(n)) for n in rng.integers(lo, args.seq_len + 1, size=args.uneven_seqs)]
+        self.base_settings = self._settings("bf16", "zstd")
 
-    def items_of(ss, start=1):
+    def _settings(self, encoding, compression):
+        from teacher_server.client import ScoreSettings
+
+        return ScoreSettings(top_k=self.args.top_k, statistics=("sampled", "topk", "tail"), value_encoding=encoding,
+                             compression=compression)
+
+    def items_of(self, ss, start=1):
         """ScoreItems of `ss`, scored from `start` (one int for all, or one per sequence)."""
+        import numpy as np
+
+        from teacher_server.engine import ScoreItem
+
         starts = [start] * len(ss) if isinstance(start, int) else start
-        return [ScoreItem(f"r{i}", np.asarray(x, dtype=np.int64), st, len(x), top_k=K, stats=STATS3)
+        return [ScoreItem(f"r{i}", np.asarray(x, dtype=np.int64), st, len(x), top_k=self.args.top_k, stats=STATS3)
                 for i, (x, st) in enumerate(zip(ss, starts))]
 
-    def engine_run(make_items, reps, warm=True):
+    def engine_run(self, make_items, reps, warm=True):
         """Median wall time of eng.score (no gRPC, no cache) + per-call stats deltas."""
+        eng = self.eng
         eng.timing = True
         keys = ("body_seconds", "head_seconds", "busy_seconds", "forward_tokens", "padded_tokens", "sub_batches",
                 "batches", "shared_prefix_tokens")
         s0 = {k: getattr(eng.stats, k) for k in keys}
-        med, ts = timed(lambda: eng.score(make_items(), use_cache=False), reps, warm)
+        med, ts = self.timed(lambda: eng.score(make_items(), use_cache=False), reps, warm)
         d = {k: (getattr(eng.stats, k) - s0[k]) / (reps + int(warm)) for k in keys}
         eng.timing = False
         return med, ts, d
 
-    # ---- (b) plain forward + chunked top-k ----------------------------------------------------
-    def baseline():
-        ids = torch.as_tensor(seqs, device=dev)
+    def run_client(self, settings, s=None, starts=None, c=None):
+        """(seconds, results) of one TeacherClient.score call (default: the in-process server, `seqs`)."""
+        s = self.seqs if s is None else s
+        starts = [1] * len(s) if starts is None else starts
+        t = time.perf_counter()
+        out = (c or self.client).score(list(s), starts, settings=settings)
+        return time.perf_counter() - t, out
+
+    def streamed(self, c=None):
+        """STREAM_BATCHES x the batch's size of distinct sequences in one call, so the server
+        encodes (and the client decodes) one batch while the next one runs."""
+        args, n_tok = self.args, self.n_tok
+        dt, _ = self.run_client(self.base_settings, list(self.rng.integers(0, self.V, size=(STREAM_BATCHES * args.seqs,
+                                                                                           args.seq_len))), c=c)
+        return {"tokens": STREAM_BATCHES * n_tok, "seconds": dt, "tokens_per_s": STREAM_BATCHES * n_tok / dt}
+
+    # ---- (a) matmul rate ------------------------------------------------------------------------
+    def matmul(self):
+        import torch
+
+        args, dev, dtype = self.args, self.dev, self.dtype
+        n = args.matmul_size
+        x = torch.randn(n, n, device=dev, dtype=dtype)
+        y = torch.randn(n, n, device=dev, dtype=dtype)
+        iters = 20 if self.cuda else 3
+        med, _ = self.timed(lambda: [torch.matmul(x, y) for _ in range(iters)], args.reps)
+        self.R["matmul"] = {"n": n, "tflops": 2 * n ** 3 * iters / med / 1e12}
+        if args.quantize == "fp8" and self.cuda:  # the fp8 GEMM's own rate (rowwise scales, as the body uses)
+            xq, yq = x.to(torch.float8_e4m3fn), y.t().contiguous().to(torch.float8_e4m3fn).t()
+            sa, sb = torch.ones(n, 1, device=dev), torch.ones(1, n, device=dev)
+            med8, _ = self.timed(lambda: [torch._scaled_mm(xq, yq, scale_a=sa, scale_b=sb, out_dtype=dtype)
+                                          for _ in range(iters)], args.reps)
+            self.R["matmul"]["fp8_tflops"] = 2 * n ** 3 * iters / med8 / 1e12
+            del xq, yq
+        del x, y
+
+    # ---- (b) plain forward + chunked top-k ------------------------------------------------------
+    def baseline(self):
+        import torch
+
+        args, model, n_tok, K = self.args, self.model, self.n_tok, self.args.top_k
+        ids = torch.as_tensor(self.seqs, device=self.dev)
         W = model.get_output_embeddings().weight
 
         @torch.inference_mode()
@@ -272,43 +336,64 @@ def main(argv=None) -> int:
                 logp = torch.log_softmax(torch.matmul(h[s:s + args.chunk], W.t()).float(), dim=-1)
                 torch.topk(logp, K, dim=-1)
 
-        med_body, _ = timed(body, args.reps)
-        med, ts = timed(full, args.reps)
-        R["baseline"] = {"tokens": n_tok, "seconds": med, "all_seconds": ts, "tokens_per_s": n_tok / med,
-                         "body_seconds": med_body, "body_tokens_per_s": n_tok / med_body,
-                         "body_tflops": 2 * (n_params - n_embed - W.numel()) * n_tok / med_body / 1e12}
-        if cuda:
-            R["baseline"]["peak_gib"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30
-
-    section("b", baseline)
+        med_body, _ = self.timed(body, args.reps)
+        med, ts = self.timed(full, args.reps)
+        self.R["baseline"] = {"tokens": n_tok, "seconds": med, "all_seconds": ts, "tokens_per_s": n_tok / med,
+                              "body_seconds": med_body, "body_tokens_per_s": n_tok / med_body,
+                              "body_tflops": 2 * (self.n_params - self.n_embed - W.numel()) * n_tok / med_body / 1e12}
+        if self.cuda:
+            self.R["baseline"]["peak_gib"] = torch.cuda.max_memory_allocated(self.dev) / 2 ** 30
 
     # ---- (L) levers, engine level ---------------------------------------------------------------
-    LEVERS = [("eager body + old head", "off", "reference"), ("eager body + new head", "off", "fast"),
-              ("eager body + new head compiled", "head", "fast"), ("compiled body + compiled new head", "all", "fast")]
-
-    def lever(name, mode, head):
+    def lever(self, name, mode, head):
+        eng = self.eng
         eng.compile, eng.head = mode, head
         t = time.perf_counter()
         eng.prepare()
-        sync()
+        self.sync()
         compile_s = time.perf_counter() - t
-        med, ts, d = engine_run(lambda: items_of(seqs), args.reps)
+        med, ts, d = self.engine_run(lambda: self.items_of(self.seqs), self.args.reps)
         row = {"name": name, "compile": mode, "head": head, "active_body": eng.compiled_body,
                "active_head": eng.compiled_head, "prepare_seconds": compile_s, "seconds": med, "all_seconds": ts,
-               "tokens_per_s": n_tok / med, "body_ms": 1e3 * d["body_seconds"], "head_ms": 1e3 * d["head_seconds"],
+               "tokens_per_s": self.n_tok / med, "body_ms": 1e3 * d["body_seconds"], "head_ms": 1e3 * d["head_seconds"],
                "other_ms": 1e3 * (d["busy_seconds"] - d["body_seconds"] - d["head_seconds"])}
-        R.setdefault("levers", []).append(row)
+        self.R.setdefault("levers", []).append(row)
         print(f"  lever {name}: {row['tokens_per_s']:,.0f} tok/s (body {row['body_ms']:.0f} ms, head "
               f"{row['head_ms']:.0f} ms; prepare {compile_s:.1f}s)", file=sys.stderr, flush=True)
 
-    def prefix_row(med, ts, d, packed, **extra):
+    def levers_eager(self):
+        for name, mode, head in LEVERS[:2]:
+            self.lever(name, mode, head)
+
+    def levers_compiled(self):
+        for name, mode, head in LEVERS[2:]:
+            self.lever(name, mode, head)
+
+    def serve_best(self):
+        eng = self.eng
+        eng.compile, eng.head = "all", "fast"
+        try:
+            eng.prepare()
+        except Exception as exc:  # noqa: BLE001
+            self.R["errors"]["prepare"] = repr(exc)
+        self.R["serving_compile"] = {"body": eng.compiled_body, "head": eng.compiled_head, "backend": self.backend}
+
+    # ---- (d) prompt-prefix sharing, engine level (d_eager: before anything is compiled) ---------
+    def prefix_row(self, med, ts, d, packed, **extra):
         per = max(1, d["batches"])  # body / head ms per batch
-        return {"seconds": med, "all_seconds": ts, "tokens_per_s": p_tokens / med, "forward_tokens": d["forward_tokens"],
+        return {"seconds": med, "all_seconds": ts, "tokens_per_s": self.p_tokens / med, "forward_tokens": d["forward_tokens"],
                 "shared_prefix_tokens": d["shared_prefix_tokens"], "body_ms": 1e3 * d["body_seconds"] / per,
                 "head_ms": 1e3 * d["head_seconds"] / per, "batches": d["batches"], "packed": packed, **extra}
 
-    def prefix_engine(key):
-        out = {"sequences": len(pseqs), "tokens": p_tokens, "scored_positions": len(pseqs) * args.response_len,
+    def prefix_eager(self):
+        eng = self.eng
+        eng.compile, eng.head = "off", "fast"
+        eng.prepare()
+        self.prefix_engine("prefix_eager")
+
+    def prefix_engine(self, key):
+        args, eng, pseqs = self.args, self.eng, self.pseqs
+        out = {"sequences": len(pseqs), "tokens": self.p_tokens, "scored_positions": len(pseqs) * args.response_len,
                "compile": eng.resolved_compile() if eng._prepared else "off"}
         warm = [pseqs[i * args.samples + j] for i in range(min(2, args.prompts)) for j in range(min(2, args.samples))]
         packing = eng.packing
@@ -317,63 +402,42 @@ def main(argv=None) -> int:
             if name == "on_cache" and not eng.packing_active():
                 continue  # (the served path is the KV cache already)
             eng.prefix_sharing, eng.packing = on, pk
-            eng.score(items_of(warm, args.prompt_len), use_cache=False)
-            sync()
-            med, ts, d = engine_run(lambda: items_of(pseqs, args.prompt_len), args.prefix_reps, warm=False)
-            out[name] = prefix_row(med, ts, d, eng.packing_active() and on)
+            eng.score(self.items_of(warm, args.prompt_len), use_cache=False)
+            self.sync()
+            med, ts, d = self.engine_run(lambda: self.items_of(pseqs, args.prompt_len), args.prefix_reps, warm=False)
+            out[name] = self.prefix_row(med, ts, d, eng.packing_active() and on)
         eng.prefix_sharing, eng.packing = True, packing
         if eng.packing_active():  # packed batches hold whole prompt groups more often with a larger budget
             budget = eng.max_batch_tokens
             eng.max_batch_tokens = 2 * budget
-            med, ts, d = engine_run(lambda: items_of(pseqs, args.prompt_len), args.prefix_reps)
+            med, ts, d = self.engine_run(lambda: self.items_of(pseqs, args.prompt_len), args.prefix_reps)
             eng.max_batch_tokens = budget
-            out["on_2x_budget"] = prefix_row(med, ts, d, True, max_batch_tokens=2 * budget)
+            out["on_2x_budget"] = self.prefix_row(med, ts, d, True, max_batch_tokens=2 * budget)
         out["speedup"] = out["off"]["seconds"] / out["on"]["seconds"]
-        R[key] = out
+        self.R[key] = out
         print(f"  prefix ({key}): off {out['off']['tokens_per_s']:,.0f} / on {out['on']['tokens_per_s']:,.0f} tok/s",
               file=sys.stderr, flush=True)
 
-    def levers_eager():
-        for name, mode, head in LEVERS[:2]:
-            lever(name, mode, head)
-
-    def levers_compiled():
-        for name, mode, head in LEVERS[2:]:
-            lever(name, mode, head)
-
-    section("L", levers_eager)
-    if "d" not in skip:
-        section("d_eager", lambda: (setattr(eng, "compile", "off"), setattr(eng, "head", "fast"), eng.prepare(),
-                                    prefix_engine("prefix_eager")))
-    section("L", levers_compiled)
-    eng.compile, eng.head = "all", "fast"   # the best configuration for the remaining sections
-    try:
-        eng.prepare()
-    except Exception as exc:  # noqa: BLE001
-        R["errors"]["prepare"] = repr(exc)
-    R["serving_compile"] = {"body": eng.compiled_body, "head": eng.compiled_head, "backend": backend}
-
-    # ---- (d) prompt-prefix sharing, engine level, best configuration ----------------------------
-    section("d", lambda: prefix_engine("prefix"))
-
-    # ---- (u) uneven lengths: split into similar-length sub-batches or pad to the longest -------
-    def uneven():
+    # ---- (u) uneven lengths: split into similar-length sub-batches or pad to the longest --------
+    def uneven(self):
+        eng, useqs = self.eng, self.useqs
         tokens = sum(len(x) for x in useqs)
         out = {"sequences": len(useqs), "tokens": tokens}
         for split in (False, True):
             eng.split_uneven = split
-            med, ts, d = engine_run(lambda: items_of(useqs), args.reps)
+            med, ts, d = self.engine_run(lambda: self.items_of(useqs), self.args.reps)
             out["split" if split else "padded"] = {
                 "seconds": med, "all_seconds": ts, "tokens_per_s": tokens / med, "forward_tokens": d["forward_tokens"],
                 "padded_tokens": d["padded_tokens"], "sub_batches": d["sub_batches"], "batches": d["batches"],
                 "body_ms": 1e3 * d["body_seconds"], "head_ms": 1e3 * d["head_seconds"]}
         eng.split_uneven = True
-        R["uneven"] = out
+        self.R["uneven"] = out
 
-    section("u", uneven)
+    # ---- (r) a rollout-shaped batch: a shared system prompt, uneven prompts and responses -------
+    def rollout_shaped(self):
+        import numpy as np
 
-    # ---- (r) a rollout-shaped batch: a shared system prompt, uneven prompts and responses ------
-    def rollout_shaped():
+        args, eng, rng, V = self.args, self.eng, self.rng, self.V
         L = args.seq_len
         system = rng.integers(0, V, size=max(16, L // 40))
         rseqs, rstarts = [], []
@@ -388,51 +452,39 @@ def main(argv=None) -> int:
                "scored_positions": sum(len(x) - st for x, st in zip(rseqs, rstarts))}
         for name, on in (("off", False), ("on", True)):
             eng.prefix_sharing = on
-            med, ts, d = engine_run(lambda: items_of(rseqs, rstarts), 1)
+            med, ts, d = self.engine_run(lambda: self.items_of(rseqs, rstarts), 1)
             out[name] = {"seconds": med, "all_seconds": ts, "tokens_per_s": tokens / med, "packed": on and eng.packing_active(),
                          **{k: d[k] for k in ("forward_tokens", "padded_tokens", "batches", "shared_prefix_tokens")}}
         eng.prefix_sharing = True
         out["speedup"] = out["off"]["seconds"] / out["on"]["seconds"]
-        R["rollout_shaped"] = out
+        self.R["rollout_shaped"] = out
         print(f"  rollout-shaped: off {out['off']['tokens_per_s']:,.0f} / on {out['on']['tokens_per_s']:,.0f} tok/s",
               file=sys.stderr, flush=True)
 
-    section("r", rollout_shaped)
+    # ---- (c) end to end through gRPC (in-process server) + per-component split ------------------
+    def e2e(self):
+        from teacher_server.client import TeacherStats
+        from teacher_server.service import encode_result
+        from teacher_server.wire import pb
 
-    def run_client(settings, s=seqs, starts=None, c=None):
-        starts = [1] * len(s) if starts is None else starts
-        t = time.perf_counter()
-        out = (c or client).score(list(s), starts, settings=settings)
-        return time.perf_counter() - t, out
-
-    # ---- (c) end to end through gRPC (in-process server) + per-component split ---------------
-    base_settings = ScoreSettings(top_k=K, statistics=("sampled", "topk", "tail"), value_encoding="bf16",
-                                  compression="zstd")
-
-    def streamed(c=None):
-        """STREAM_BATCHES x the batch's size of distinct sequences in one call, so the server
-        encodes (and the client decodes) one batch while the next one runs."""
-        dt, _ = run_client(base_settings, list(rng.integers(0, V, size=(STREAM_BATCHES * args.seqs, args.seq_len))), c=c)
-        return {"tokens": STREAM_BATCHES * n_tok, "seconds": dt, "tokens_per_s": STREAM_BATCHES * n_tok / dt}
-
-    def e2e():
+        args, eng, n_tok, base = self.args, self.eng, self.n_tok, self.base_settings
         eng.cache = None
-        run_client(base_settings)  # warm-up (first-call allocations, kernel specialisations): not in busy
+        self.run_client(base)  # warm-up (first-call allocations, kernel specialisations): not in busy
         busy0, n0 = eng.stats.busy_seconds, eng.stats.batches
-        med, ts = timed(lambda: run_client(base_settings), args.reps, warm=False)
+        med, ts = self.timed(lambda: self.run_client(base), args.reps, warm=False)
         busy = (eng.stats.busy_seconds - busy0) / args.reps
-        _, out = run_client(base_settings)
+        _, out = self.run_client(base)
         positions = sum(o.num_positions for o in out)
-        R["e2e"] = {"tokens": n_tok, "seconds": med, "all_seconds": ts, "tokens_per_s": n_tok / med,
-                    "server_busy_seconds": busy, "server_tokens_per_s": n_tok / busy if busy else None,
-                    "batches_per_call": (eng.stats.batches - n0) / (args.reps + 1),
-                    "bytes_per_token": sum(o.wire_bytes for o in out) / positions}
-        R["e2e_stream"] = streamed()
+        self.R["e2e"] = {"tokens": n_tok, "seconds": med, "all_seconds": ts, "tokens_per_s": n_tok / med,
+                         "server_busy_seconds": busy, "server_tokens_per_s": n_tok / busy if busy else None,
+                         "batches_per_call": (eng.stats.batches - n0) / (args.reps + 1),
+                         "bytes_per_token": sum(o.wire_bytes for o in out) / positions}
+        self.R["e2e_stream"] = self.streamed()
         # split of one call: body / head (synchronised), copy-out, encode, decode, rest
-        items = items_of(seqs)
-        _, _, d = engine_run(lambda: items_of(seqs), 1)
+        items = self.items_of(self.seqs)
+        _, _, d = self.engine_run(lambda: self.items_of(self.seqs), 1)
         res = eng.score(items, use_cache=False)
-        opts = base_settings.to_options()
+        opts = base.to_options()
         t = time.perf_counter()
         msgs = [encode_result(it, r, opts).SerializeToString() for it, r in zip(items, res)]
         enc = time.perf_counter() - t
@@ -440,102 +492,96 @@ def main(argv=None) -> int:
         [TeacherStats.from_message(pb.ScoreResult.FromString(m)) for m in msgs]
         dec = time.perf_counter() - t
         rest = med - d["busy_seconds"] - enc - dec
-        R["breakdown"] = {"body_ms": 1e3 * d["body_seconds"], "head_ms": 1e3 * d["head_seconds"],
-                          "copy_out_ms": 1e3 * (d["busy_seconds"] - d["body_seconds"] - d["head_seconds"]),
-                          "encode_ms": 1e3 * enc, "decode_ms": 1e3 * dec, "grpc_rest_ms": 1e3 * rest,
-                          "e2e_ms": 1e3 * med}
+        self.R["breakdown"] = {"body_ms": 1e3 * d["body_seconds"], "head_ms": 1e3 * d["head_seconds"],
+                               "copy_out_ms": 1e3 * (d["busy_seconds"] - d["body_seconds"] - d["head_seconds"]),
+                               "encode_ms": 1e3 * enc, "decode_ms": 1e3 * dec, "grpc_rest_ms": 1e3 * rest,
+                               "e2e_ms": 1e3 * med}
 
-    section("c", e2e)
-
-    def wire():
+    # ---- (wire) bytes/token and rate for every value encoding and compression -------------------
+    def wire(self):
         rows = []
         for enc in ("fp32", "bf16", "q16", "q8"):
             for comp in ("zstd", "none"):
-                st = ScoreSettings(top_k=K, statistics=("sampled", "topk", "tail"), value_encoding=enc, compression=comp)
-                dt, out = run_client(st)
+                dt, out = self.run_client(self._settings(enc, comp))
                 positions = sum(o.num_positions for o in out)
-                rows.append({"encoding": enc, "compression": comp, "seconds": dt, "tokens_per_s": n_tok / dt,
+                rows.append({"encoding": enc, "compression": comp, "seconds": dt, "tokens_per_s": self.n_tok / dt,
                              "bytes_per_token": sum(o.wire_bytes for o in out) / positions})
-        R["wire"] = rows
+        self.R["wire"] = rows
 
-    section("wire", wire)
+    # ---- (e) the statistics cache ---------------------------------------------------------------
+    def cached(self):
+        from teacher_server.cache import StatsCache
 
-    # ---- (e) the statistics cache -------------------------------------------------------------
-    def cached():
+        eng = self.eng
         eng.cache = StatsCache(8 << 30)
-        run_client(base_settings)  # fills the cache (misses)
+        self.run_client(self.base_settings)  # fills the cache (misses)
         h0 = eng.stats.cache_hits
-        med, ts = timed(lambda: run_client(base_settings), args.reps)
-        R["cache"] = {"seconds": med, "all_seconds": ts, "tokens_per_s": n_tok / med,
-                      "hits": eng.stats.cache_hits - h0, "bytes": eng.stats.cache_bytes,
-                      "bytes_per_token": eng.stats.cache_bytes / max(1, eng.stats.cache_entries * (args.seq_len - 1))}
+        med, ts = self.timed(lambda: self.run_client(self.base_settings), self.args.reps)
+        self.R["cache"] = {"seconds": med, "all_seconds": ts, "tokens_per_s": self.n_tok / med,
+                           "hits": eng.stats.cache_hits - h0, "bytes": eng.stats.cache_bytes,
+                           "bytes_per_token": eng.stats.cache_bytes / max(1, eng.stats.cache_entries * (self.args.seq_len - 1))}
         eng.cache = None
 
-    section("e", cached)
-
-    # ---- (q) the quantised teacher's distance from the bf16 one (same random weights) ---------
-    def quant_quality():
+    # ---- (q) the quantised teacher's distance from the bf16 one (same random weights) -----------
+    def quant_quality(self):
+        from teacher_server.engine import ScoringEngine
         from teacher_server.fp8 import distance
         from teacher_server.model import load_model
 
-        ref_model = load_model(tmp, args.dtype, args.device, random_weights_seed=0)
+        args = self.args
+        ref_model = load_model(self.tmp, args.dtype, args.device, random_weights_seed=0)
         ref = ScoringEngine(ref_model, device=args.device, chunk_size=args.chunk, max_batch_tokens=args.max_batch_tokens,
                             compile="off")
-        q_items, r_items = items_of(seqs[:2]), items_of(seqs[:2])
+        q_items, r_items = self.items_of(self.seqs[:2]), self.items_of(self.seqs[:2])
         for it in q_items + r_items:
             it.stats = frozenset({"sampled", "topk", "lse"})
-        got = eng.score(q_items, use_cache=False)
+        got = self.eng.score(q_items, use_cache=False)
         want = ref.score(r_items, use_cache=False)
-        R["quant_quality"] = distance(want, got)
+        self.R["quant_quality"] = distance(want, got)
         del ref, ref_model
-        if cuda:
+        if self.cuda:
+            import torch
+
             torch.cuda.empty_cache()
 
-    if args.quantize != "none":
-        section("q", quant_quality)
-    client.close()
-    srv.stop(1)
+    def stop_in_process(self):
+        self.client.close()
+        self.srv.stop(1)
 
-    # ---- (p) the server in its own process -----------------------------------------------------
-    def own_process():
-        nonlocal proc_state
-        if cuda:  # give the in-process model's memory back first
-            del_model()
-        st = proc_state or start_server_process(args, tmp)
-        proc_state = st
+    # ---- (p) the server in its own process ------------------------------------------------------
+    def own_process(self):
+        import threading
+
+        from teacher_server.client import TeacherClient
+
+        args, rng, V, n_tok, base = self.args, self.rng, self.V, self.n_tok, self.base_settings
+        if self.cuda:  # give the in-process model's memory back first
+            self.del_model()
+        st = self.proc_state = self.proc_state or start_server_process(args, self.tmp)
         if not st["ready"].wait(timeout=1200) or st["port"] is None:
             raise RuntimeError("server process did not start:\n" + "".join(st["lines"][-30:]))
         out = {"ready_seconds_after_launch": st["ready_s"], "compile_log": st.get("compile_line"),
                "overlapped_with_in_process_sections": not args.proc_late}
         purl = f"127.0.0.1:{st['port']}"
 
-        def scrape():
-            from urllib.request import urlopen
-
-            from teacher_server.metrics import parse_text
-            with urlopen(f"http://127.0.0.1:{st['metrics_port']}/metrics", timeout=10) as r:
-                return parse_text(r.read().decode())
-
         def busy():
-            return scrape().get("opd_teacher_engine_busy_seconds_total", 0.0)
+            return scrape(st["metrics_port"]).get("opd_teacher_engine_busy_seconds_total", 0.0)
 
         pc = TeacherClient(purl, timeout_s=1800)
         try:
-            run_client(base_settings, c=pc)  # warm (connection, any lazy compile)
+            self.run_client(base, c=pc)  # warm (connection, any lazy compile)
             b0 = busy()
-            ts = [run_client(base_settings, c=pc)[0] for _ in range(args.reps)]
+            ts = [self.run_client(base, c=pc)[0] for _ in range(args.reps)]
             med = statistics.median(ts)
             b = (busy() - b0) / args.reps
             out["e2e"] = {"seconds": med, "all_seconds": ts, "tokens_per_s": n_tok / med, "server_busy_seconds": b,
                           "server_tokens_per_s": n_tok / b if b else None}
-            out["e2e_stream"] = streamed(pc)
-            import threading
-
+            out["e2e_stream"] = self.streamed(pc)
             clients = [TeacherClient(purl, timeout_s=1800) for _ in range(2)]
             # distinct sequences in every call (identical ones would share their whole forward)
             work = [[list(rng.integers(0, V, size=(args.seqs, args.seq_len))) for _ in range(args.reps)] for _ in clients]
             t = time.perf_counter()
-            threads = [threading.Thread(target=lambda c=c, w=w: [c.score(x, [1] * len(x), settings=base_settings)
+            threads = [threading.Thread(target=lambda c=c, w=w: [c.score(x, [1] * len(x), settings=base)
                                                                  for x in w]) for c, w in zip(clients, work)]
             [th.start() for th in threads]
             [th.join() for th in threads]
@@ -543,40 +589,40 @@ def main(argv=None) -> int:
             out["sustained"] = {"clients": 2, "calls": 2 * args.reps, "tokens": 2 * args.reps * n_tok, "seconds": dt,
                                 "tokens_per_s": 2 * args.reps * n_tok / dt}
             [c.close() for c in clients]
-            if "d" not in skip:
+            if "d" not in self.skip:
+                pseqs = self.pseqs
                 starts = [args.prompt_len] * len(pseqs)
-                run_client(base_settings, pseqs[: 2 * args.samples], starts[: 2 * args.samples], c=pc)
-                m0 = scrape()
-                dt, _ = run_client(base_settings, pseqs, starts, c=pc)
-                m1 = scrape()
-                out["prefix_on"] = {"seconds": dt, "tokens_per_s": p_tokens / dt, **{
+                self.run_client(base, pseqs[: 2 * args.samples], starts[: 2 * args.samples], c=pc)
+                m0 = scrape(st["metrics_port"])
+                dt, _ = self.run_client(base, pseqs, starts, c=pc)
+                m1 = scrape(st["metrics_port"])
+                out["prefix_on"] = {"seconds": dt, "tokens_per_s": self.p_tokens / dt, **{
                     k: m1.get(f"opd_teacher_engine_{k}_total", 0.0) - m0.get(f"opd_teacher_engine_{k}_total", 0.0)
                     for k in ("batches", "forward_tokens", "shared_prefix_tokens", "busy_seconds")}}
         finally:
             pc.close()
         out["log_tail"] = st["lines"][-40:]
-        R["process"] = out
+        self.R["process"] = out
 
-    def del_model():
-        nonlocal model
-        eng.model = eng.body = eng.weight = None
-        srv.engine = None
-        model = None
+    def del_model(self):
         import gc
 
+        import torch
+
+        eng = self.eng
+        eng.model = eng.body = eng.weight = None
+        self.srv.engine = None
+        self.model = None
         gc.collect()
         torch.cuda.empty_cache()
 
-    section("p", own_process)
-    if proc_state is not None:
-        proc_state["proc"].terminate()
-        try:
-            proc_state["proc"].wait(60)
-        except Exception:  # noqa: BLE001
-            proc_state["proc"].kill()
-    save()
-    print(report(R, args))
-    return 0 if not R["errors"] else 1
+    def stop_process(self):
+        if self.proc_state is not None:
+            self.proc_state["proc"].terminate()
+            try:
+                self.proc_state["proc"].wait(60)
+            except Exception:  # noqa: BLE001
+                self.proc_state["proc"].kill()
 
 
 def start_server_process(args, model_dir):

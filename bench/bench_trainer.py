@@ -27,61 +27,30 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
-SHAPES = {
-    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
-    "qwen3-1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),
-    # tiny shapes keep the real vocabulary width, so the smoke test exercises ids the tiny
-    # tokenizer does not know (random models sample them), as the full shapes do
-    "tiny-t": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                   intermediate_size=128, vocab_size=151936, tie_word_embeddings=False),
-    "tiny-s": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                   intermediate_size=64, vocab_size=151936, tie_word_embeddings=True),
-}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import QWEN3, free_port, scrape, tokenizer_config  # noqa: E402
 
 STEP_KEYS = ["step_s", "rollout_s", "teacher_tail_s", "wait_rollout_teacher_s", "teacher_wait_s", "train_s",
              "weight_sync_s", "teacher_wait_frac", "tokens", "tokens_per_s", "wire_bytes_per_token"]
 
 
 def model_dir(root: Path, shape: str, tok_dir: Path) -> Path:
-    from transformers import AutoTokenizer, Qwen3Config
+    from transformers import AutoTokenizer
 
     d = root / shape
     d.mkdir(parents=True, exist_ok=True)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    Qwen3Config(**SHAPES[shape], max_position_embeddings=8192, rope_theta=1e6, pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id, bos_token_id=None).save_pretrained(str(d))
+    tokenizer_config(QWEN3[shape], tok).save_pretrained(str(d))
     tok.save_pretrained(str(d))
     return d
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def scrape(port: int) -> dict[str, float]:
-    """The teacher's counters from its /metrics (unlabelled samples only)."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        m = re.match(r"^(opd_teacher_[a-z_]+) ([0-9.eE+-]+)$", line)
-        if m:
-            out[m.group(1)] = float(m.group(2))
-    return out
 
 
 def start_teacher(cmd: list[str], env: dict, log_path: Path) -> tuple[subprocess.Popen, int]:

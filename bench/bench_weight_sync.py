@@ -38,20 +38,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.common import QWEN3, tokenizer_config  # noqa: E402
 
-SHAPES = {
-    "qwen3-1.7b": dict(hidden_size=2048, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
-                       head_dim=128, intermediate_size=6144, vocab_size=151936, tie_word_embeddings=True),
-    "qwen3-8b": dict(hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
-                     head_dim=128, intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False),
-    "tiny-s": dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-                   intermediate_size=64, vocab_size=512, tie_word_embeddings=True),
-}
+# the student shapes of bench_trainer; the smoke shape with the tiny tokenizer's vocabulary
+SHAPES = {"qwen3-1.7b": QWEN3["qwen3-1.7b"], "qwen3-8b": QWEN3["qwen3-8b"], "tiny-s": dict(QWEN3["tiny-s"], vocab_size=512)}
 
 
 def build(root: Path, shape: str, device: str, dtype: torch.dtype):
     """A random model of the shape on `device`, and a directory the engine can start from."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3Config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from opd.tiny import build_tokenizer
 
@@ -59,8 +54,7 @@ def build(root: Path, shape: str, device: str, dtype: torch.dtype):
     if not tok_dir.exists():
         build_tokenizer(tok_dir)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=8192, rope_theta=1e6, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None)
+    cfg = tokenizer_config(SHAPES[shape], tok)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
     d = root / shape

@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from opd.demo_prep import TeacherSettings  # noqa: E402  (no torch import: safe before _set_env)
+from opd.demo_models import TeacherSettings  # noqa: E402  (no torch import: safe before _set_env)
 
 # name -> (label, overrides); "{half}" is replaced by half the expected number of steps,
 # "{teacher}" by the teacher directory, "{steps}" by the step cap.
@@ -85,7 +85,7 @@ _DEMO_TEACHER = TeacherSettings()
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """A task's teacher, trained like the demo teacher (defaults from `demo_prep.TeacherSettings`,
+    """A task's teacher, trained like the demo teacher (defaults from `demo_models.TeacherSettings`,
     less its arithmetic-only digits and style)."""
     task: str
     size: str = _DEMO_TEACHER.size
@@ -127,46 +127,34 @@ class WarmTargetSpec:
 
 def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None) -> float:
     """Greedy accuracy graded by the task's own grader; multi-turn tasks go through the tool loop."""
-    from transformers import AutoModelForCausalLM
+    from rollout.evaluate import model_accuracy
 
-    from opd import demo_prep
-
-    if isinstance(model, (str, os.PathLike)):
-        tok = tok or demo_prep._load_tokenizer(model)
-        model = AutoModelForCausalLM.from_pretrained(str(model))
-    mnt = max_new_tokens or demo_prep.max_new_tokens_for(tok, examples)
-    if task.tools:
-        from rollout.tasks.tool_engine import tool_generate
-
-        texts = tool_generate(model, tok, task, examples, max_new_tokens=mnt)
-    else:
-        rows = demo_prep.generate_responses(model, tok, examples, max_new_tokens=mnt)
-        texts = tok.batch_decode(rows, skip_special_tokens=True)
-    return sum(task.grade(t, ex) for t, ex in zip(texts, examples)) / len(examples)
+    return model_accuracy(model, tok, examples, task.grade, tools=task.tools, max_new_tokens=max_new_tokens)
 
 
 def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
-    """Train (first call) or load (cached) a tiny teacher for `spec.task` with demo_prep's SFT helper."""
-    from opd import demo_prep
+    """Train (first call) or load (cached) a tiny teacher for `spec.task` with opd.sft's helper."""
+    from opd import model_cache, sft
+    from opd.tiny import random_model
     from rollout.tasks import get_task
 
-    out = Path(cache_dir) / demo_prep._key(f"teacher-{spec.task}", spec)
+    out = Path(cache_dir) / model_cache.cache_key(f"teacher-{spec.task}", spec)
     if (out / "opd_demo.json").exists():
-        log(f"teacher[{spec.task}]: cached at {out} (accuracy {demo_prep.read_info(out).get('accuracy')})")
+        log(f"teacher[{spec.task}]: cached at {out} (accuracy {model_cache.read_info(out).get('accuracy')})")
         return out
     task = get_task(spec.task)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    tok = demo_prep._load_tokenizer(demo_prep.tokenizer_dir(cache_dir, spec.vocab_size))
-    model = demo_prep._new_model(tok, spec.size, spec.seed)
+    tok = model_cache.load_tokenizer(model_cache.tokenizer_dir(cache_dir, spec.vocab_size))
+    model = random_model(tok, spec.size, spec.seed)
     train = task.make_examples("train", spec.steps * spec.batch_size, seed=spec.seed)
     evals = task.make_examples("eval", spec.eval_size, seed=spec.seed)
     t0 = time.time()
     log(f"teacher[{spec.task}]: training {spec.size} for {spec.steps} steps x {spec.batch_size}")
-    acc, seconds = demo_prep.train_to_accuracy(
+    acc, seconds = sft.train_to_accuracy(
         model, tok, spec, train, lambda m: task_accuracy(m, tok, task, evals),
         lambda n, r: task.make_examples("train", n, seed=spec.seed, sample_seed=spec.seed + 2000 + r),
         name=f"teacher[{spec.task}]", log=log, t0=t0, log_every=100)
-    return demo_prep.save_model(out, model, tok, {"role": "teacher", "task": spec.task, "settings": asdict(spec),
+    return model_cache.save_model(out, model, tok, {"role": "teacher", "task": spec.task, "settings": asdict(spec),
                                                   "accuracy": acc, "eval_size": len(evals),
                                                   "train_seconds": round(seconds, 1)})
 
@@ -175,28 +163,28 @@ def _warm_start(cache_dir: Path, spec, train_at_all: bool):
     """Shared start of the two warm-student preparations: the seed's random-init demo student's
     path when there is nothing to train, the cached warm student's path when it exists, else
     (task, tokenizer, model loaded from the init, output directory) to train and save."""
-    from opd import demo_prep
+    from opd import demo_models, model_cache
     from rollout.tasks import get_task
 
-    init = demo_prep.prepare_student(cache_dir, seed=1 + spec.seed, vocab_size=spec.vocab_size, log=None)
+    init = demo_models.prepare_student(cache_dir, seed=1 + spec.seed, vocab_size=spec.vocab_size, log=None)
     if not train_at_all:
         return init
-    out = Path(cache_dir) / demo_prep._key(f"warm-{spec.task}", spec)
+    out = Path(cache_dir) / model_cache.cache_key(f"warm-{spec.task}", spec)
     if (out / "opd_demo.json").exists():
         return out
     from transformers import AutoModelForCausalLM
 
-    tok = demo_prep._load_tokenizer(init)
+    tok = model_cache.load_tokenizer(init)
     return get_task(spec.task), tok, AutoModelForCausalLM.from_pretrained(str(init)), out
 
 
 def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print) -> Path:
-    """The seed's random-init demo student after `spec.steps` SFT steps (demo_prep.sft_train: AdamW,
+    """The seed's random-init demo student after `spec.steps` SFT steps (sft.sft_train: AdamW,
     warm-up + cosine) on reference solutions of the task (train split, a sample of its own per seed);
     cached. steps=0: the random init."""
     import torch
 
-    from opd import demo_prep
+    from opd import model_cache, sft
 
     got = _warm_start(cache_dir, spec, train_at_all=spec.steps > 0)
     if isinstance(got, Path):
@@ -204,10 +192,10 @@ def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print) -> Path:
     task, tok, model, out = got
     train = task.make_examples("train", spec.steps * spec.batch_size, seed=0, sample_seed=7000 + spec.seed)
     torch.manual_seed(spec.seed)
-    demo_prep.sft_train(model, tok, train, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
+    sft.sft_train(model, tok, train, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
                         warmup_steps=min(10, spec.steps))
     log(f"warm student[{spec.task}, seed {spec.seed}]: {spec.steps} SFT steps x {spec.batch_size}")
-    return demo_prep.save_model(out, model, tok, {"role": "student", "task": spec.task, "settings": asdict(spec),
+    return model_cache.save_model(out, model, tok, {"role": "student", "task": spec.task, "settings": asdict(spec),
                                                   "warm_steps": spec.steps})
 
 
@@ -218,7 +206,7 @@ def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=pr
     Slow for a seed that learns slowly (up to max_steps plus a probe eval every check_every steps)."""
     import torch
 
-    from opd import demo_prep
+    from opd import model_cache, sft
 
     got = _warm_start(cache_dir, spec, train_at_all=spec.target > 0)
     if isinstance(got, Path):
@@ -232,7 +220,7 @@ def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=pr
     acc, step = 0.0, 0
     while step < spec.max_steps:
         model.train()
-        demo_prep.sft_step(model, tok, train[step * spec.batch_size:(step + 1) * spec.batch_size], opt, sched)
+        sft.sft_step(model, tok, train[step * spec.batch_size:(step + 1) * spec.batch_size], opt, sched)
         step += 1
         if step % spec.check_every == 0:
             model.eval()
@@ -241,7 +229,7 @@ def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=pr
                 break
     model.eval()
     log(f"warm student[{spec.task}, seed {spec.seed}]: {step} SFT steps x {spec.batch_size}, probe accuracy {acc:.3f}")
-    return demo_prep.save_model(out, model, tok, {"role": "student", "task": spec.task, "settings": asdict(spec),
+    return model_cache.save_model(out, model, tok, {"role": "student", "task": spec.task, "settings": asdict(spec),
                                                   "warm_steps": step, "probe_accuracy": acc})
 
 
@@ -251,12 +239,13 @@ def format_rate(model_dir: str, task, n: int) -> float:
 
     from transformers import AutoModelForCausalLM
 
-    from opd import demo_prep
+    from opd import generation, model_cache
+    from rollout.tasks.encoding import max_new_tokens_for
 
-    tok = demo_prep._load_tokenizer(model_dir)
+    tok = model_cache.load_tokenizer(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     evals = task.make_examples("eval", n, seed=0)
-    rows = demo_prep.generate_responses(model, tok, evals, max_new_tokens=demo_prep.max_new_tokens_for(tok, evals))
+    rows = generation.generate_responses(model, tok, evals, max_new_tokens=max_new_tokens_for(tok, evals))
     texts = tok.batch_decode(rows, skip_special_tokens=True)
     return sum(bool(re.search(r"Answer:\s*\d", t)) for t in texts) / len(texts)
 
@@ -293,7 +282,7 @@ def _preimport() -> None:
     import student_trainer.trainer  # noqa: F401
     import teacher_server.client  # noqa: F401
     import rollout.tasks.tool_engine  # noqa: F401
-    from opd import demo_prep  # noqa: F401
+    from opd import demo_models, generation, model_cache, sft  # noqa: F401
 
     # DeepSpeed's CPU Adam asks py-cpuinfo three times per engine, and each call runs a subprocess
     # (~1.2 s): ask once here, and load the JIT-built CPU ops once, so every forked run reuses them.
@@ -358,18 +347,19 @@ def _deterministic(threads: int) -> None:
 
 def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     """Child: teacher + warm students for one task, and their held-out accuracies."""
-    from opd import demo_prep
+    from opd import model_cache
     from rollout.tasks import get_task
+    from rollout.tasks.encoding import max_new_tokens_for
 
     _deterministic(conf["threads"])
     task = get_task(task_name)
     spec = TeacherSpec(task_name, steps=conf.get("teacher_steps") or 300,
                        min_accuracy=conf.get("teacher_min_accuracy", 0.9))
     teacher = prepare_task_teacher(cache, spec)
-    tok = demo_prep._load_tokenizer(teacher)
+    tok = model_cache.load_tokenizer(teacher)
     evals = task.make_examples("eval", conf["eval_size"], seed=0)
     # room for the longest reference trajectory (+ eos) and some slack, over train and eval problems
-    mnt = max(demo_prep.max_new_tokens_for(tok, evals), demo_prep.max_new_tokens_for(
+    mnt = max(max_new_tokens_for(tok, evals), max_new_tokens_for(
         tok, task.make_examples("train", 512, seed=0)))
     info = {"dir": str(teacher), "accuracy": task_accuracy(str(teacher), tok, task, evals, mnt),
             "max_new_tokens": mnt, "students": {}}
@@ -378,7 +368,7 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
             st = prepare_warm_student_to_target(cache, WarmTargetSpec(task_name, seed, target=conf["warm_target"]))
         else:
             st = prepare_warm_student(cache, WarmSpec(task_name, seed, steps=conf["warm_steps"][task_name]))
-        info["students"][str(seed)] = {"dir": str(st), "warm_steps": demo_prep.read_info(st).get("warm_steps", 0),
+        info["students"][str(seed)] = {"dir": str(st), "warm_steps": model_cache.read_info(st).get("warm_steps", 0),
                                        "accuracy": task_accuracy(str(st), tok, task, evals, mnt)}
     info["student_before"] = statistics.mean(s["accuracy"] for s in info["students"].values())
     out_json.write_text(json.dumps(info, indent=1))
@@ -402,7 +392,7 @@ def _method_overrides(method: str, teacher: Path, steps_cap: int, half: int, sam
 
 def run_one(job: dict) -> dict:
     """Child: train one (task, method, seed) to the token budget; writes job['out']/record.json."""
-    from opd import demo_prep
+    from opd import model_cache
     from rollout.tasks import get_task
     from student_trainer.config import load_config
     from student_trainer.trainer import Trainer
@@ -449,7 +439,7 @@ def run_one(job: dict) -> dict:
     wall = time.time() - t0
     t1 = time.time()
     evals = task.make_examples("eval", job["eval_size"], seed=0)
-    tok = demo_prep._load_tokenizer(out / "hf")
+    tok = model_cache.load_tokenizer(out / "hf")
     acc = task_accuracy(str(out / "hf"), tok, task, evals, job["max_new_tokens"])
     rec = {k: job[k] for k in ("task", "method", "seed")}
     rec.update({"accuracy": acc, "wall_s": round(wall, 1), "init_s": round(t_init, 1),

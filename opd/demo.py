@@ -74,7 +74,7 @@ def main(args) -> int:
     import logging
 
     logging.basicConfig(level="WARNING")
-    from opd import demo_prep
+    from opd import demo_models
     from student_trainer.config import ConfigError, load_config
     from student_trainer.trainer import Trainer
 
@@ -82,12 +82,12 @@ def main(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     say = lambda msg: print(f"[demo] {msg}", flush=True)  # noqa: E731
-    teacher_dir = demo_prep.prepare_teacher(args.cache_dir, steps=args.teacher_steps,
+    teacher_dir = demo_models.prepare_teacher(args.cache_dir, steps=args.teacher_steps,
                                             min_accuracy=args.teacher_min_accuracy, log=say)
-    student_dir = demo_prep.prepare_student(args.cache_dir, log=say)
-    evals = demo_prep.eval_examples(n=args.eval_size)
-    teacher_acc = demo_prep.evaluate_accuracy(str(teacher_dir), None, evals)
-    before = demo_prep.evaluate_accuracy(str(student_dir), None, evals)
+    student_dir = demo_models.prepare_student(args.cache_dir, log=say)
+    evals = demo_models.eval_examples(n=args.eval_size)
+    teacher_acc = demo_models.evaluate_accuracy(str(teacher_dir), None, evals)
+    before = demo_models.evaluate_accuracy(str(student_dir), None, evals)
     say(f"teacher accuracy {teacher_acc:.3f}; student before {before:.3f} ({len(evals)} held-out problems, greedy)")
 
     proc, url = start_teacher_process(teacher_dir, out / "teacher_server.log")
@@ -120,7 +120,7 @@ def main(args) -> int:
         proc.terminate()
         proc.wait(30)
     print(file=sys.stderr)
-    after = demo_prep.evaluate_accuracy(str(out / "hf"), None, evals)
+    after = demo_models.evaluate_accuracy(str(out / "hf"), None, evals)
     report = {
         "teacher_accuracy": teacher_acc, "student_accuracy_before": before, "student_accuracy_after": after,
         "student_over_teacher": after / teacher_acc if teacher_acc else None,

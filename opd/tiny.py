@@ -89,7 +89,7 @@ SIZES = {
     "teacher": TinySize(hidden=256, layers=4, heads=8, kv_heads=4, intermediate=768),
     "student": TinySize(hidden=128, layers=2, heads=4, kv_heads=2, intermediate=384),
     "test": TinySize(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, head_dim=16),
-    # `opd demo`'s teacher: trains to ~98% on 2-digit addition in ~300 CPU SFT steps (opd.demo_prep).
+    # `opd demo`'s teacher: trains to ~98% on 2-digit addition in ~300 CPU SFT steps (opd.demo_models).
     "demo_teacher": TinySize(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=384),
 }
 
@@ -111,8 +111,7 @@ def model_config(vocab_size: int, size: str | TinySize = "test", max_positions: 
 def build_model(out_dir: str | os.PathLike, size: str | TinySize = "test", seed: int = 0,
                 tokenizer_dir: str | os.PathLike | None = None, vocab_size: int = 512):
     """Save a random-weight Qwen3-style model (and the built-in tokenizer) into `out_dir`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -121,10 +120,18 @@ def build_model(out_dir: str | os.PathLike, size: str | TinySize = "test", seed:
     else:
         tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
         tok.save_pretrained(str(out_dir))
+    random_model(tok, size, seed).save_pretrained(str(out_dir), safe_serialization=True)
+    return out_dir
+
+
+def random_model(tok, size: str | TinySize = "test", seed: int = 0):
+    """A random-weight Qwen3-style model of `size` for tokenizer `tok` (its pad and eos ids), seeded."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
     cfg = model_config(len(tok), size, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
-    model.save_pretrained(str(out_dir), safe_serialization=True)
-    return out_dir
+    return model

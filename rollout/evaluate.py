@@ -1,4 +1,10 @@
-"""`opd eval`: sample k answers per problem, grade them, report avg@k and pass@k per data source.
+"""Evaluation: greedy accuracy (one function for the trainer, the demo and the quality bench), and
+`opd eval`: sample k answers per problem, grade them, report avg@k and pass@k per data source.
+
+`greedy_accuracy(engine, tokenizer, prompts, references, grade, max_new_tokens)` decodes one greedy
+response per prompt through any rollout engine and averages ``grade(text, reference)``;
+`model_accuracy(model, tokenizer, examples, grade)` does it for a transformers model on built-in
+task examples (a `LocalEngine`, wrapped in the tool loop when the task names tools).
 
     opd tiny-model /tmp/tiny
     echo '{"problem": "What is 1+1?", "answer": "2"}' > /tmp/p.jsonl
@@ -12,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from collections import defaultdict
 
@@ -78,6 +85,52 @@ async def evaluate(engine, tokenizer, examples, params: SamplingParams, reward_f
     for i, ex in enumerate(examples):
         by_source[ex.source].append(rewards[i])
     return by_source
+
+
+async def greedy_texts(engine, tokenizer, prompts, max_new_tokens: int) -> list[str]:
+    """One greedy response per prompt (token-id lists) through a rollout engine, decoded without
+    special tokens, in prompt order."""
+    params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
+    texts = [""] * len(prompts)
+    async for ro in engine.generate(list(prompts), params):
+        texts[ro.prompt_index] = tokenizer.decode(ro.response_ids, skip_special_tokens=True)
+    return texts
+
+
+def greedy_accuracy(engine, tokenizer, prompts, references, grade, max_new_tokens: int) -> float:
+    """Mean of ``grade(text, reference)`` over one greedy response per prompt; NaN without prompts.
+    Blocking (runs its own event loop)."""
+    if not prompts:
+        return float("nan")
+    texts = asyncio.run(greedy_texts(engine, tokenizer, prompts, max_new_tokens))
+    return sum(float(grade(t, ref)) for t, ref in zip(texts, references)) / len(prompts)
+
+
+def model_accuracy(model, tokenizer, examples, grade, *, tools=(), max_new_tokens: int | None = None,
+                   max_batch_size: int = 512) -> float:
+    """Greedy accuracy of `model` (a transformers model, or a HF directory: then `tokenizer` may be
+    None) on built-in task examples (`rollout.tasks`), graded by `grade(text, example)`; through the
+    tool loop when `tools` names any. 0.0 without examples. The model's train/eval mode is kept."""
+    from rollout.local_engine import LocalEngine
+    from rollout.tasks.encoding import max_new_tokens_for, prompt_ids
+    from rollout.tasks.tool_engine import ToolEngine
+
+    if isinstance(model, (str, os.PathLike)):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
+        model = AutoModelForCausalLM.from_pretrained(str(model))
+    if not examples:
+        return 0.0
+    was_training = model.training
+    engine = LocalEngine(model, tokenizer, max_batch_size=max_batch_size)
+    try:
+        eng = ToolEngine(engine, tokenizer, tools) if tools else engine
+        return greedy_accuracy(eng, tokenizer, [prompt_ids(tokenizer, ex) for ex in examples], examples, grade,
+                               max_new_tokens or max_new_tokens_for(tokenizer, examples))
+    finally:
+        engine.close()
+        model.train(was_training)
 
 
 def add_arguments(parser) -> None:

@@ -329,22 +329,11 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, n: int | None = None) -> float:
         """Greedy accuracy of the current weights on held-out prompts, through the rollout engine."""
-        from rollout.types import SamplingParams
+        from rollout.evaluate import greedy_accuracy
 
         prompts = self.data.eval[: n or self.cfg.run.eval_prompts]
-        if not prompts:
-            return float("nan")
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.cfg.rollout.max_new_tokens)
-
-        async def go():
-            got = []
-            async for ro in self.rollout.generate([p.prompt_ids for p in prompts], params):
-                text = self.tokenizer.decode(ro.response_ids, skip_special_tokens=True)
-                got.append(self.data.reward(text, prompts[ro.prompt_index]))
-            return got
-
-        scores = asyncio.run(go())
-        return float(np.mean(scores))
+        return greedy_accuracy(self.rollout, self.tokenizer, [p.prompt_ids for p in prompts], prompts,
+                               self.data.reward, self.cfg.rollout.max_new_tokens)
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:

@@ -48,7 +48,7 @@ def test_eval_shows_a_bar_only_on_a_terminal(tiny, monkeypatch, tty):
 
 def test_demo_sft_bar_on_a_terminal(tiny, monkeypatch):
     from rollout.tasks import arithmetic
-    from opd.demo_prep import sft_train
+    from opd.sft import sft_train
 
     model, tok = tiny
     err = _Tty()

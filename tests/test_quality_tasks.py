@@ -130,21 +130,21 @@ def test_calc_task_trajectory_and_grading():
     tool = ToolTurnFormatter(tok).tool_turn_ids([calculator(ex.expression)])
     assert resp[first:first + len(tool)] == tool and sum(1 for m in mask if m == 0) == len(tool)
     assert tok.decode(resp[:first]).startswith("<tool_call>")
-    from opd import demo_prep
+    from opd import sft
 
-    ids, att, lmask = demo_prep.collate(tok, [ex, CalcExample(12, "+", 5)])
+    ids, att, lmask = sft.collate(tok, [ex, CalcExample(12, "+", 5)])
     assert int(lmask[0].sum()) == sum(mask)
     # single-turn examples (the demo's) keep the old layout: loss on every response token
     from rollout.tasks import arithmetic
-    from rollout.tasks.encoding import encode_example, response_ids
+    from rollout.tasks.encoding import encode_example, max_new_tokens_for, response_ids
 
     arith = arithmetic.make_examples("train", 3, seed=0, style="worked")
-    ids, att, lmask = demo_prep.collate(tok, arith)
+    ids, att, lmask = sft.collate(tok, arith)
     for i, e in enumerate(arith):
         p_ids, r_ids = encode_example(tok, e)
         assert ids[i, :len(p_ids) + len(r_ids)].tolist() == p_ids + r_ids
         assert lmask[i].nonzero().flatten().tolist() == list(range(len(p_ids), len(p_ids) + len(r_ids)))
-    assert demo_prep.max_new_tokens_for(tok, arith) == max(len(response_ids(tok, e)) for e in arith) + 4
+    assert max_new_tokens_for(tok, arith) == max(len(response_ids(tok, e)) for e in arith) + 4
 
 
 def test_tool_engine_runs_the_calculator_loop():

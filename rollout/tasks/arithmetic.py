@@ -21,6 +21,7 @@ import random
 from dataclasses import dataclass
 
 from rollout.tasks.answers import grade_int
+from rollout.tasks.encoding import UserQuestion
 from rollout.tasks.split import EVAL_BUCKETS, check_split, in_eval
 
 STYLES = ("direct", "worked")
@@ -28,7 +29,7 @@ grade = grade_int  # the task's grader (`TASKS["arithmetic"].grade`)
 
 
 @dataclass(frozen=True)
-class Example:
+class Example(UserQuestion):
     a: int
     b: int
     style: str = "direct"
@@ -40,10 +41,6 @@ class Example:
     @property
     def question(self) -> str:
         return f"What is {self.a}+{self.b}?"
-
-    @property
-    def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.question}]
 
     @property
     def response(self) -> str:

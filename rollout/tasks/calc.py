@@ -13,12 +13,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from rollout.tasks.encoding import prompt_ids
+from rollout.tasks.encoding import UserQuestion, prompt_ids
 from rollout.tasks.split import check_split, in_eval
 
 
 @dataclass(frozen=True)
-class CalcExample:
+class CalcExample(UserQuestion):
     a: int
     op: str              # "+" | "-" | "*"
     b: int
@@ -34,10 +34,6 @@ class CalcExample:
     @property
     def question(self) -> str:
         return f"Compute {self.expression}"
-
-    @property
-    def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.question}]
 
     @property
     def tool_call(self) -> str:

@@ -8,6 +8,14 @@ Single-turn examples (arithmetic, sort, reverse) have ``messages`` and ``respons
 from __future__ import annotations
 
 
+class UserQuestion:
+    """The prompt of a built-in task's example: one user chat message, the example's ``question``."""
+
+    @property
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.question}]
+
+
 def prompt_ids(tokenizer, example) -> list[int]:
     ids = tokenizer.apply_chat_template(example.messages, add_generation_prompt=True, tokenize=True,
                                         return_dict=False)
@@ -23,3 +31,17 @@ def response_ids(tokenizer, example) -> list[int]:
 def encode_example(tokenizer, example) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids): the model sees prompt + response; loss on response ids only."""
     return prompt_ids(tokenizer, example), response_ids(tokenizer, example)
+
+
+def encode(tokenizer, example) -> tuple[list[int], list[int], list[int] | None]:
+    """(prompt ids, response ids, response loss mask or None = every response token): a multi-turn
+    example's own `encode`, else `encode_example`."""
+    if hasattr(example, "encode"):
+        return example.encode(tokenizer)
+    p, r = encode_example(tokenizer, example)
+    return p, r, None
+
+
+def max_new_tokens_for(tokenizer, examples) -> int:
+    """Room for the longest target response (+ eos) plus a little slack."""
+    return max(len(encode(tokenizer, ex)[1]) for ex in examples) + 4

@@ -10,11 +10,12 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
+from rollout.tasks.encoding import UserQuestion
 from rollout.tasks.split import check_split, in_eval
 
 
 @dataclass(frozen=True)
-class ListExample:
+class ListExample(UserQuestion):
     kind: str            # "sort" | "reverse"
     digits: tuple
 
@@ -29,10 +30,6 @@ class ListExample:
     @property
     def question(self) -> str:
         return f"{self.kind.capitalize()} {' '.join(map(str, self.digits))}"
-
-    @property
-    def messages(self) -> list[dict]:
-        return [{"role": "user", "content": self.question}]
 
     @property
     def response(self) -> str:

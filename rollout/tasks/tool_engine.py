@@ -8,13 +8,10 @@ budget of the whole trajectory (model + tool tokens).
 
 The trainer wraps its rollout engines in it for any built-in task that names tools
 (`student_trainer.trainer.task_tools`); `with_tools(engine, tokenizer, task)` does the same for a
-task object, and `tool_generate` gives greedy multi-turn responses of a model through the loop
-(the quality bench's held-out eval).
+task object (`rollout.evaluate.model_accuracy` evaluates a model through the loop this way).
 """
 
 from __future__ import annotations
-
-import asyncio
 
 
 class ToolEngine:
@@ -40,25 +37,3 @@ class ToolEngine:
 def with_tools(engine, tokenizer, task):
     return ToolEngine(engine, tokenizer, task.tools) if getattr(task, "tools", ()) else engine
 
-
-def tool_generate(model, tokenizer, task, examples, *, max_new_tokens: int) -> list[str]:
-    """Greedy multi-turn responses (decoded, special tokens dropped) of `model` through the tool loop."""
-    from rollout.local_engine import LocalEngine
-    from rollout.tasks.encoding import prompt_ids
-    from rollout.types import SamplingParams
-
-    engine = LocalEngine(model, tokenizer, max_batch_size=512)
-    try:
-        tools = ToolEngine(engine, tokenizer, task.tools)
-        params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)
-        texts: list[str] = [""] * len(examples)
-
-        async def go():
-            prompts = [prompt_ids(tokenizer, ex) for ex in examples]
-            async for ro in tools.generate(prompts, params):
-                texts[ro.prompt_index] = tokenizer.decode(ro.response_ids, skip_special_tokens=True)
-
-        asyncio.run(go())
-        return texts
-    finally:
-        engine.close()
