@@ -7,7 +7,16 @@ import pytest
 from rollout import tasks as T
 from rollout.tasks.answers import extract_digits
 from rollout.tasks.calc import CalcExample
+from rollout.tasks.chain import ChainExample
 from rollout.tasks.lists import ListExample
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir):
+    """The tiny built-in tokenizer (vocab 512, one token per digit) of the session's tiny model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.mark.parametrize("name", list(T.TASKS))
@@ -57,6 +66,53 @@ def test_list_grader():
     assert g("", ex) == 0.0
     assert extract_digits("x Answer: 3 2 1<|im_end|>") == "3 2 1"
     assert extract_digits("nothing") is None
+
+
+def test_chain_worked_answer_and_exact_grading():
+    ex = ChainExample((3, 8, 5, 2, 9))
+    assert ex.question == "Add 3 8 5 2 9"
+    assert ex.response == "3+8=11, 11+5=16, 16+2=18, 18+9=27. Answer: 27"
+    assert ex.answer == "27" and ex.solution == ex.response
+    assert ex.to_dict()["solution"] == ex.response
+    assert T.get_task("chain").metadata(ex) == {"answer": "27", "solution": ex.response}
+    assert T.get_task("sort").metadata(ListExample("sort", (2, 1))) == {"answer": "1 2"}  # no worked solution
+    g = T.get_task("chain").grade
+    assert g(ex.response, ex) == 1.0
+    assert g(ex.response + "<|im_end|>", {"answer": "27"}) == 1.0
+    # one wrong digit anywhere in the final answer fails; there is no partial credit for correct steps
+    assert g("3+8=11, 11+5=16, 16+2=18, 18+9=27. Answer: 28", ex) == 0.0
+    assert g("3+8=11, 11+5=16, 16+2=18, 18+9=27. Answer: 37", ex) == 0.0
+    assert g("3+8=11, 11+5=16, 16+2=18, 18+9=27. Answer: 2", ex) == 0.0
+    assert g("3+8=11, 11+5=16, 16+2=18, 18+9=27.", ex) == 0.0       # the steps alone are not an answer
+    # an early error compounds: the worked chain carries it into the answer
+    assert g("3+8=12, 12+5=17, 17+2=19, 19+9=28. Answer: 28", ex) == 0.0
+
+
+def test_chain_generator_deterministic_disjoint_and_long():
+    from rollout.tasks.chain import LENGTHS, make_chain_examples
+
+    task = T.get_task("chain")
+    a = task.make_examples("train", 300, seed=0)
+    assert a == make_chain_examples("train", 300, seed=0)
+    assert a != task.make_examples("train", 300, seed=1)
+    ev = task.make_examples("eval", 200, seed=0)
+    assert len({e.digits for e in ev}) == 200
+    assert not {e.digits for e in a} & {e.digits for e in ev}
+    for e in a + ev:
+        assert LENGTHS[0] <= len(e.digits) <= LENGTHS[1] and all(1 <= d <= 9 for d in e.digits)
+        assert int(e.answer) == sum(e.digits) and e.response.count("=") == len(e.digits) - 1
+    with pytest.raises(ValueError, match="lengths"):
+        make_chain_examples("train", 1, lengths=(1, 3))
+
+
+def test_chain_responses_are_100_plus_tokens(tiny_tokenizer):
+    from rollout.tasks.encoding import response_ids
+
+    exs = T.get_task("chain").make_examples("train", 200, seed=0)
+    lengths = [len(response_ids(tiny_tokenizer, e)) for e in exs]
+    assert min(lengths) >= 100, min(lengths)
+    ids = response_ids(tiny_tokenizer, exs[0])
+    assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == exs[0].response
 
 
 def test_arithmetic_is_the_demo_task():
