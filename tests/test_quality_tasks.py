@@ -249,10 +249,13 @@ def test_tool_engine_runs_the_calculator_loop():
 
 
 # generous: on a fresh machine the first run also JIT-builds DeepSpeed's CPU Adam (~3 min on 2
-# cores; later tests reuse the build); the two runs themselves take about a minute
+# cores; later tests reuse the build); the two executions themselves take about a minute
 @pytest.mark.timeout(900)
 def test_quality_bench_is_reproducible(tmp_path):
-    """Two runs of a tiny bench configuration with the same seeds give the same numbers."""
+    """Two executions of a tiny bench configuration with the same seeds give the same numbers: the
+    long-generation task (chain) through the real trainer, two runs at once (--jobs 2, a teacher
+    server per job slot), the learning-rate grid (one rate: the grid's seed-0 run is reused),
+    --until-flat, and the report's thresholds and confidence intervals."""
     import json
     import os
     import subprocess
@@ -261,10 +264,10 @@ def test_quality_bench_is_reproducible(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     cache = tmp_path / "cache"
-    base = [sys.executable, str(root / "bench" / "quality.py"), "--tasks", "reverse", "--methods", "rkl,grpo",
-            "--seeds", "0", "--token-budget", "500", "--samples-per-step", "8", "--eval-size", "16",
-            "--evals-per-run", "2", "--teacher-steps", "12", "--teacher-min-accuracy", "0", "--warm-steps", "0",
-            "--threads", "1", "--cache-dir", str(cache)]
+    base = [sys.executable, str(root / "bench" / "quality.py"), "--tasks", "chain", "--methods", "rkl,grpo",
+            "--seeds", "0,1", "--token-budget", "500", "--samples-per-step", "8", "--eval-size", "8",
+            "--teacher-steps", "12", "--teacher-min-accuracy", "0", "--warm-steps", "0", "--threads", "1",
+            "--jobs", "2", "--until-flat", "--lr-grid", "1e-3", "--cache-dir", str(cache)]
     # torch's default extension directory: the CPU Adam build is shared with the rest of the suite
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -276,7 +279,73 @@ def test_quality_bench_is_reproducible(tmp_path):
                            env=dict(os.environ, PYTHONHASHSEED="0", TORCH_EXTENSIONS_DIR=ext_dir))
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         res = json.loads((out / "results.json").read_text())
-        got.append([(x["task"], x["method"], x["seed"], x["accuracy"], x["tokens"], x["steps"], x["curve"])
-                    for x in res["records"]])
-        assert len(got[-1]) == 2
+        # the curve's third column is wall time: not reproducible, left out
+        got.append([(x["task"], x["method"], x["seed"], x["lr"], x["accuracy"], x["tokens"], x["steps"], x["stop"],
+                     [c[:2] for c in x["curve"]]) for x in res["records"]] + [res["lr_grid"]])
+        assert sorted((x["method"], x["seed"]) for x in res["records"]) == [("grpo", 0), ("grpo", 1), ("rkl", 0),
+                                                                          ("rkl", 1)]
+        assert res["lr_grid"]["chain"]["rkl"]["chosen"] == 1e-3
+        assert (out / "chain" / "rkl" / "lr_0.001" / "seed0" / "record.json").exists()  # grid run = seed-0 run
+        assert all(x["stop"] in ("budget", "flat", "steps") and x["curve"] for x in res["records"])
+        assert res["teachers"]["chain"]["start"] == "cold (random init)"
+        md = (out / "results.md").read_text()
+        assert "tokens to 50%" in md and "Learning-rate grid" in md and "95% Student-t" in md
+        assert len({(x["task"], x["seed"]) for x in res["records"]}) == 2
     assert got[0] == got[1]
+
+
+# ---- bench/quality_report.py: the statistics the quality bench reports -------------------------
+
+
+def test_t_quantiles_match_the_t_distribution():
+    """Each tabulated t_{0.975, df} has CDF 0.975: float64 integration of the t density from its
+    definition (Simpson's rule on [0, q], plus the half of the mass below 0)."""
+    import math
+
+    import numpy as np
+
+    from bench.quality_report import T_975, Z_975
+
+    def cdf(q, df):
+        x = np.linspace(0.0, q, 200001)
+        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        f = c * (1 + x * x / df) ** (-(df + 1) / 2)
+        h = x[1] - x[0]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    for df, q in enumerate(T_975, start=1):
+        assert abs(cdf(q, df) - 0.975) < 2e-6, (df, q, cdf(q, df))
+    assert abs(0.5 * (1 + math.erf(Z_975 / math.sqrt(2))) - 0.975) < 1e-6
+
+
+def test_t_interval_threshold_flatness_and_lr_choice():
+    import math
+    import statistics
+
+    from bench import quality_report as R
+
+    xs = [0.2, 0.4, 0.3, 0.5, 0.1]
+    m, h = R.t_interval(xs)
+    assert m == statistics.fmean(xs)
+    assert abs(h - 2.776445 * statistics.stdev(xs) / math.sqrt(5)) < 1e-15
+    assert math.isnan(R.t_interval([0.3])[1]) and R.fmt_ci([0.3]) == "0.300 (n=1)"
+    rec = {"seed": 0, "tokens": 900, "accuracy": 0.9, "wall_s": 30.0,
+           "curve": [[300, 0.2, 10.0], [600, 0.45, 20.0]]}
+    pts = R.trajectory(rec, 0.1)
+    assert pts == [(0.0, 0.1, 0.0), (300.0, 0.2, 10.0), (600.0, 0.45, 20.0), (900.0, 0.9, 30.0)]
+    assert R.first_reach(pts, 0.45) == (600.0, 20.0)       # reaching the level exactly counts
+    assert R.first_reach(pts, 0.1) == (0.0, 0.0)           # a start above the level: 0 tokens
+    assert R.first_reach(pts, 0.95) is None
+    assert R.threshold_cell([rec], {0: 0.1}, 0.95) == ("not reached", "-")
+    assert R.threshold_cell([rec, {**rec, "seed": 1}], {0: 0.1, 1: 0.5}, 0.5) == ("450 (2/2)", "15 (2/2)")
+    old = {**rec, "curve": [[300, 0.6]]}                   # records before the wall-time column
+    assert R.threshold_cell([old], {0: 0.0}, 0.5) == ("300 (1/1)", "-")
+    # flat: the last `window` evals improve the best before them by <= delta
+    assert not R.is_flat([0.1, 0.2, 0.3], 3, 0.02)         # not enough evals yet
+    assert R.is_flat([0.1, 0.5, 0.51, 0.49, 0.52], 3, 0.02)
+    assert not R.is_flat([0.1, 0.5, 0.51, 0.49, 0.53], 3, 0.02)
+    assert R.is_flat([0.6, 0.2, 0.3, 0.4], 3, 0.02)        # below an earlier best is flat too
+    assert R.pick_lr({1e-4: 0.2, 3e-4: 0.5, 1e-3: 0.5}) == 3e-4
+    assert R.pick_lr({1e-3: 0.0, 1e-4: 0.0}) == 1e-4
+    # step-wise mean curve on a grid; a run that ended holds its final value
+    assert R.mean_curve([rec], {0: 0.1}, [0, 299, 300, 1000]) == [0.1, 0.1, 0.2, 0.9]
