@@ -118,7 +118,7 @@ def _set_env(device: str = "cpu") -> None:
                                                       hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]))
 
 
-def _preimport() -> None:
+def _preimport(device: str = "cpu") -> None:
     """Import the heavy modules once in the driver (no torch compute, no threads, no CUDA init) so
     forks start warm."""
     import logging
@@ -147,9 +147,10 @@ def _preimport() -> None:
         cpuinfo.get_cpu_info = lambda: info
     except ImportError:
         pass
-    from deepspeed.ops.op_builder import CPUAdamBuilder
+    if device == "cpu":  # (with CUDA each child loads the op itself: the driver stays CUDA-free)
+        from deepspeed.ops.op_builder import CPUAdamBuilder
 
-    CPUAdamBuilder().load(verbose=False)
+        CPUAdamBuilder().load(verbose=False)
 
 
 def _peak_rss_mb() -> float:
@@ -679,7 +680,7 @@ def main(argv=None) -> int:
         return _summarize_only(out, conf, command)
     cache = Path(args.cache_dir)
     _set_env(conf["device"])
-    _preimport()
+    _preimport(conf["device"])
     from opd.demo import start_teacher_process
 
     t_all = time.time()

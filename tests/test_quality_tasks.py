@@ -266,7 +266,7 @@ def test_quality_bench_is_reproducible(tmp_path):
     cache = tmp_path / "cache"
     base = [sys.executable, str(root / "bench" / "quality.py"), "--tasks", "chain", "--methods", "rkl,grpo",
             "--seeds", "0,1", "--token-budget", "500", "--samples-per-step", "8", "--eval-size", "8",
-            "--teacher-steps", "12", "--teacher-min-accuracy", "0", "--warm-steps", "0", "--threads", "1",
+            "--teacher-steps", "4", "--teacher-min-accuracy", "0", "--warm-steps", "0", "--threads", "1",
             "--jobs", "2", "--until-flat", "--lr-grid", "1e-3", "--cache-dir", str(cache)]
     # torch's default extension directory: the CPU Adam build is shared with the rest of the suite
     from torch.utils.cpp_extension import get_default_build_root
@@ -349,3 +349,34 @@ def test_t_interval_threshold_flatness_and_lr_choice():
     assert R.pick_lr({1e-3: 0.0, 1e-4: 0.0}) == 1e-4
     # step-wise mean curve on a grid; a run that ended holds its final value
     assert R.mean_curve([rec], {0: 0.1}, [0, 299, 300, 1000]) == [0.1, 0.1, 0.2, 0.9]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr-grid", "1e-4,fast"], ["--lr-grid", "'1e-4,fast'", "comma-separated numbers"]),
+    (["--lr-grid", "0,1e-3"], ["--lr-grid", "> 0"]),
+    (["--device", "tpu"], ["--device", "'tpu'", "cpu or cuda"]),
+    (["--tasks", "chain,nope"], ["unknown task", "'nope'", "chain"]),
+    (["--methods", "rkl,selfdistill"], ["unknown method", "'selfdistill'", "rkl"]),
+    (["--jobs", "0"], ["--jobs", ">= 1"]),
+])
+def test_quality_bench_rejects_bad_flags_before_any_work(args, words, capsys, tmp_path):
+    from bench import quality
+
+    with pytest.raises(SystemExit) as e:
+        quality.main(args + ["--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()  # nothing was prepared or written
+
+
+def test_quality_bench_full_configuration():
+    from bench import quality
+
+    _, conf = quality.parse_args(["--full"])
+    assert len(conf["seeds"]) >= 5 and "chain" in conf["tasks"] and conf["methods"] == list(quality.METHODS)
+    assert conf["lr_grid"] == [1e-4, 3e-4, 1e-3] and conf["until_flat"] and conf["evals_per_run"] == 20
+    _, conf = quality.parse_args(["--full", "--seeds", "0,1", "--lr-grid", "3e-4", "--jobs", "4"])
+    assert conf["seeds"] == [0, 1] and conf["lr_grid"] == [3e-4] and conf["jobs"] == 4
+    _, conf = quality.parse_args([])
+    assert conf["lr_grid"] == [] and not conf["until_flat"] and conf["evals_per_run"] == 3
