@@ -668,49 +668,49 @@ def _summarize_only(out: Path, conf: dict, command: str) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    args, conf = parse_args(argv)
-    # SIGTERM (e.g. `timeout`) ends the driver like Ctrl-C: running children and teacher servers are
-    # stopped, finished runs are kept, and the same command later resumes from them
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    command = " ".join([".venv/bin/python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if args.summarize:
-        return _summarize_only(out, conf, command)
-    cache = Path(args.cache_dir)
-    _set_env(conf["device"])
-    _preimport(conf["device"])
-    from opd.demo import start_teacher_process
+class Bench:
+    """The driver's state: the configuration, the output directory, the prepared tasks (teacher,
+    students) and the teacher servers (one per task and job slot, started on first use)."""
 
-    t_all = time.time()
+    def __init__(self, conf: dict, out: Path, cache: Path):
+        self.conf, self.out, self.cache = conf, out, cache
+        self.teachers: dict = {}
+        self.servers: dict = {}
+        self.t0 = time.time()
+
     # ---- preparation: teachers and students, one task after the other (cached) ----
-    teachers: dict = {}
-    for task_name in conf["tasks"]:
-        t_task = time.time()
-        info_path = out / f"prep_{task_name}.json"
-        rc = in_child(prep_task, out / f"prep_{task_name}.log", task_name, conf, cache, info_path)
-        if rc != 0:
-            print(f"[quality] {task_name}: preparation FAILED (rc {rc}); see {out / f'prep_{task_name}.log'}",
+    def prepare(self) -> bool:
+        for task_name in self.conf["tasks"]:
+            t_task = time.time()
+            info_path, log = self.out / f"prep_{task_name}.json", self.out / f"prep_{task_name}.log"
+            rc = in_child(prep_task, log, task_name, self.conf, self.cache, info_path)
+            if rc != 0:
+                print(f"[quality] {task_name}: preparation FAILED (rc {rc}); see {log}", flush=True)
+                return False
+            self.teachers[task_name] = info = json.loads(info_path.read_text())
+            print(f"[quality] {task_name}: teacher {info['accuracy']:.3f}, {info['start']} students "
+                  f"{[round(s['accuracy'], 3) for s in info['students'].values()]} ({time.time() - t_task:.0f}s)",
                   flush=True)
-            return 1
-        teachers[task_name] = info = json.loads(info_path.read_text())
-        print(f"[quality] {task_name}: teacher {info['accuracy']:.3f}, {info['start']} students "
-              f"{[round(s['accuracy'], 3) for s in info['students'].values()]} ({time.time() - t_task:.0f}s)",
-              flush=True)
+        return True
 
-    # ---- the runs: one teacher server per task and job slot (started on first use) ----
-    os.environ["OMP_NUM_THREADS"] = str(conf["threads"])  # the teacher servers' threads
-    servers: dict = {}
+    def teacher_url(self, task_name: str, slot: int) -> str:
+        from opd.demo import start_teacher_process
 
-    def url_for(task_name: str, slot: int) -> str:
-        if (task_name, slot) not in servers:
-            servers[task_name, slot] = start_teacher_process(Path(teachers[task_name]["dir"]),
-                                                             out / f"teacher_{task_name}_{slot}.log")
-        return servers[task_name, slot][1]
+        if (task_name, slot) not in self.servers:
+            os.environ["OMP_NUM_THREADS"] = str(self.conf["threads"])  # the server's threads
+            self.servers[task_name, slot] = start_teacher_process(Path(self.teachers[task_name]["dir"]),
+                                                                  self.out / f"teacher_{task_name}_{slot}.log")
+        return self.servers[task_name, slot][1]
 
-    def make_job(task_name: str, method: str, seed: int, lr: float, run_dir: Path) -> dict:
-        info = teachers[task_name]
+    def close(self) -> None:
+        for proc, _ in self.servers.values():
+            proc.terminate()
+            proc.wait(30)
+        self.servers.clear()
+
+    # ---- runs ----
+    def job(self, task_name: str, method: str, seed: int, lr: float, run_dir: Path) -> dict:
+        conf, info = self.conf, self.teachers[task_name]
         mnt = info["max_new_tokens"]
         # expected steps: the budget over sequences per step at about half the max length
         exp_steps = max(2, conf["token_budget"] // (conf["samples_per_step"] * max(1, mnt // 2)))
@@ -725,13 +725,13 @@ def main(argv=None) -> int:
                 "overrides": _method_overrides(method, Path(info["dir"]), steps_cap, exp_steps // 2,
                                                conf["samples_per_step"])}
 
-    def execute(jobs: list[dict]) -> dict[str, dict]:
-        """Run the jobs that are not finished already; returns out dir -> record (failed runs absent)."""
+    def execute(self, jobs: list[dict]) -> dict[str, dict]:
+        """Run the jobs that are not finished already (`conf['jobs']` at once); returns
+        out dir -> record (failed runs absent)."""
         got, todo = {}, []
         for job in jobs:
-            run_dir = Path(job["out"])
-            if _same_job(run_dir, job):
-                got[job["out"]] = json.loads((run_dir / "record.json").read_text())
+            if _same_job(Path(job["out"]), job):
+                got[job["out"]] = json.loads((Path(job["out"]) / "record.json").read_text())
             else:
                 todo.append(job)
 
@@ -739,7 +739,7 @@ def main(argv=None) -> int:
             run_dir = Path(job["out"])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "record.json").unlink(missing_ok=True)
-            job = {**job, "url": url_for(job["task"], slot)}
+            job = {**job, "url": self.teacher_url(job["task"], slot)}
             (run_dir / "job.json").write_text(json.dumps(job, indent=1))
             return start_child(run_one, run_dir / "stdout.log", job)
 
@@ -752,62 +752,88 @@ def main(argv=None) -> int:
             rec = got[job["out"]] = json.loads((run_dir / "record.json").read_text())
             print(f"[quality] {tag}: accuracy {rec['accuracy']:.3f} tokens {rec['tokens']} steps {rec['steps']} "
                   f"({rec['stop']}) {rec['wall_s']:.0f}s (init {rec['init_s']:.0f}s, eval {rec['eval_s']:.0f}s) "
-                  f"rss {rec['peak_rss_mb']:.0f}MB ({time.time() - t_all:.0f}s so far)", flush=True)
+                  f"rss {rec['peak_rss_mb']:.0f}MB ({time.time() - self.t0:.0f}s so far)", flush=True)
 
-        run_pool(todo, conf["jobs"], start, done)
+        run_pool(todo, self.conf["jobs"], start, done)
         return got
 
-    try:
-        # ---- the learning-rate grid: the first seed at every rate, per task and method ----
-        lr_grid: dict = {}
-        chosen: dict = {}
-        first = conf["seeds"][0]
-        if conf["lr_grid"]:
-            grid_jobs = [make_job(t, m, first, lr, out / t / m / f"lr_{lr:g}" / f"seed{first}")
-                         for t in conf["tasks"] for m in conf["methods"] for lr in conf["lr_grid"]]
-            got = execute(grid_jobs)
-            for t in conf["tasks"]:
-                for m in conf["methods"]:
-                    accs = {j["lr"]: got[j["out"]]["accuracy"] for j in grid_jobs
-                            if j["task"] == t and j["method"] == m and j["out"] in got}
-                    if accs:
-                        chosen[t, m] = report.pick_lr(accs)
-                        lr_grid.setdefault(t, {})[m] = {"grid": {f"{k:g}": v for k, v in accs.items()},
-                                                        "chosen": chosen[t, m]}
-            print(f"[quality] learning rates chosen on seed {first}: "
-                  f"{ {f'{t}/{m}': f'{v:g}' for (t, m), v in chosen.items()} }", flush=True)
-        # ---- every seed at its method's rate (the grid's run of the first seed is reused) ----
-        jobs = []
+    def tune_lr(self) -> tuple[dict, dict]:
+        """The learning-rate grid: the first seed at every rate, per task and method. Returns the
+        grid for the report and (task, method) -> the chosen rate; both empty without a grid."""
+        conf, first = self.conf, self.conf["seeds"][0]
+        lr_grid, chosen = {}, {}
+        if not conf["lr_grid"]:
+            return lr_grid, chosen
+        jobs = [self.job(t, m, first, lr, self.out / t / m / f"lr_{lr:g}" / f"seed{first}")
+                for t in conf["tasks"] for m in conf["methods"] for lr in conf["lr_grid"]]
+        got = self.execute(jobs)
+        for t in conf["tasks"]:
+            for m in conf["methods"]:
+                accs = {j["lr"]: got[j["out"]]["accuracy"] for j in jobs
+                        if j["task"] == t and j["method"] == m and j["out"] in got}
+                if accs:
+                    chosen[t, m] = report.pick_lr(accs)
+                    lr_grid.setdefault(t, {})[m] = {"grid": {f"{k:g}": v for k, v in accs.items()},
+                                                    "chosen": chosen[t, m]}
+        print(f"[quality] learning rates chosen on seed {first}: "
+              f"{ {f'{t}/{m}': f'{v:g}' for (t, m), v in chosen.items()} }", flush=True)
+        return lr_grid, chosen
+
+    def run_seeds(self, chosen: dict) -> list[dict]:
+        """Every seed at its method's rate (with a grid, the grid's run of the first seed is that
+        seed's run); returns the finished runs' records."""
+        conf, jobs = self.conf, []
         for t in conf["tasks"]:
             for m in conf["methods"]:
                 if conf["lr_grid"] and (t, m) not in chosen:
-                    continue  # every grid run failed
+                    continue  # every grid run of this method failed
                 lr = chosen.get((t, m), conf["lr"])
                 for seed in conf["seeds"]:
-                    reuse = conf["lr_grid"] and seed == first
-                    run_dir = out / t / m / (f"lr_{lr:g}/seed{seed}" if reuse else f"seed{seed}")
-                    jobs.append(make_job(t, m, seed, lr, run_dir))
-        got = execute(jobs)
-        records = [got[j["out"]] for j in jobs if j["out"] in got]
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(30)
+                    reuse = conf["lr_grid"] and seed == conf["seeds"][0]
+                    jobs.append(self.job(t, m, seed, lr, self.out / t / m /
+                                         (f"lr_{lr:g}/seed{seed}" if reuse else f"seed{seed}")))
+        got = self.execute(jobs)
+        return [got[j["out"]] for j in jobs if j["out"] in got]
 
-    machine = _machine(conf)
-    table = report.summarize(records, teachers, conf, LABELS, command, machine, lr_grid)
-    total = round(time.time() - t_all, 1)
-    (out / "results.json").write_text(json.dumps({"config": conf, "teachers": teachers, "records": records,
-                                                  "lr_grid": lr_grid, "command": command, "machine": machine,
-                                                  "total_wall_s": total}, indent=1))
-    (out / "results.md").write_text(table + f"\nTotal wall time: {total:.0f} s.\n")
+    # ---- report ----
+    def write_report(self, records: list[dict], lr_grid: dict, command: str) -> None:
+        machine, out = _machine(self.conf), self.out
+        table = report.summarize(records, self.teachers, self.conf, LABELS, command, machine, lr_grid)
+        total = round(time.time() - self.t0, 1)
+        (out / "results.json").write_text(json.dumps({"config": self.conf, "teachers": self.teachers,
+                                                      "records": records, "lr_grid": lr_grid, "command": command,
+                                                      "machine": machine, "total_wall_s": total}, indent=1))
+        (out / "results.md").write_text(table + f"\nTotal wall time: {total:.0f} s.\n")
+        try:
+            report.plot(records, self.teachers, self.conf, LABELS, out / "accuracy_vs_tokens.png")
+        except ImportError:
+            print("[quality] matplotlib not installed: no PNG", flush=True)
+        print(table)
+        print(f"[quality] {len(records)} runs in {total:.0f}s; {out / 'results.json'}, "
+              f"{out / 'results.md'}, {out / 'accuracy_vs_tokens.png'}", flush=True)
+
+
+def main(argv=None) -> int:
+    args, conf = parse_args(argv)
+    command = " ".join([".venv/bin/python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        return _summarize_only(out, conf, command)
+    # SIGTERM (e.g. from `timeout`) ends the driver like Ctrl-C: running children and teacher servers
+    # are stopped, finished runs are kept, and the same command later resumes from them
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    _set_env(conf["device"])
+    _preimport(conf["device"])
+    bench = Bench(conf, out, Path(args.cache_dir))
+    if not bench.prepare():
+        return 1
     try:
-        report.plot(records, teachers, conf, LABELS, out / "accuracy_vs_tokens.png")
-    except ImportError:
-        print("[quality] matplotlib not installed: no PNG", flush=True)
-    print(table)
-    print(f"[quality] {len(records)} runs in {total:.0f}s; {out / 'results.json'}, "
-          f"{out / 'results.md'}, {out / 'accuracy_vs_tokens.png'}", flush=True)
+        lr_grid, chosen = bench.tune_lr()
+        records = bench.run_seeds(chosen)
+    finally:
+        bench.close()
+    bench.write_report(records, lr_grid, command)
     return 0
 
 

@@ -128,9 +128,12 @@ def test_unknown_task():
 
 
 def test_trainer_task_source_builtin_names():
+    from student_trainer.config import load_config
     from student_trainer.data import BUILTIN_TASKS
 
     assert set(BUILTIN_TASKS) == set(T.TASKS)
+    cfg = load_config(None, ["model.student=/x", "data.task=chain", "teacher.url=127.0.0.1:1"])  # `opd train` parse
+    assert cfg.data.task == "chain"
 
 
 def test_task_source_prompts_and_rewards():
