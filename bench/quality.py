@@ -21,8 +21,8 @@ accuracy, the curves, and with `--lr-grid` the learning-rate grid. Written to OU
 results.md, accuracy_vs_tokens.png.
 
     .venv/bin/python bench/quality.py                  # the default: 63 runs, ~20 min on 2 cores
-    .venv/bin/python bench/quality.py --full --jobs 8  # 5 tasks x 11 methods x 5 seeds, lr grid, until flat
-    .venv/bin/python bench/quality.py --full --device cuda --jobs 16   # the same on one GPU
+    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 5 tasks x 11 methods x 5 seeds, lr grid, until flat
+    .venv/bin/python bench/quality.py --full --device cuda --jobs 14 --threads 1   # the same, students on one GPU
     .venv/bin/python bench/quality.py --tasks chain --methods rkl,sft --seeds 0,1 --token-budget 20000
 
 Sections, in order: configuration (methods, tasks' warm starts, the default and full sets) ·
@@ -702,11 +702,12 @@ class Bench:
                                                                   self.out / f"teacher_{task_name}_{slot}.log")
         return self.servers[task_name, slot][1]
 
-    def close(self) -> None:
-        for proc, _ in self.servers.values():
+    def close(self, keys=None) -> None:
+        """Stop the teacher servers of `keys` ((task, slot) pairs; default: all)."""
+        for key in list(self.servers if keys is None else keys):
+            proc, _ = self.servers.pop(key)
             proc.terminate()
             proc.wait(30)
-        self.servers.clear()
 
     # ---- runs ----
     def job(self, task_name: str, method: str, seed: int, lr: float, run_dir: Path) -> dict:
@@ -735,7 +736,12 @@ class Bench:
             else:
                 todo.append(job)
 
+        left = {t: sum(j["task"] == t for j in todo) for t in self.conf["tasks"]}
+
         def start(job, slot):
+            left[job["task"]] -= 1
+            # this slot's servers of tasks with no job left to start are not needed any more
+            self.close([(t, s) for t, s in self.servers if s == slot and t != job["task"] and not left[t]])
             run_dir = Path(job["out"])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "record.json").unlink(missing_ok=True)
