@@ -568,7 +568,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--lr", type=float, default=3e-4, help="student learning rate (constant after 5 warm-up steps)")
     p.add_argument("--lr-grid", help="comma-separated learning rates: per task and method, run the first seed at "
                    "each, keep the one with the best final accuracy (ties: the smaller) for all seeds")
-    p.add_argument("--until-flat", action="store_true", default=None,
+    p.add_argument("--until-flat", action=argparse.BooleanOptionalAction, default=None,
                    help="stop a run when its eval curve is flat (the last --flat-window evals gain no more than "
                         "--flat-delta over the best before them) or the token budget ends")
     p.add_argument("--flat-window", type=int, default=FLAT_WINDOW, help="evals of the flatness rule")
@@ -611,8 +611,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     conf.setdefault("lr_grid", [])
     if any(x <= 0 for x in conf["lr_grid"]):
         p.error(f"--lr-grid {args.lr_grid!r}: learning rates must be > 0")
-    if args.until_flat is not None:
-        conf["until_flat"] = True
+    if args.until_flat is not None:  # --until-flat / --no-until-flat (default: on with --full)
+        conf["until_flat"] = args.until_flat
     conf.setdefault("until_flat", False)
     conf["warm_steps"] = {t: (args.warm_steps if args.warm_steps is not None else WARM_STEPS.get(t, 0))
                           for t in conf["tasks"]}

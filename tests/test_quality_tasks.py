@@ -383,3 +383,5 @@ def test_quality_bench_full_configuration():
     assert conf["seeds"] == [0, 1] and conf["lr_grid"] == [3e-4] and conf["jobs"] == 4
     _, conf = quality.parse_args([])
     assert conf["lr_grid"] == [] and not conf["until_flat"] and conf["evals_per_run"] == 3
+    assert not quality.parse_args(["--full", "--no-until-flat"])[1]["until_flat"]
+    assert quality.parse_args(["--until-flat"])[1]["until_flat"]
