@@ -121,6 +121,8 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
              f"seeds [95% Student-t interval]; Δ: paired gain over each seed's start, mean ± sample std; "
              f"to 50% / 80%: median student tokens (and wall seconds) over the seeds whose curve reached "
              f"that fraction of the teacher's accuracy (k/n: how many did).", ""]
+    if conf.get("failed_tasks"):
+        lines += [f"Left out (preparation failed, see prep_TASK.log): {', '.join(conf['failed_tasks'])}.", ""]
     for task in conf["tasks"]:
         t = teachers.get(task, {})
         starts = {int(k): v["accuracy"] for k, v in t.get("students", {}).items()}

@@ -385,3 +385,29 @@ def test_quality_bench_full_configuration():
     assert conf["lr_grid"] == [] and not conf["until_flat"] and conf["evals_per_run"] == 3
     assert not quality.parse_args(["--full", "--no-until-flat"])[1]["until_flat"]
     assert quality.parse_args(["--until-flat"])[1]["until_flat"]
+
+
+def test_quality_bench_leaves_out_a_task_whose_preparation_fails(tmp_path, monkeypatch):
+    import json
+
+    from bench import quality
+    from bench.quality_report import summarize
+
+    _, conf = quality.parse_args(["--tasks", "sort,chain", "--methods", "rkl", "--seeds", "0"])
+
+    def fake_child(fn, log, task_name, conf, cache, info_path):  # chain's teacher "stays below the minimum"
+        if task_name == "chain":
+            return 1
+        info_path.write_text(json.dumps({"dir": "d", "accuracy": 0.9, "start": "warm (80 SFT steps)",
+                                         "students": {"0": {"accuracy": 0.2}}, "max_new_tokens": 20}))
+        return 0
+
+    monkeypatch.setattr(quality, "in_child", fake_child)
+    bench = quality.Bench(conf, tmp_path, tmp_path / "cache")
+    assert bench.prepare()
+    assert conf["tasks"] == ["sort"] and conf["failed_tasks"] == ["chain"] and set(bench.teachers) == {"sort"}
+    assert "Left out (preparation failed, see prep_TASK.log): chain." in summarize([], bench.teachers, conf,
+                                                                                  quality.LABELS, "c", "m")
+    assert quality.FULL["tasks"][-1] == "chain"  # the module's configuration is not mutated
+    _, conf = quality.parse_args(["--tasks", "chain", "--methods", "rkl", "--seeds", "0"])
+    assert not quality.Bench(conf, tmp_path, tmp_path / "cache").prepare()  # nothing left: the driver stops
