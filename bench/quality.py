@@ -1,28 +1,33 @@
-"""Distillation quality benchmark: which method gets the student furthest for the same student tokens?
+"""Distillation quality benchmark: which method gets the student furthest, and how fast, per student token?
 
 For each synthetic task family of `rollout.tasks` a tiny teacher is trained by plain SFT to high
-greedy accuracy (cached), one teacher server process (`opd teacher`) is started on it, and a
-smaller student, WARM-STARTED by a short SFT on a few reference solutions (the same warm start for
-every method; cached per task and seed), is trained with the REAL trainer (local rollout engine
-[+ the tool loop for multi-turn tasks] -> teacher server -> chunked loss -> DeepSpeed ZeRO-2 with
-CPU Adam) by every method, for every seed, until it has generated a fixed budget of student tokens
-(the run stops at the first step that reaches the budget).
+greedy accuracy (cached), a teacher server process (`opd teacher`) is started on it, and a smaller
+student (WARM-STARTED by a short SFT on a few reference solutions, the same start for every
+method, cached per task and seed; `--warm-steps 0`: COLD, the random init) is trained with the
+REAL trainer (local rollout engine [+ the tool loop for multi-turn tasks] -> teacher server ->
+chunked loss -> DeepSpeed ZeRO-2 with CPU Adam) by every method, for every seed, until it has
+generated a budget of student tokens or (`--until-flat`) its eval curve has flattened.
 
-Every run (and every preparation step) is a child process FORKED from a driver that has imported
-torch / transformers / DeepSpeed once, so a run costs its own work plus ~1 s, and its state (threads,
-DeepSpeed, gRPC) dies with it. Peak RSS is the child's own high-water mark (reset at its start).
+Every run (and every preparation) is a child process FORKED from a driver that has imported torch /
+transformers / DeepSpeed once (and, with `--device cuda`, has not initialized CUDA: each child does
+its own CUDA init), so a run costs its own work plus ~1 s; `--jobs N` runs N children at once, each
+with a teacher server of its own per task (a shared server would batch requests of different runs
+together, and the numbers would depend on the schedule).
 
-Recorded per run: greedy accuracy of the exported student on held-out problems, wall time (trainer
-start to export), student tokens, steps, peak RSS, and the trainer's periodic eval accuracy (the
-curve). Written to OUT/: results.json, results.md (mean ± std over seeds), accuracy_vs_tokens.png.
+Recorded per run: held-out greedy accuracy, wall time, student tokens, steps, why it stopped, peak
+RSS, and the trainer's eval curve; reported per method (`bench/quality_report.py`): final accuracy
+with a 95% Student-t interval over seeds, tokens and wall time to 50% / 80% of the teacher's
+accuracy, the curves, and with `--lr-grid` the learning-rate grid. Written to OUT/: results.json,
+results.md, accuracy_vs_tokens.png.
 
     .venv/bin/python bench/quality.py                  # the default: 63 runs, ~20 min on 2 cores
-    .venv/bin/python bench/quality.py --full           # 4 tasks x 11 methods x 3 seeds, 2x budget (~75 min)
-    .venv/bin/python bench/quality.py --tasks sort --methods rkl,fkl --seeds 0 --token-budget 20000
+    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 5 tasks x 11 methods x 5 seeds, lr grid, until flat
+    .venv/bin/python bench/quality.py --full --device cuda --jobs 14 --threads 1   # the same, students on one GPU
+    .venv/bin/python bench/quality.py --tasks chain --methods rkl,sft --seeds 0,1 --token-budget 20000
 
-Methods (`METHODS`): trainer overrides on a common base; group methods (GRPO, OPD+GRPO, PACED)
-sample rollout.n=4 per prompt with a quarter of the prompts, so every method samples the same
-number of sequences per step.
+Sections, in order: configuration (methods, tasks' warm starts, the default and full sets) ·
+shared helpers (environment, forked children, the job pool) · evaluation · preparation (teachers,
+warm students) · one run · the driver (plan, learning-rate grid, runs, report).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import sys
 import time
@@ -41,10 +47,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench import quality_report as report  # noqa: E402  (no torch import)
 from opd.demo_models import TeacherSettings  # noqa: E402  (no torch import: safe before _set_env)
 
+
+# =============================================================================================
+# 1. configuration
+
 # name -> (label, overrides); "{half}" is replaced by half the expected number of steps,
-# "{teacher}" by the teacher directory, "{steps}" by the step cap.
+# "{teacher}" by the teacher directory, "{steps}" by the step cap; "GROUP": rollout.n=4 with a
+# quarter of the prompts (every method samples the same number of sequences per step).
 METHODS: dict[str, tuple[str, list[str]]] = {
     "rkl": ("OPD reverse KL", ["loss.divergence=reverse_kl"]),
     "fkl": ("OPD forward KL", ["loss.divergence=forward_kl"]),
@@ -61,23 +73,190 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "tip10": ("reverse KL, TIP 10% of tokens", ["loss.divergence=reverse_kl", "loss.token_keep_ratio=0.1"]),
     "paced": ("reverse KL, PACED weighting (n=4)", ["loss.divergence=reverse_kl", "loss.sample_weighting=paced",
                                                     "GROUP"]),
+    # ---- PLACEHOLDER: methods that the trainer does not have yet (another branch adds them) ----
+    # Add them here once `teacher.prompt_template` and `teacher.routes` exist in student_trainer:
+    # "selfdistill": self-distillation, the teacher prompted with the reference solution
+    #     (`teacher.prompt_template=...` over the prompt's fields; the tasks expose "answer" and,
+    #     for chain, "solution": `rollout.tasks.Task.metadata`);
+    # "two-teacher": a mix of two teachers (`teacher.routes=...`).
 }
+LABELS = {name: label for name, (label, _) in METHODS.items()}
 
 # Per task: warm-start SFT steps (batch 16, lr 3e-3, cosine) of the student before any method runs;
 # picked from a short calibration so the warm student is off 0 and far below the teacher
-# (docs/quality.md lists the resulting start accuracies, which differ a lot between seeds).
-WARM_STEPS = {"arithmetic": 150, "sort": 80, "reverse": 110, "calc": 180}
+# (docs/quality.md lists the resulting start accuracies). chain: NOT calibrated yet (see the doc).
+WARM_STEPS = {"arithmetic": 150, "sort": 80, "reverse": 110, "calc": 180, "chain": 150}
+# Per task: teacher SFT steps (batch 64, lr 3e-3, cosine; default 300, the demo teacher's). chain:
+# 300 steps gave 0.051 held-out accuracy (docs/quality.md), far below the 0.9 minimum; 1500 is a
+# guess that is NOT calibrated yet.
+TEACHER_STEPS = {"chain": 1500}
 
-# The default covers each claim of the issue (OPD vs GRPO vs off-policy SFT, TIP 50%, PACED,
-# forward->reverse KL) on three task families; --full adds JSD, pg, OPD+GRPO, TIP 10% and arithmetic.
+# The default covers each claim of issue #5 (OPD vs GRPO vs off-policy SFT, TIP 50%, PACED,
+# forward->reverse KL) on three task families in ~20 minutes on 2 cores.
 DEFAULT = dict(tasks=["sort", "reverse", "calc"], methods=["rkl", "fkl", "fkl2rkl", "sft", "grpo", "tip50", "paced"],
                seeds=[0, 1, 2], token_budget=10000, samples_per_step=32, eval_size=128)
-FULL = dict(tasks=["arithmetic", "sort", "reverse", "calc"], methods=list(METHODS), seeds=[0, 1, 2],
-            token_budget=20000, samples_per_step=32, eval_size=256)
+# --full (issue #23): every task incl. the long-generation chain, every method, 5 seeds, a
+# per-method learning rate from a grid on seed 0, runs until their eval curve is flat or a
+# generous budget ends. Meant for a machine with many cores or a GPU (--jobs, --device cuda).
+FULL = dict(tasks=["arithmetic", "sort", "reverse", "calc", "chain"], methods=list(METHODS),
+            seeds=[0, 1, 2, 3, 4], token_budget=200000, samples_per_step=32, eval_size=256,
+            lr_grid=[1e-4, 3e-4, 1e-3], until_flat=True)
+# --until-flat: stop when the last FLAT_WINDOW evals gain no more than FLAT_DELTA over the best before
+FLAT_WINDOW, FLAT_DELTA = 4, 0.02
 
 
-# ---------------------------------------------------------------------------------------------
-# teachers, warm-started students, accuracy
+# =============================================================================================
+# 2. shared helpers: environment, forked children, the job pool
+
+
+def _set_env(device: str = "cpu") -> None:
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.startswith("cuda") else "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # torch.cuda.is_available() through NVML: the driver can fork after asking it (no CUDA init)
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    # DeepSpeed JIT-builds its CPU ops into a shared cache; another environment on the same machine
+    # rebuilding them there would force a rebuild (minutes) into every run. Keep one per interpreter.
+    import hashlib
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "opd" / "torch_extensions" /
+                                                      hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]))
+
+
+def _preimport(device: str = "cpu") -> None:
+    """Import the heavy modules once in the driver (no torch compute, no threads, no CUDA init) so
+    forks start warm."""
+    import logging
+
+    logging.basicConfig(level="WARNING")
+    import deepspeed  # noqa: F401
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers.models.qwen3 import modeling_qwen3  # noqa: F401
+
+    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (imported by every engine init: ~3 s)
+    import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
+    import rollout.agent  # noqa: F401
+    import rollout.local_engine  # noqa: F401
+    import rollout.tasks.tool_engine  # noqa: F401
+    import student_trainer.trainer  # noqa: F401
+    import teacher_server.client  # noqa: F401
+    from opd import demo_models, generation, model_cache, sft  # noqa: F401
+
+    # DeepSpeed's CPU Adam asks py-cpuinfo three times per engine, and each call runs a subprocess
+    # (~1.2 s): ask once here, and load the JIT-built CPU ops once, so every forked run reuses them.
+    try:
+        import cpuinfo
+
+        info = cpuinfo.get_cpu_info()
+        cpuinfo.get_cpu_info = lambda: info
+    except ImportError:
+        pass
+    if device == "cpu":  # (with CUDA each child loads the op itself: the driver stays CUDA-free)
+        from deepspeed.ops.op_builder import CPUAdamBuilder
+
+        CPUAdamBuilder().load(verbose=False)
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def start_child(fn, log_path: Path, *args) -> int:
+    """Fork a child that runs fn(*args) with stdout/stderr to log_path; returns its pid."""
+    if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
+        raise RuntimeError("CUDA is initialized in the driver: forked children could not use it")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    code = 1
+    try:
+        fd = os.open(str(log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        try:  # the child's own peak RSS from here on (Linux >= 4.0)
+            Path("/proc/self/clear_refs").write_text("5")
+        except OSError:
+            pass
+        fn(*args)
+        code = 0
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            # a run stopped at the token budget can leave producer / gRPC threads alive; skip teardown
+            os._exit(code)
+
+
+def in_child(fn, log_path: Path, *args) -> int:
+    """Run fn(*args) in a forked child (stdout/stderr to log_path); returns its exit code."""
+    _, status = os.waitpid(start_child(fn, log_path, *args), 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def run_pool(jobs: list[dict], n_slots: int, start, done) -> None:
+    """Run `jobs` with at most `n_slots` children at once: `start(job, slot) -> pid` forks one,
+    `done(job, rc)` is called as each ends (in the driver, in the order they end). A slot is a
+    small integer a job keeps while it runs (its teacher servers are the slot's)."""
+    pending, running, free = list(jobs), {}, list(range(n_slots))
+    try:
+        while pending or running:
+            while pending and free:
+                job, slot = pending.pop(0), free.pop(0)
+                running[start(job, slot)] = (job, slot)
+            pid, status = os.wait()
+            if pid not in running:
+                continue
+            job, slot = running.pop(pid)
+            free.insert(0, slot)
+            free.sort()
+            done(job, os.waitstatus_to_exitcode(status))
+    finally:  # interrupted (Ctrl-C, SIGTERM from a time limit): end the runs still going
+        for pid in running:
+            os.kill(pid, signal.SIGTERM)
+        for pid in running:
+            os.waitpid(pid, 0)
+
+
+def _deterministic(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    if os.environ.get("OPD_DETERMINISTIC_ALGORITHMS") == "1":  # not needed on CPU (see docs); much slower
+        torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def _same_job(run_dir: Path, job: dict) -> bool:
+    """A finished run whose job (all its settings but the teacher URL) is unchanged."""
+    jf, done = run_dir / "job.json", run_dir / "record.json"
+    if not (done.exists() and jf.exists()):
+        return False
+    strip = lambda j: {k: v for k, v in j.items() if k != "url"}  # noqa: E731
+    return strip(json.loads(jf.read_text())) == strip(job)
+
+
+# =============================================================================================
+# 3. evaluation (the one place that grades a model; rollout/evaluate.py will take its place)
+
+
+def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None) -> float:
+    """Greedy accuracy graded by the task's own grader; multi-turn tasks go through the tool loop."""
+    from rollout.evaluate import model_accuracy
+
+    return model_accuracy(model, tok, examples, task.grade, tools=task.tools, max_new_tokens=max_new_tokens)
+
+
+# =============================================================================================
+# 4. preparation: teachers, warm (or cold) students
 
 
 _DEMO_TEACHER = TeacherSettings()
@@ -123,13 +302,6 @@ class WarmTargetSpec:
     lr: float = 3e-3
     probe_size: int = 64           # train-split problems (not the held-out eval problems)
     vocab_size: int = 512
-
-
-def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None) -> float:
-    """Greedy accuracy graded by the task's own grader; multi-turn tasks go through the tool loop."""
-    from rollout.evaluate import model_accuracy
-
-    return model_accuracy(model, tok, examples, task.grade, tools=task.tools, max_new_tokens=max_new_tokens)
 
 
 def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
@@ -250,110 +422,15 @@ def format_rate(model_dir: str, task, n: int) -> float:
     return sum(bool(re.search(r"Answer:\s*\d", t)) for t in texts) / len(texts)
 
 
-# ---------------------------------------------------------------------------------------------
-# child processes
-
-
-def _set_env() -> None:
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # DeepSpeed JIT-builds its CPU ops into a shared cache; another environment on the same machine
-    # rebuilding them there would force a rebuild (minutes) into every run. Keep one per interpreter.
-    import hashlib
-
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "opd" / "torch_extensions" /
-                                                      hashlib.sha256(sys.prefix.encode()).hexdigest()[:10]))
-
-
-def _preimport() -> None:
-    """Import the heavy modules once in the driver (no torch compute, no threads) so forks start warm."""
-    import logging
-
-    logging.basicConfig(level="WARNING")
-    import deepspeed  # noqa: F401
-    import torch  # noqa: F401
-    import transformers  # noqa: F401
-    from transformers.models.qwen3 import modeling_qwen3  # noqa: F401
-
-    import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401  (imported by every engine init: ~3 s)
-    import deepspeed.runtime.zero.stage_1_and_2  # noqa: F401
-    import rollout.agent  # noqa: F401
-    import rollout.local_engine  # noqa: F401
-    import student_trainer.trainer  # noqa: F401
-    import teacher_server.client  # noqa: F401
-    import rollout.tasks.tool_engine  # noqa: F401
-    from opd import demo_models, generation, model_cache, sft  # noqa: F401
-
-    # DeepSpeed's CPU Adam asks py-cpuinfo three times per engine, and each call runs a subprocess
-    # (~1.2 s): ask once here, and load the JIT-built CPU ops once, so every forked run reuses them.
-    try:
-        import cpuinfo
-
-        info = cpuinfo.get_cpu_info()
-        cpuinfo.get_cpu_info = lambda: info
-    except ImportError:
-        pass
-    from deepspeed.ops.op_builder import CPUAdamBuilder
-
-    CPUAdamBuilder().load(verbose=False)
-
-
-def _peak_rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def in_child(fn, log_path: Path, *args) -> int:
-    """Run fn(*args) in a forked child (stdout/stderr to log_path); returns its exit code."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            fd = os.open(str(log_path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.dup2(fd, 1)
-            os.dup2(fd, 2)
-            try:  # the child's own peak RSS from here on (Linux >= 4.0)
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-            fn(*args)
-            code = 0
-        except BaseException:
-            traceback.print_exc()
-        finally:
-            try:
-                sys.stdout.flush()
-                sys.stderr.flush()
-            finally:
-                # a run stopped at the token budget can leave producer / gRPC threads alive; skip teardown
-                os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
-def _deterministic(threads: int) -> None:
-    import torch
-
-    torch.set_num_threads(threads)
-    if os.environ.get("OPD_DETERMINISTIC_ALGORITHMS") == "1":  # not needed on CPU (see docs); much slower
-        torch.use_deterministic_algorithms(True, warn_only=True)
-
-
 def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
-    """Child: teacher + warm students for one task, and their held-out accuracies."""
+    """Child: teacher + students (warm or cold) for one task, and their held-out accuracies."""
     from opd import model_cache
-    from rollout.tasks import get_task
     from rollout.tasks.encoding import max_new_tokens_for
+    from rollout.tasks import get_task
 
-    _deterministic(conf["threads"])
+    _deterministic(conf["prep_threads"])
     task = get_task(task_name)
-    spec = TeacherSpec(task_name, steps=conf.get("teacher_steps") or 300,
+    spec = TeacherSpec(task_name, steps=conf.get("teacher_steps") or TEACHER_STEPS.get(task_name, 300),
                        min_accuracy=conf.get("teacher_min_accuracy", 0.9))
     teacher = prepare_task_teacher(cache, spec)
     tok = model_cache.load_tokenizer(teacher)
@@ -363,19 +440,30 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
         tok, task.make_examples("train", 512, seed=0)))
     info = {"dir": str(teacher), "accuracy": task_accuracy(str(teacher), tok, task, evals, mnt),
             "max_new_tokens": mnt, "students": {}}
+    warm_target = conf.get("warm_target")
     for seed in conf["seeds"]:
-        if conf.get("warm_target") is not None:
-            st = prepare_warm_student_to_target(cache, WarmTargetSpec(task_name, seed, target=conf["warm_target"]))
+        if warm_target is not None:
+            st = prepare_warm_student_to_target(cache, WarmTargetSpec(task_name, seed, target=warm_target))
         else:
             st = prepare_warm_student(cache, WarmSpec(task_name, seed, steps=conf["warm_steps"][task_name]))
         info["students"][str(seed)] = {"dir": str(st), "warm_steps": model_cache.read_info(st).get("warm_steps", 0),
                                        "accuracy": task_accuracy(str(st), tok, task, evals, mnt)}
     info["student_before"] = statistics.mean(s["accuracy"] for s in info["students"].values())
+    if warm_target is not None:
+        info["start"] = f"warm (SFT to probe accuracy {warm_target})"
+    elif conf["warm_steps"][task_name] > 0:
+        info["start"] = f"warm ({conf['warm_steps'][task_name]} SFT steps)"
+    else:
+        info["start"] = "cold (random init)"
     out_json.write_text(json.dumps(info, indent=1))
 
 
-class _BudgetReached(Exception):
-    pass
+# =============================================================================================
+# 5. one run
+
+
+class _Stop(Exception):
+    """Raised from the trainer's step callback to end a run (budget reached or curve flat)."""
 
 
 def _method_overrides(method: str, teacher: Path, steps_cap: int, half: int, samples: int) -> list[str]:
@@ -391,7 +479,8 @@ def _method_overrides(method: str, teacher: Path, steps_cap: int, half: int, sam
 
 
 def run_one(job: dict) -> dict:
-    """Child: train one (task, method, seed) to the token budget; writes job['out']/record.json."""
+    """Child: train one (task, method, seed, lr) until the token budget (or, with until_flat, a flat
+    eval curve); writes job['out']/record.json."""
     from opd import model_cache
     from rollout.tasks import get_task
     from student_trainer.config import load_config
@@ -404,8 +493,9 @@ def run_one(job: dict) -> dict:
     budget = job["token_budget"]
     overrides = [
         f"model.student={job['student']}", "model.dtype=fp32", f"data.task={job['task']}", "data.seed=0",
-        f"run.seed={job['seed']}", "rollout.temperature=1.0", f"rollout.max_new_tokens={job['max_new_tokens']}",
-        "rollout.max_batch_size=256", f"teacher.url={job['url']}", "teacher.top_k=32", "teacher.value_encoding=bf16",
+        f"run.seed={job['seed']}", f"run.device={job['device']}", "rollout.temperature=1.0",
+        f"rollout.max_new_tokens={job['max_new_tokens']}", "rollout.max_batch_size=256", f"teacher.url={job['url']}",
+        "teacher.top_k=32", "teacher.value_encoding=bf16",
         # one scoring call per step with all its sequences: the same teacher batches on every rerun
         "teacher.concurrency=1", "teacher.batch_sequences=4096",
         f"optim.lr={job['lr']}", "optim.min_lr_ratio=1.0", "optim.warmup_steps=5", "optim.grad_clip=1.0",
@@ -414,24 +504,29 @@ def run_one(job: dict) -> dict:
         "run.tensorboard=false", "run.plot=false", "run.progress=false", "run.export_hf=true",
         *job["overrides"]]
     cfg = load_config(None, overrides)
-    seen = {"tokens": 0, "steps": 0, "curve": []}
+    seen = {"tokens": 0, "steps": 0, "curve": [], "stop": "steps"}
+    t0 = time.time()
 
     def on_step(step, m):
         # student tokens: model-generated response tokens (tool-output tokens are not generated)
         seen["tokens"] += int(round(m["tokens"] * (1.0 - m.get("tool_token_ratio", 0.0))))
         seen["steps"] = step
         if "eval_accuracy" in m:
-            seen["curve"].append([seen["tokens"], float(m["eval_accuracy"])])
+            seen["curve"].append([seen["tokens"], float(m["eval_accuracy"]), round(time.time() - t0, 2)])
+            if job["until_flat"] and report.is_flat([c[1] for c in seen["curve"]], job["flat_window"],
+                                                    job["flat_delta"]):
+                seen["stop"] = "flat"
+                raise _Stop
         if seen["tokens"] >= budget:
-            raise _BudgetReached
+            seen["stop"] = "budget"
+            raise _Stop
 
-    t0 = time.time()
     trainer = Trainer(cfg, on_step=on_step)  # (multi-turn tasks get the tool loop from the trainer)
     t_init = time.time() - t0
     try:
         try:
             trainer.run()
-        except _BudgetReached:
+        except _Stop:
             trainer.export_hf(out / "hf")
             trainer.log.close()
     finally:
@@ -441,138 +536,62 @@ def run_one(job: dict) -> dict:
     evals = task.make_examples("eval", job["eval_size"], seed=0)
     tok = model_cache.load_tokenizer(out / "hf")
     acc = task_accuracy(str(out / "hf"), tok, task, evals, job["max_new_tokens"])
-    rec = {k: job[k] for k in ("task", "method", "seed")}
+    rec = {k: job[k] for k in ("task", "method", "seed", "lr")}
     rec.update({"accuracy": acc, "wall_s": round(wall, 1), "init_s": round(t_init, 1),
                 "eval_s": round(time.time() - t1, 1), "tokens": seen["tokens"], "steps": seen["steps"],
-                "peak_rss_mb": round(_peak_rss_mb(), 1), "curve": seen["curve"], "overrides": job["overrides"]})
+                "stop": seen["stop"], "peak_rss_mb": round(_peak_rss_mb(), 1), "curve": seen["curve"],
+                "overrides": job["overrides"]})
     (out / "record.json").write_text(json.dumps(rec, indent=1))
     return rec
 
 
-# ---------------------------------------------------------------------------------------------
-# tables and the plot
+# =============================================================================================
+# 6. the driver: configuration from the command line, preparation, learning-rate grid, runs, report
 
 
-def _fmt(xs: list[float], digits: int = 3) -> str:
-    if not xs:
-        return "-"
-    m = statistics.mean(xs)
-    s = statistics.stdev(xs) if len(xs) > 1 else 0.0
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
-
-
-def summarize(records: list[dict], teachers: dict, conf: dict, command: str, machine: str) -> str:
-    lines = [f"Command: `{command}`", "", f"Machine: {machine}", "",
-             f"Budget per run: {conf['token_budget']} student tokens ({conf['samples_per_step']} sampled "
-             f"sequences per step); seeds {conf['seeds']}; greedy accuracy on {conf['eval_size']} held-out "
-             f"problems; accuracy is mean ± sample std over seeds.", ""]
-    for task in conf["tasks"]:
-        t = teachers.get(task, {})
-        lines += [f"### {task} (teacher {t.get('accuracy', float('nan')):.3f}, warm-started student before "
-                  f"{t.get('student_before', float('nan')):.3f})", "",
-                  "| method | accuracy | Δ vs start | wall s | student tokens | steps | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|"]
-        before = {int(k): v["accuracy"] for k, v in t.get("students", {}).items()}
-        for method in conf["methods"]:
-            rs = sorted((r for r in records if r["task"] == task and r["method"] == method), key=lambda r: r["seed"])
-            if not rs:
-                continue
-            gain = [r["accuracy"] - before[r["seed"]] for r in rs if r["seed"] in before]
-            lines.append(f"| {METHODS[method][0]} | {_fmt([r['accuracy'] for r in rs])} | {_fmt(gain)} | "
-                         f"{_fmt([r['wall_s'] for r in rs], 0)} | {_fmt([r['tokens'] for r in rs], 0)} | "
-                         f"{_fmt([r['steps'] for r in rs], 0)} | {max(r['peak_rss_mb'] for r in rs):.0f} |")
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot(records: list[dict], teachers: dict, conf: dict, path: Path) -> None:
-    """Top row: mean accuracy against student tokens per task and method (trainer evals on 64 eval
-    prompts, last point = held-out accuracy, error bar = std over seeds). Bottom row: the held-out
-    gain over each seed's warm start, mean ± std over seeds (paired, so the spread of the starts
-    cancels)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    tasks = conf["tasks"]
-    fig, axes = plt.subplots(2, len(tasks), figsize=(5.5 * len(tasks), 8.0), squeeze=False,
-                             gridspec_kw={"height_ratios": [3, 2]})
-    cmap = plt.get_cmap("tab20")
-    for col, task in enumerate(tasks):
-        ax, bx = axes[0][col], axes[1][col]
-        t = teachers.get(task, {})
-        start = t.get("student_before", 0.0)
-        before = {int(k): v["accuracy"] for k, v in t.get("students", {}).items()}
-        names = []
-        for k, method in enumerate(conf["methods"]):
-            rs = [r for r in records if r["task"] == task and r["method"] == method]
-            if not rs:
-                continue
-            n = min(len(r["curve"]) for r in rs)
-            xs = [float(np.mean([r["curve"][i][0] for r in rs])) for i in range(n)]
-            ys = [float(np.mean([r["curve"][i][1] for r in rs])) for i in range(n)]
-            xs.append(float(np.mean([r["tokens"] for r in rs])))
-            ys.append(float(np.mean([r["accuracy"] for r in rs])))
-            sd = float(np.std([r["accuracy"] for r in rs], ddof=1)) if len(rs) > 1 else 0.0
-            color = cmap(2 * k % 20 + (k >= 10))
-            ax.plot([0.0] + xs, [start] + ys, marker="o", ms=3, color=color, label=METHODS[method][0])
-            ax.errorbar(xs[-1], ys[-1], yerr=sd, color=color, capsize=3)
-            gain = [r["accuracy"] - before[r["seed"]] for r in rs if r["seed"] in before]
-            if gain:
-                g_sd = float(np.std(gain, ddof=1)) if len(gain) > 1 else 0.0
-                bx.bar(len(names), float(np.mean(gain)), yerr=g_sd, color=color, capsize=3)
-                bx.plot([len(names)] * len(gain), gain, "k.", ms=3)
-                names.append(method)
-        ax.axhline(t.get("accuracy", 1.0), color="k", ls=":", lw=1, label="teacher")
-        ax.set_title(f"{task}: accuracy vs student tokens")
-        ax.set_xlabel("student tokens")
-        ax.set_ylabel("greedy accuracy (mean over seeds)")
-        ax.set_ylim(-0.02, 1.02)
-        ax.grid(alpha=0.3)
-        bx.axhline(0.0, color="k", lw=0.8)
-        bx.set_xticks(range(len(names)))
-        bx.set_xticklabels(names, rotation=30, fontsize=8)
-        bx.set_ylabel("held-out gain over warm start")
-        bx.set_title(f"{task}: gain at {conf['token_budget']} tokens (mean ± std, dots = seeds)", fontsize=9)
-        bx.grid(alpha=0.3, axis="y")
-    axes[0][-1].legend(fontsize=6.5, loc="upper right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-
-
-# ---------------------------------------------------------------------------------------------
-# driver
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--full", action="store_true", help="every task and method, 3 seeds, twice the budget")
+    p.add_argument("--full", action="store_true",
+                   help="every task and method, 5 seeds, lr grid 1e-4,3e-4,1e-3, until flat or 200k tokens")
     p.add_argument("--tasks", help="comma-separated task names (rollout.tasks.TASKS)")
     p.add_argument("--methods", help=f"comma-separated method names: {','.join(METHODS)}")
     p.add_argument("--seeds", help="comma-separated seeds")
-    p.add_argument("--token-budget", type=int, help="student tokens per run")
+    p.add_argument("--token-budget", type=int, help="student tokens per run (with --until-flat: the most)")
     p.add_argument("--samples-per-step", type=int, help="sampled sequences per step")
     p.add_argument("--lr", type=float, default=3e-4, help="student learning rate (constant after 5 warm-up steps)")
+    p.add_argument("--lr-grid", help="comma-separated learning rates: per task and method, run the first seed at "
+                   "each, keep the one with the best final accuracy (ties: the smaller) for all seeds")
+    p.add_argument("--until-flat", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop a run when its eval curve is flat (the last --flat-window evals gain no more than "
+                        "--flat-delta over the best before them) or the token budget ends")
+    p.add_argument("--flat-window", type=int, default=FLAT_WINDOW, help="evals of the flatness rule")
+    p.add_argument("--flat-delta", type=float, default=FLAT_DELTA, help="accuracy gain of the flatness rule")
     p.add_argument("--eval-size", type=int, help="held-out problems per final eval")
-    p.add_argument("--evals-per-run", type=int, default=3, help="trainer evals (curve points) per run")
+    p.add_argument("--evals-per-run", type=int,
+                   help="trainer evals (curve points) per expected budget (default 3; 20 with --until-flat)")
     p.add_argument("--warm-steps", type=int, help="warm-start SFT steps of the student, every task "
-                   f"(default per task: {WARM_STEPS}; 0: start from the random init)")
+                   f"(default per task: {WARM_STEPS}; 0: a cold start from the random init)")
     p.add_argument("--warm-target", type=float,
                    help="instead of --warm-steps: SFT each seed's student until its greedy accuracy on 64 "
                         "probe problems reaches this (evens out the starts of the seeds; slower to prepare)")
-    p.add_argument("--teacher-steps", type=int, help="teacher SFT steps (default 300; changes the cache key)")
+    p.add_argument("--teacher-steps", type=int, help="teacher SFT steps, every task (default per task: 300, "
+                   f"except {TEACHER_STEPS}; changes the cache key)")
     p.add_argument("--teacher-min-accuracy", type=float, default=0.9)
+    p.add_argument("--device", default="cpu", help="the student's device in every run: cpu or cuda (the teacher "
+                   "servers, the preparation and the held-out evals stay on the CPU)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at once (each a forked child with its own teacher "
+                   "servers); give each --threads cores")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
+    p.add_argument("--prep-threads", type=int, help="torch threads of the preparation (teachers, students, one "
+                   "task after the other; default --threads; a cached teacher is not retrained)")
     p.add_argument("--out", default="runs/quality")
     p.add_argument("--cache-dir", default=os.environ.get("OPD_CACHE", str(Path.home() / ".cache" / "opd" / "quality")))
     p.add_argument("--summarize", action="store_true",
                    help="run nothing: tabulate and plot the results.json / record.json files under --out")
     args = p.parse_args(argv)
 
-    conf = dict(FULL if args.full else DEFAULT)
+    conf = {k: (list(v) if isinstance(v, list) else v) for k, v in (FULL if args.full else DEFAULT).items()}
     for key, val in (("tasks", args.tasks), ("methods", args.methods)):
         if val:
             conf[key] = val.split(",")
@@ -581,12 +600,26 @@ def main(argv=None) -> int:
     for key in ("token_budget", "samples_per_step", "eval_size"):
         if getattr(args, key) is not None:
             conf[key] = getattr(args, key)
+    if args.lr_grid:
+        try:
+            conf["lr_grid"] = [float(x) for x in args.lr_grid.split(",")]
+        except ValueError:
+            p.error(f"--lr-grid {args.lr_grid!r}: expected comma-separated numbers, e.g. 1e-4,3e-4,1e-3")
+    conf.setdefault("lr_grid", [])
+    if any(x <= 0 for x in conf["lr_grid"]):
+        p.error(f"--lr-grid {args.lr_grid!r}: learning rates must be > 0")
+    if args.until_flat is not None:  # --until-flat / --no-until-flat (default: on with --full)
+        conf["until_flat"] = args.until_flat
+    conf.setdefault("until_flat", False)
     conf["warm_steps"] = {t: (args.warm_steps if args.warm_steps is not None else WARM_STEPS.get(t, 0))
                           for t in conf["tasks"]}
     if args.warm_target is not None:
         conf["warm_target"] = args.warm_target
-    conf.update(lr=args.lr, threads=args.threads, teacher_steps=args.teacher_steps,
-                teacher_min_accuracy=args.teacher_min_accuracy, evals_per_run=args.evals_per_run)
+    conf.update(lr=args.lr, threads=args.threads, prep_threads=args.prep_threads or args.threads,
+                teacher_steps=args.teacher_steps,
+                teacher_min_accuracy=args.teacher_min_accuracy, device=args.device, jobs=args.jobs,
+                flat_window=args.flat_window, flat_delta=args.flat_delta,
+                evals_per_run=args.evals_per_run or (20 if conf["until_flat"] else 3))
     for m in conf["methods"]:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -595,102 +628,222 @@ def main(argv=None) -> int:
     for t in conf["tasks"]:
         if t not in TASKS:
             p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
-    command = " ".join([".venv/bin/python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
-    machine = f"{os.cpu_count()}-core CPU, no GPU"
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = Path(args.cache_dir)
+    if args.device != "cpu" and not args.device.startswith("cuda"):
+        p.error(f"--device {args.device!r}: choose cpu or cuda (cuda:N)")
+    if args.jobs < 1 or args.threads < 1 or args.flat_window < 1 or (args.prep_threads or 1) < 1:
+        p.error("--jobs, --threads, --prep-threads and --flat-window must be >= 1")
+    return args, conf
 
-    if args.summarize:
-        if (out / "results.json").exists():
-            old = json.loads((out / "results.json").read_text())
-        else:  # an unfinished run: the per-task preparations and the finished runs' records
-            old = {"config": conf, "records": [json.loads(f.read_text()) for f in sorted(out.glob("*/*/seed*/record.json"))],
-                   "teachers": {f.stem[len("prep_"):]: json.loads(f.read_text()) for f in out.glob("prep_*.json")}}
-            conf["tasks"] = [t for t in conf["tasks"] if t in old["teachers"]]
-        records = [r for r in old["records"] if r["task"] in conf["tasks"] and r["method"] in conf["methods"]
-                   and r["seed"] in conf["seeds"]]
-        table = summarize(records, old["teachers"], {**old["config"], **{k: conf[k] for k in ("tasks", "methods")}},
-                          old.get("command", command), old.get("machine", machine))
-        plot(records, old["teachers"], conf, out / "accuracy_vs_tokens.png")
-        print(table)
-        return 0
 
-    _set_env()
-    _preimport()
-    from opd.demo import start_teacher_process
+def _machine(conf: dict) -> str:
+    gpu = "no GPU"
+    if conf["device"].startswith("cuda"):
+        import subprocess
 
-    t_all = time.time()
-    records: list[dict] = []
-    teachers: dict = {}
-    for task_name in conf["tasks"]:
-        t_task = time.time()
-        info_path = out / f"prep_{task_name}.json"
-        rc = in_child(prep_task, out / f"prep_{task_name}.log", task_name, conf, cache, info_path)
-        if rc != 0:
-            print(f"[quality] {task_name}: preparation FAILED (rc {rc}); see {out / f'prep_{task_name}.log'}",
-                  flush=True)
-            return 1
-        info = json.loads(info_path.read_text())
-        teachers[task_name] = info
-        print(f"[quality] {task_name}: teacher {info['accuracy']:.3f}, warm students "
-              f"{[round(s['accuracy'], 3) for s in info['students'].values()]} "
-              f"({time.time() - t_task:.0f}s)", flush=True)
-        teacher = Path(info["dir"])
-        mnt = info["max_new_tokens"]
-        proc, url = start_teacher_process(teacher, out / f"teacher_{task_name}.log")
         try:
-            # expected steps: the budget over sequences per step at about half the max length
-            exp_steps = max(2, conf["token_budget"] // (conf["samples_per_step"] * max(1, mnt // 2)))
-            steps_cap = exp_steps * 4
-            for method in conf["methods"]:
-                for seed in conf["seeds"]:
-                    run_dir = out / task_name / method / f"seed{seed}"
-                    done = run_dir / "record.json"
-                    job = {"task": task_name, "method": method, "seed": seed, "out": str(run_dir),
-                           "student": info["students"][str(seed)]["dir"], "url": url,
-                           "token_budget": conf["token_budget"], "max_new_tokens": mnt, "lr": conf["lr"],
-                           "steps_cap": steps_cap, "threads": conf["threads"],
-                           "eval_every": max(1, exp_steps // conf["evals_per_run"]),
-                           "eval_prompts": min(64, conf["eval_size"]), "eval_size": conf["eval_size"],
-                           "overrides": _method_overrides(method, teacher, steps_cap, exp_steps // 2,
-                                                          conf["samples_per_step"])}
-                    run_dir.mkdir(parents=True, exist_ok=True)
-                    jf = run_dir / "job.json"
-                    same = {k: v for k, v in job.items() if k != "url"}
-                    if done.exists() and jf.exists() and {k: v for k, v in json.loads(jf.read_text()).items()
-                                                          if k != "url"} == same:
-                        records.append(json.loads(done.read_text()))
-                        continue
-                    done.unlink(missing_ok=True)
-                    jf.write_text(json.dumps(job, indent=1))
-                    rc = in_child(run_one, run_dir / "stdout.log", job)
-                    if not done.exists():
-                        print(f"[quality] {task_name}/{method}/seed{seed} FAILED (rc {rc}); "
-                              f"see {run_dir / 'stdout.log'}", flush=True)
-                        continue
-                    rec = json.loads(done.read_text())
-                    records.append(rec)
-                    print(f"[quality] {task_name:10s} {method:9s} seed {seed}: accuracy {rec['accuracy']:.3f} "
-                          f"tokens {rec['tokens']} steps {rec['steps']} {rec['wall_s']:.0f}s "
-                          f"(init {rec['init_s']:.0f}s, eval {rec['eval_s']:.0f}s) rss {rec['peak_rss_mb']:.0f}MB "
-                          f"({time.time() - t_all:.0f}s so far)", flush=True)
-        finally:
+            gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=30).stdout.strip().splitlines()[0] + " (student)"
+        except (OSError, IndexError, subprocess.SubprocessError):
+            gpu = "a CUDA GPU (student)"
+    return f"{os.cpu_count()}-core CPU, {gpu}; {conf['jobs']} run(s) at once x {conf['threads']} threads"
+
+
+def _summarize_only(out: Path, conf: dict, command: str) -> int:
+    if (out / "results.json").exists():
+        old = json.loads((out / "results.json").read_text())
+    else:  # an unfinished run: the per-task preparations and the finished runs' records
+        old = {"config": conf, "records": [json.loads(f.read_text()) for f in sorted(out.glob("*/*/seed*/record.json"))
+                                                 + sorted(out.glob("*/*/lr_*/seed*/record.json"))],
+               "teachers": {f.stem[len("prep_"):]: json.loads(f.read_text()) for f in out.glob("prep_*.json")}}
+        conf["tasks"] = [t for t in conf["tasks"] if t in old["teachers"]]
+    records = [r for r in old["records"] if r["task"] in conf["tasks"] and r["method"] in conf["methods"]
+               and r["seed"] in conf["seeds"]]
+    shown = {**conf, **old["config"], **{k: conf[k] for k in ("tasks", "methods")}}
+    table = report.summarize(records, old["teachers"], shown, LABELS, old.get("command", command),
+                             old.get("machine", _machine(conf)), old.get("lr_grid"))
+    report.plot(records, old["teachers"], shown, LABELS, out / "accuracy_vs_tokens.png")
+    print(table)
+    return 0
+
+
+class Bench:
+    """The driver's state: the configuration, the output directory, the prepared tasks (teacher,
+    students) and the teacher servers (one per task and job slot, started on first use)."""
+
+    def __init__(self, conf: dict, out: Path, cache: Path):
+        self.conf, self.out, self.cache = conf, out, cache
+        self.teachers: dict = {}
+        self.servers: dict = {}
+        self.t0 = time.time()
+
+    # ---- preparation: teachers and students, one task after the other (cached) ----
+    def prepare(self) -> bool:
+        """Every task's teacher and students; a task whose preparation fails (e.g. its teacher stays
+        below --teacher-min-accuracy) is left out of the runs and named in the report. False when
+        no task is left."""
+        for task_name in list(self.conf["tasks"]):
+            t_task = time.time()
+            info_path, log = self.out / f"prep_{task_name}.json", self.out / f"prep_{task_name}.log"
+            info_path.unlink(missing_ok=True)
+            rc = in_child(prep_task, log, task_name, self.conf, self.cache, info_path)
+            if rc != 0:
+                print(f"[quality] {task_name}: preparation FAILED (rc {rc}); left out, see {log}", flush=True)
+                self.conf["tasks"].remove(task_name)
+                self.conf.setdefault("failed_tasks", []).append(task_name)
+                continue
+            self.teachers[task_name] = info = json.loads(info_path.read_text())
+            print(f"[quality] {task_name}: teacher {info['accuracy']:.3f}, {info['start']} students "
+                  f"{[round(s['accuracy'], 3) for s in info['students'].values()]} ({time.time() - t_task:.0f}s)",
+                  flush=True)
+        return bool(self.conf["tasks"])
+
+    def teacher_url(self, task_name: str, slot: int) -> str:
+        from opd.demo import start_teacher_process
+
+        if (task_name, slot) not in self.servers:
+            os.environ["OMP_NUM_THREADS"] = str(self.conf["threads"])  # the server's threads
+            self.servers[task_name, slot] = start_teacher_process(Path(self.teachers[task_name]["dir"]),
+                                                                  self.out / f"teacher_{task_name}_{slot}.log")
+        return self.servers[task_name, slot][1]
+
+    def close(self, keys=None) -> None:
+        """Stop the teacher servers of `keys` ((task, slot) pairs; default: all)."""
+        for key in list(self.servers if keys is None else keys):
+            proc, _ = self.servers.pop(key)
             proc.terminate()
             proc.wait(30)
-    table = summarize(records, teachers, conf, command, machine)
-    total = round(time.time() - t_all, 1)
-    (out / "results.json").write_text(json.dumps({"config": conf, "teachers": teachers, "records": records,
-                                                  "command": command, "machine": machine,
-                                                  "total_wall_s": total}, indent=1))
-    (out / "results.md").write_text(table + f"\nTotal wall time: {total:.0f} s.\n")
+
+    # ---- runs ----
+    def job(self, task_name: str, method: str, seed: int, lr: float, run_dir: Path) -> dict:
+        conf, info = self.conf, self.teachers[task_name]
+        mnt = info["max_new_tokens"]
+        # expected steps: the budget over sequences per step at about half the max length
+        exp_steps = max(2, conf["token_budget"] // (conf["samples_per_step"] * max(1, mnt // 2)))
+        steps_cap = exp_steps * 4
+        return {"task": task_name, "method": method, "seed": seed, "lr": lr, "out": str(run_dir),
+                "student": info["students"][str(seed)]["dir"], "url": None, "device": conf["device"],
+                "token_budget": conf["token_budget"], "until_flat": conf["until_flat"],
+                "flat_window": conf["flat_window"], "flat_delta": conf["flat_delta"], "max_new_tokens": mnt,
+                "steps_cap": steps_cap, "threads": conf["threads"],
+                "eval_every": max(1, exp_steps // conf["evals_per_run"]),
+                "eval_prompts": min(64, conf["eval_size"]), "eval_size": conf["eval_size"],
+                "overrides": _method_overrides(method, Path(info["dir"]), steps_cap, exp_steps // 2,
+                                               conf["samples_per_step"])}
+
+    def execute(self, jobs: list[dict]) -> dict[str, dict]:
+        """Run the jobs that are not finished already (`conf['jobs']` at once); returns
+        out dir -> record (failed runs absent)."""
+        got, todo = {}, []
+        for job in jobs:
+            if _same_job(Path(job["out"]), job):
+                got[job["out"]] = json.loads((Path(job["out"]) / "record.json").read_text())
+            else:
+                todo.append(job)
+
+        left = {t: sum(j["task"] == t for j in todo) for t in self.conf["tasks"]}
+
+        def start(job, slot):
+            left[job["task"]] -= 1
+            # this slot's servers of tasks with no job left to start are not needed any more
+            self.close([(t, s) for t, s in self.servers if s == slot and t != job["task"] and not left[t]])
+            run_dir = Path(job["out"])
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "record.json").unlink(missing_ok=True)
+            job = {**job, "url": self.teacher_url(job["task"], slot)}
+            (run_dir / "job.json").write_text(json.dumps(job, indent=1))
+            return start_child(run_one, run_dir / "stdout.log", job)
+
+        def done(job, rc):
+            run_dir = Path(job["out"])
+            tag = f"{job['task']}/{job['method']}/seed{job['seed']} lr {job['lr']:g}"
+            if not (run_dir / "record.json").exists():
+                print(f"[quality] {tag} FAILED (rc {rc}); see {run_dir / 'stdout.log'}", flush=True)
+                return
+            rec = got[job["out"]] = json.loads((run_dir / "record.json").read_text())
+            print(f"[quality] {tag}: accuracy {rec['accuracy']:.3f} tokens {rec['tokens']} steps {rec['steps']} "
+                  f"({rec['stop']}) {rec['wall_s']:.0f}s (init {rec['init_s']:.0f}s, eval {rec['eval_s']:.0f}s) "
+                  f"rss {rec['peak_rss_mb']:.0f}MB ({time.time() - self.t0:.0f}s so far)", flush=True)
+
+        run_pool(todo, self.conf["jobs"], start, done)
+        return got
+
+    def tune_lr(self) -> tuple[dict, dict]:
+        """The learning-rate grid: the first seed at every rate, per task and method. Returns the
+        grid for the report and (task, method) -> the chosen rate; both empty without a grid."""
+        conf, first = self.conf, self.conf["seeds"][0]
+        lr_grid, chosen = {}, {}
+        if not conf["lr_grid"]:
+            return lr_grid, chosen
+        jobs = [self.job(t, m, first, lr, self.out / t / m / f"lr_{lr:g}" / f"seed{first}")
+                for t in conf["tasks"] for m in conf["methods"] for lr in conf["lr_grid"]]
+        got = self.execute(jobs)
+        for t in conf["tasks"]:
+            for m in conf["methods"]:
+                accs = {j["lr"]: got[j["out"]]["accuracy"] for j in jobs
+                        if j["task"] == t and j["method"] == m and j["out"] in got}
+                if accs:
+                    chosen[t, m] = report.pick_lr(accs)
+                    lr_grid.setdefault(t, {})[m] = {"grid": {f"{k:g}": v for k, v in accs.items()},
+                                                    "chosen": chosen[t, m]}
+        print(f"[quality] learning rates chosen on seed {first}: "
+              f"{ {f'{t}/{m}': f'{v:g}' for (t, m), v in chosen.items()} }", flush=True)
+        return lr_grid, chosen
+
+    def run_seeds(self, chosen: dict) -> list[dict]:
+        """Every seed at its method's rate (with a grid, the grid's run of the first seed is that
+        seed's run); returns the finished runs' records."""
+        conf, jobs = self.conf, []
+        for t in conf["tasks"]:
+            for m in conf["methods"]:
+                if conf["lr_grid"] and (t, m) not in chosen:
+                    continue  # every grid run of this method failed
+                lr = chosen.get((t, m), conf["lr"])
+                for seed in conf["seeds"]:
+                    reuse = conf["lr_grid"] and seed == conf["seeds"][0]
+                    jobs.append(self.job(t, m, seed, lr, self.out / t / m /
+                                         (f"lr_{lr:g}/seed{seed}" if reuse else f"seed{seed}")))
+        got = self.execute(jobs)
+        return [got[j["out"]] for j in jobs if j["out"] in got]
+
+    # ---- report ----
+    def write_report(self, records: list[dict], lr_grid: dict, command: str) -> None:
+        machine, out = _machine(self.conf), self.out
+        table = report.summarize(records, self.teachers, self.conf, LABELS, command, machine, lr_grid)
+        total = round(time.time() - self.t0, 1)
+        (out / "results.json").write_text(json.dumps({"config": self.conf, "teachers": self.teachers,
+                                                      "records": records, "lr_grid": lr_grid, "command": command,
+                                                      "machine": machine, "total_wall_s": total}, indent=1))
+        (out / "results.md").write_text(table + f"\nTotal wall time: {total:.0f} s.\n")
+        try:
+            report.plot(records, self.teachers, self.conf, LABELS, out / "accuracy_vs_tokens.png")
+        except ImportError:
+            print("[quality] matplotlib not installed: no PNG", flush=True)
+        print(table)
+        print(f"[quality] {len(records)} runs in {total:.0f}s; {out / 'results.json'}, "
+              f"{out / 'results.md'}, {out / 'accuracy_vs_tokens.png'}", flush=True)
+
+
+def main(argv=None) -> int:
+    args, conf = parse_args(argv)
+    command = " ".join([".venv/bin/python", "bench/quality.py", *(argv if argv is not None else sys.argv[1:])])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.summarize:
+        return _summarize_only(out, conf, command)
+    # SIGTERM (e.g. from `timeout`) ends the driver like Ctrl-C: running children and teacher servers
+    # are stopped, finished runs are kept, and the same command later resumes from them
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    _set_env(conf["device"])
+    _preimport(conf["device"])
+    bench = Bench(conf, out, Path(args.cache_dir))
+    if not bench.prepare():
+        return 1
     try:
-        plot(records, teachers, conf, out / "accuracy_vs_tokens.png")
-    except ImportError:
-        print("[quality] matplotlib not installed: no PNG", flush=True)
-    print(table)
-    print(f"[quality] {len(records)} runs in {total:.0f}s; {out / 'results.json'}, "
-          f"{out / 'results.md'}, {out / 'accuracy_vs_tokens.png'}", flush=True)
+        lr_grid, chosen = bench.tune_lr()
+        records = bench.run_seeds(chosen)
+    finally:
+        bench.close()
+    bench.write_report(records, lr_grid, command)
     return 0
 
 

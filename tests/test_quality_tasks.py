@@ -7,7 +7,16 @@ import pytest
 from rollout import tasks as T
 from rollout.tasks.answers import extract_digits
 from rollout.tasks.calc import CalcExample
+from rollout.tasks.chain import ChainExample
 from rollout.tasks.lists import ListExample
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tiny_model_dir):
+    """The tiny built-in tokenizer (vocab 512, one token per digit) of the session's tiny model."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
 @pytest.mark.parametrize("name", list(T.TASKS))
@@ -59,6 +68,53 @@ def test_list_grader():
     assert extract_digits("nothing") is None
 
 
+def test_chain_worked_answer_and_exact_grading():
+    ex = ChainExample((3, 8, 5, 2, 9))
+    assert ex.question == "Add 3 8 5 2 9"
+    assert ex.response == "3+8=11, 11+5=16, 16+2=18, 18+9=27. Answer: 27"
+    assert ex.answer == "27" and ex.solution == ex.response
+    assert ex.to_dict()["solution"] == ex.response
+    assert T.get_task("chain").metadata(ex) == {"answer": "27", "solution": ex.response}
+    assert T.get_task("sort").metadata(ListExample("sort", (2, 1))) == {"answer": "1 2"}  # no worked solution
+    g = T.get_task("chain").grade
+    assert g(ex.response, ex) == 1.0
+    assert g(ex.response + "<|im_end|>", {"answer": "27"}) == 1.0
+    # one wrong digit anywhere in the final answer fails; there is no partial credit for correct steps
+    assert g("3+8=11, 11+5=16, 16+2=18, 18+9=27. Answer: 28", ex) == 0.0
+    assert g("3+8=11, 11+5=16, 16+2=18, 18+9=27. Answer: 37", ex) == 0.0
+    assert g("3+8=11, 11+5=16, 16+2=18, 18+9=27. Answer: 2", ex) == 0.0
+    assert g("3+8=11, 11+5=16, 16+2=18, 18+9=27.", ex) == 0.0       # the steps alone are not an answer
+    # an early error compounds: the worked chain carries it into the answer
+    assert g("3+8=12, 12+5=17, 17+2=19, 19+9=28. Answer: 28", ex) == 0.0
+
+
+def test_chain_generator_deterministic_disjoint_and_long():
+    from rollout.tasks.chain import LENGTHS, make_chain_examples
+
+    task = T.get_task("chain")
+    a = task.make_examples("train", 300, seed=0)
+    assert a == make_chain_examples("train", 300, seed=0)
+    assert a != task.make_examples("train", 300, seed=1)
+    ev = task.make_examples("eval", 200, seed=0)
+    assert len({e.digits for e in ev}) == 200
+    assert not {e.digits for e in a} & {e.digits for e in ev}
+    for e in a + ev:
+        assert LENGTHS[0] <= len(e.digits) <= LENGTHS[1] and all(1 <= d <= 9 for d in e.digits)
+        assert int(e.answer) == sum(e.digits) and e.response.count("=") == len(e.digits) - 1
+    with pytest.raises(ValueError, match="lengths"):
+        make_chain_examples("train", 1, lengths=(1, 3))
+
+
+def test_chain_responses_are_100_plus_tokens(tiny_tokenizer):
+    from rollout.tasks.encoding import response_ids
+
+    exs = T.get_task("chain").make_examples("train", 200, seed=0)
+    lengths = [len(response_ids(tiny_tokenizer, e)) for e in exs]
+    assert min(lengths) >= 100, min(lengths)
+    ids = response_ids(tiny_tokenizer, exs[0])
+    assert tiny_tokenizer.decode(ids, skip_special_tokens=True) == exs[0].response
+
+
 def test_arithmetic_is_the_demo_task():
     from rollout.tasks import arithmetic
 
@@ -72,9 +128,12 @@ def test_unknown_task():
 
 
 def test_trainer_task_source_builtin_names():
+    from student_trainer.config import load_config
     from student_trainer.data import BUILTIN_TASKS
 
     assert set(BUILTIN_TASKS) == set(T.TASKS)
+    cfg = load_config(None, ["model.student=/x", "data.task=chain", "teacher.url=127.0.0.1:1"])  # `opd train` parse
+    assert cfg.data.task == "chain"
 
 
 def test_task_source_prompts_and_rewards():
@@ -193,10 +252,13 @@ def test_tool_engine_runs_the_calculator_loop():
 
 
 # generous: on a fresh machine the first run also JIT-builds DeepSpeed's CPU Adam (~3 min on 2
-# cores; later tests reuse the build); the two runs themselves take about a minute
+# cores; later tests reuse the build); the two executions themselves take about a minute
 @pytest.mark.timeout(900)
 def test_quality_bench_is_reproducible(tmp_path):
-    """Two runs of a tiny bench configuration with the same seeds give the same numbers."""
+    """Two executions of a tiny bench configuration with the same seeds give the same numbers: the
+    long-generation task (chain) through the real trainer, two runs at once (--jobs 2, a teacher
+    server per job slot), the learning-rate grid (one rate: the grid's seed-0 run is reused),
+    --until-flat, and the report's thresholds and confidence intervals."""
     import json
     import os
     import subprocess
@@ -205,10 +267,10 @@ def test_quality_bench_is_reproducible(tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     cache = tmp_path / "cache"
-    base = [sys.executable, str(root / "bench" / "quality.py"), "--tasks", "reverse", "--methods", "rkl,grpo",
-            "--seeds", "0", "--token-budget", "500", "--samples-per-step", "8", "--eval-size", "16",
-            "--evals-per-run", "2", "--teacher-steps", "12", "--teacher-min-accuracy", "0", "--warm-steps", "0",
-            "--threads", "1", "--cache-dir", str(cache)]
+    base = [sys.executable, str(root / "bench" / "quality.py"), "--tasks", "chain", "--methods", "rkl,grpo",
+            "--seeds", "0,1", "--token-budget", "500", "--samples-per-step", "8", "--eval-size", "8",
+            "--teacher-steps", "4", "--teacher-min-accuracy", "0", "--warm-steps", "0", "--threads", "1",
+            "--jobs", "2", "--until-flat", "--lr-grid", "1e-3", "--cache-dir", str(cache)]
     # torch's default extension directory: the CPU Adam build is shared with the rest of the suite
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -220,7 +282,132 @@ def test_quality_bench_is_reproducible(tmp_path):
                            env=dict(os.environ, PYTHONHASHSEED="0", TORCH_EXTENSIONS_DIR=ext_dir))
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         res = json.loads((out / "results.json").read_text())
-        got.append([(x["task"], x["method"], x["seed"], x["accuracy"], x["tokens"], x["steps"], x["curve"])
-                    for x in res["records"]])
-        assert len(got[-1]) == 2
+        # the curve's third column is wall time: not reproducible, left out
+        got.append([(x["task"], x["method"], x["seed"], x["lr"], x["accuracy"], x["tokens"], x["steps"], x["stop"],
+                     [c[:2] for c in x["curve"]]) for x in res["records"]] + [res["lr_grid"]])
+        assert sorted((x["method"], x["seed"]) for x in res["records"]) == [("grpo", 0), ("grpo", 1), ("rkl", 0),
+                                                                          ("rkl", 1)]
+        assert res["lr_grid"]["chain"]["rkl"]["chosen"] == 1e-3
+        assert (out / "chain" / "rkl" / "lr_0.001" / "seed0" / "record.json").exists()  # grid run = seed-0 run
+        assert all(x["stop"] in ("budget", "flat", "steps") and x["curve"] for x in res["records"])
+        assert res["teachers"]["chain"]["start"] == "cold (random init)"
+        md = (out / "results.md").read_text()
+        assert "tokens to 50%" in md and "Learning-rate grid" in md and "95% Student-t" in md
+        assert len({(x["task"], x["seed"]) for x in res["records"]}) == 2
     assert got[0] == got[1]
+
+
+# ---- bench/quality_report.py: the statistics the quality bench reports -------------------------
+
+
+def test_t_quantiles_match_the_t_distribution():
+    """Each tabulated t_{0.975, df} has CDF 0.975: float64 integration of the t density from its
+    definition (Simpson's rule on [0, q], plus the half of the mass below 0)."""
+    import math
+
+    import numpy as np
+
+    from bench.quality_report import T_975, Z_975
+
+    def cdf(q, df):
+        x = np.linspace(0.0, q, 200001)
+        c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+        f = c * (1 + x * x / df) ** (-(df + 1) / 2)
+        h = x[1] - x[0]
+        return 0.5 + h / 3 * (f[0] + f[-1] + 4 * f[1:-1:2].sum() + 2 * f[2:-1:2].sum())
+
+    for df, q in enumerate(T_975, start=1):
+        assert abs(cdf(q, df) - 0.975) < 2e-6, (df, q, cdf(q, df))
+    assert abs(0.5 * (1 + math.erf(Z_975 / math.sqrt(2))) - 0.975) < 1e-6
+
+
+def test_t_interval_threshold_flatness_and_lr_choice():
+    import math
+    import statistics
+
+    from bench import quality_report as R
+
+    xs = [0.2, 0.4, 0.3, 0.5, 0.1]
+    m, h = R.t_interval(xs)
+    assert m == statistics.fmean(xs)
+    assert abs(h - 2.776445 * statistics.stdev(xs) / math.sqrt(5)) < 1e-15
+    assert math.isnan(R.t_interval([0.3])[1]) and R.fmt_ci([0.3]) == "0.300 (n=1)"
+    rec = {"seed": 0, "tokens": 900, "accuracy": 0.9, "wall_s": 30.0,
+           "curve": [[300, 0.2, 10.0], [600, 0.45, 20.0]]}
+    pts = R.trajectory(rec, 0.1)
+    assert pts == [(0.0, 0.1, 0.0), (300.0, 0.2, 10.0), (600.0, 0.45, 20.0), (900.0, 0.9, 30.0)]
+    assert R.first_reach(pts, 0.45) == (600.0, 20.0)       # reaching the level exactly counts
+    assert R.first_reach(pts, 0.1) == (0.0, 0.0)           # a start above the level: 0 tokens
+    assert R.first_reach(pts, 0.95) is None
+    assert R.threshold_cell([rec], {0: 0.1}, 0.95) == ("not reached", "-")
+    assert R.threshold_cell([rec, {**rec, "seed": 1}], {0: 0.1, 1: 0.5}, 0.5) == ("450 (2/2)", "15 (2/2)")
+    old = {**rec, "curve": [[300, 0.6]]}                   # records before the wall-time column
+    assert R.threshold_cell([old], {0: 0.0}, 0.5) == ("300 (1/1)", "-")
+    # flat: the last `window` evals improve the best before them by <= delta
+    assert not R.is_flat([0.1, 0.2, 0.3], 3, 0.02)         # not enough evals yet
+    assert R.is_flat([0.1, 0.5, 0.51, 0.49, 0.52], 3, 0.02)
+    assert not R.is_flat([0.1, 0.5, 0.51, 0.49, 0.53], 3, 0.02)
+    assert R.is_flat([0.6, 0.2, 0.3, 0.4], 3, 0.02)        # below an earlier best is flat too
+    assert R.pick_lr({1e-4: 0.2, 3e-4: 0.5, 1e-3: 0.5}) == 3e-4
+    assert R.pick_lr({1e-3: 0.0, 1e-4: 0.0}) == 1e-4
+    # step-wise mean curve on a grid; a run that ended holds its final value
+    assert R.mean_curve([rec], {0: 0.1}, [0, 299, 300, 1000]) == [0.1, 0.1, 0.2, 0.9]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr-grid", "1e-4,fast"], ["--lr-grid", "'1e-4,fast'", "comma-separated numbers"]),
+    (["--lr-grid", "0,1e-3"], ["--lr-grid", "> 0"]),
+    (["--device", "tpu"], ["--device", "'tpu'", "cpu or cuda"]),
+    (["--tasks", "chain,nope"], ["unknown task", "'nope'", "chain"]),
+    (["--methods", "rkl,selfdistill"], ["unknown method", "'selfdistill'", "rkl"]),
+    (["--jobs", "0"], ["--jobs", ">= 1"]),
+])
+def test_quality_bench_rejects_bad_flags_before_any_work(args, words, capsys, tmp_path):
+    from bench import quality
+
+    with pytest.raises(SystemExit) as e:
+        quality.main(args + ["--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert all(w in err for w in words), err
+    assert not (tmp_path / "out").exists()  # nothing was prepared or written
+
+
+def test_quality_bench_full_configuration():
+    from bench import quality
+
+    _, conf = quality.parse_args(["--full"])
+    assert len(conf["seeds"]) >= 5 and "chain" in conf["tasks"] and conf["methods"] == list(quality.METHODS)
+    assert conf["lr_grid"] == [1e-4, 3e-4, 1e-3] and conf["until_flat"] and conf["evals_per_run"] == 20
+    _, conf = quality.parse_args(["--full", "--seeds", "0,1", "--lr-grid", "3e-4", "--jobs", "4"])
+    assert conf["seeds"] == [0, 1] and conf["lr_grid"] == [3e-4] and conf["jobs"] == 4
+    _, conf = quality.parse_args([])
+    assert conf["lr_grid"] == [] and not conf["until_flat"] and conf["evals_per_run"] == 3
+    assert not quality.parse_args(["--full", "--no-until-flat"])[1]["until_flat"]
+    assert quality.parse_args(["--until-flat"])[1]["until_flat"]
+
+
+def test_quality_bench_leaves_out_a_task_whose_preparation_fails(tmp_path, monkeypatch):
+    import json
+
+    from bench import quality
+    from bench.quality_report import summarize
+
+    _, conf = quality.parse_args(["--tasks", "sort,chain", "--methods", "rkl", "--seeds", "0"])
+
+    def fake_child(fn, log, task_name, conf, cache, info_path):  # chain's teacher "stays below the minimum"
+        if task_name == "chain":
+            return 1
+        info_path.write_text(json.dumps({"dir": "d", "accuracy": 0.9, "start": "warm (80 SFT steps)",
+                                         "students": {"0": {"accuracy": 0.2}}, "max_new_tokens": 20}))
+        return 0
+
+    monkeypatch.setattr(quality, "in_child", fake_child)
+    bench = quality.Bench(conf, tmp_path, tmp_path / "cache")
+    assert bench.prepare()
+    assert conf["tasks"] == ["sort"] and conf["failed_tasks"] == ["chain"] and set(bench.teachers) == {"sort"}
+    assert "Left out (preparation failed, see prep_TASK.log): chain." in summarize([], bench.teachers, conf,
+                                                                                  quality.LABELS, "c", "m")
+    assert quality.FULL["tasks"][-1] == "chain"  # the module's configuration is not mutated
+    _, conf = quality.parse_args(["--tasks", "chain", "--methods", "rkl", "--seeds", "0"])
+    assert not quality.Bench(conf, tmp_path, tmp_path / "cache").prepare()  # nothing left: the driver stops

@@ -14,9 +14,13 @@ Every task has the same interface:
   deterministic in the seeds;
 - ``Task.grade(response_text, example_or_dict)`` is 1.0 when the last ``Answer: ...`` of the
   response equals the reference answer, else 0.0 (`answers.py`);
-- ``Task.tools`` names the tools the rollout must offer (`tool_engine.ToolEngine`).
+- ``Task.tools`` names the tools the rollout must offer (`tool_engine.ToolEngine`);
+- ``Task.metadata(example)`` is what a prompt of the task carries besides its token ids: the
+  reference ``answer`` and, where the task has a worked reference solution, ``solution`` (for a
+  teacher prompt template over data-row fields).
 
-Modules: `arithmetic` (the demo task), `lists` (sort, reverse), `calc` (tool calls), `answers`
+Modules: `arithmetic` (the demo task), `lists` (sort, reverse), `calc` (tool calls), `chain` (long
+addition chains), `answers`
 (graders), `split`, `encoding` (token layout), `tool_engine` (the tool loop as a rollout engine).
 A new task: a module with its example class and generator, one entry in `TASKS`.
 """
@@ -28,6 +32,7 @@ from dataclasses import dataclass
 from rollout.tasks import arithmetic
 from rollout.tasks.answers import grade_int, grade_list
 from rollout.tasks.calc import make_calc_examples
+from rollout.tasks.chain import make_chain_examples
 from rollout.tasks.lists import make_list_examples
 
 
@@ -42,6 +47,14 @@ class Task:
     def make_examples(self, split: str, n: int, seed: int = 0, sample_seed: int | None = None):
         return self.make(split, n, seed=seed, sample_seed=sample_seed)
 
+    def metadata(self, example) -> dict:
+        """The fields a prompt of this task exposes: ``answer`` always, ``solution`` (the worked
+        reference response) when the example has one."""
+        out = {"answer": str(example.answer)}
+        if hasattr(example, "solution"):
+            out["solution"] = example.solution
+        return out
+
 
 def _arith(split, n, seed=0, sample_seed=None):
     return arithmetic.make_examples(split, n, seed=seed, digits=2, style="worked", sample_seed=sample_seed)
@@ -55,6 +68,8 @@ TASKS: dict[str, Task] = {
         "reverse", (3, 6), split, n, seed, sample_seed), grade_list, "reverse a list of 3-6 single digits"),
     "calc": Task("calc", make_calc_examples, grade_int,
                  "2-3 digit + - * through a calculator tool call (multi-turn)", tools=("calculator",)),
+    "chain": Task("chain", make_chain_examples, grade_int,
+                  "sum of 16 digits with a worked running sum (131-143 response tokens; early errors compound)"),
 }
 
 
