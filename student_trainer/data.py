@@ -86,8 +86,9 @@ TASK_ROW_FIELDS = ("task", "data_source", "question", "answer", "solution")
 
 
 def task_row(task: str, ex) -> dict:
-    return {"task": task, "data_source": task, "question": ex.question, "answer": str(ex.answer),
-            "solution": ex.response}
+    from rollout.tasks import get_task
+
+    return {"task": task, "data_source": task, "question": ex.question, **get_task(task).metadata(ex)}
 
 
 def builtin_source(tokenizer, tasks: str | Sequence[str], seed: int = 0, n_train: int = 4096,

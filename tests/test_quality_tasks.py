@@ -75,7 +75,8 @@ def test_chain_worked_answer_and_exact_grading():
     assert ex.answer == "27" and ex.solution == ex.response
     assert ex.to_dict()["solution"] == ex.response
     assert T.get_task("chain").metadata(ex) == {"answer": "27", "solution": ex.response}
-    assert T.get_task("sort").metadata(ListExample("sort", (2, 1))) == {"answer": "1 2"}  # no worked solution
+    sort_ex = ListExample("sort", (2, 1))
+    assert T.get_task("sort").metadata(sort_ex) == {"answer": "1 2", "solution": sort_ex.response}
     g = T.get_task("chain").grade
     assert g(ex.response, ex) == 1.0
     assert g(ex.response + "<|im_end|>", {"answer": "27"}) == 1.0

@@ -48,12 +48,10 @@ class Task:
         return self.make(split, n, seed=seed, sample_seed=sample_seed)
 
     def metadata(self, example) -> dict:
-        """The fields a prompt of this task exposes: ``answer`` always, ``solution`` (the worked
-        reference response) when the example has one."""
-        out = {"answer": str(example.answer)}
-        if hasattr(example, "solution"):
-            out["solution"] = example.solution
-        return out
+        """The fields a prompt of this task exposes besides its question (data-row fields for
+        teacher routing and teacher prompt templates): ``answer`` and ``solution``, the worked
+        reference response (for calc the whole tool trajectory)."""
+        return {"answer": str(example.answer), "solution": example.response}
 
 
 def _arith(split, n, seed=0, sample_seed=None):
