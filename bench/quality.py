@@ -8,6 +8,12 @@ REAL trainer (local rollout engine [+ the tool loop for multi-turn tasks] -> tea
 chunked loss -> DeepSpeed ZeRO-2 with CPU Adam) by every method, for every seed, until it has
 generated a budget of student tokens or (`--until-flat`) its eval curve has flattened.
 
+Issue #20's methods: self-distillation (`selfdistill`: the teacher server serves the run's own warm
+start, prompted with the task's reference solution; `selfdistill-follow`: the same, refreshed with
+the student's weights every step), and on a mix of two task families (a task "A+B": the trainer's
+`data.task=A,B`, graded per family) `two-teacher` (each family routed to its own task teacher)
+against `one-teacher` (A's teacher for both). docs/quality.md describes them.
+
 Every run (and every preparation) is a child process FORKED from a driver that has imported torch /
 transformers / DeepSpeed once (and, with `--device cuda`, has not initialized CUDA: each child does
 its own CUDA init), so a run costs its own work plus ~1 s; `--jobs N` runs N children at once, each
@@ -21,7 +27,7 @@ accuracy, the curves, and with `--lr-grid` the learning-rate grid. Written to OU
 results.md, accuracy_vs_tokens.png.
 
     .venv/bin/python bench/quality.py                  # the default: 63 runs, ~20 min on 2 cores
-    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 5 tasks x 11 methods x 5 seeds, lr grid, until flat
+    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 6 tasks (one a mix) x 15 methods where they apply x 5 seeds, lr grid, until flat
     .venv/bin/python bench/quality.py --full --device cuda --jobs 14 --threads 1   # the same, students on one GPU
     .venv/bin/python bench/quality.py --tasks chain --methods rkl,sft --seeds 0,1 --token-budget 20000
 
@@ -699,6 +705,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
             p.error(f"--tasks: the mix {t!r} names a family twice")
         if "+" in t and args.warm_target is not None:
             p.error(f"--warm-target: not for a mix of task families ({t!r}); use --warm-steps")
+    if not args.methods:  # the default / --full set, less what applies to none of the tasks, plus a mix's
+        conf["methods"] = [m for m in conf["methods"] if any(applies(m, t) for t in conf["tasks"])]
+        if any("+" in t for t in conf["tasks"]):
+            conf["methods"] += [m for m in ("two-teacher", "one-teacher") if m not in conf["methods"]]
     scope_words = {"mix": "a mix of task families (--tasks A+B, e.g. sort+reverse)", "task": "single task families"}
     for m in conf["methods"]:
         if not any(applies(m, t) for t in conf["tasks"]):
