@@ -27,7 +27,8 @@ accuracy, the curves, and with `--lr-grid` the learning-rate grid. Written to OU
 results.md, accuracy_vs_tokens.png.
 
     .venv/bin/python bench/quality.py                  # the default: 63 runs, ~20 min on 2 cores
-    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 6 tasks (one a mix) x 15 methods where they apply x 5 seeds, lr grid, until flat
+    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 6 tasks (one a mix) x 15 methods
+                                                                    # where they apply x 5 seeds, lr grid, until flat
     .venv/bin/python bench/quality.py --full --device cuda --jobs 14 --threads 1   # the same, students on one GPU
     .venv/bin/python bench/quality.py --tasks chain --methods rkl,sft --seeds 0,1 --token-budget 20000
 
@@ -108,6 +109,7 @@ def applies(method: str, task: str) -> bool:
     scope, mix = METHOD_SCOPE.get(method, "task"), len(families(task)) > 1
     return scope == "any" or (scope == "mix") == mix
 
+
 # Per task: warm-start SFT steps (batch 16, lr 3e-3, cosine) of the student before any method runs;
 # picked from a short calibration so the warm student is off 0 and far below the teacher
 # (docs/quality.md lists the resulting start accuracies). chain: NOT calibrated yet (see the doc).
@@ -123,7 +125,8 @@ DEFAULT = dict(tasks=["sort", "reverse", "calc"], methods=["rkl", "fkl", "fkl2rk
                seeds=[0, 1, 2], token_budget=10000, samples_per_step=32, eval_size=128)
 # --full (issue #23): every task incl. the long-generation chain and a mix of two families (for the
 # teacher-routing methods of issue #20), every method where it applies, 5 seeds, a per-method
-# learning rate from a grid on seed 0, runs until their eval curve is flat or a generous budget ends. Meant for a machine with many cores or a GPU (--jobs, --device cuda).
+# learning rate from a grid on seed 0, runs until their eval curve is flat or a generous budget ends.
+# Meant for a machine with many cores or a GPU (--jobs, --device cuda).
 FULL = dict(tasks=["arithmetic", "sort", "reverse", "calc", "sort+reverse", "chain"], methods=list(METHODS),
             seeds=[0, 1, 2, 3, 4], token_budget=200000, samples_per_step=32, eval_size=256,
             lr_grid=[1e-4, 3e-4, 1e-3], until_flat=True)
@@ -499,7 +502,8 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
         tok = model_cache.load_tokenizer(dirs[f])
         evals = task.make_examples("eval", conf["eval_size"], seed=0)
         # room for the longest reference trajectory (+ eos) and some slack, over train and eval problems
-        mnt = max(mnt, max_new_tokens_for(tok, evals), max_new_tokens_for(tok, task.make_examples("train", 512, seed=0)))
+        mnt = max(mnt, max_new_tokens_for(tok, evals),
+                  max_new_tokens_for(tok, task.make_examples("train", 512, seed=0)))
     own = {f: bench_accuracy(str(dirs[f]), tok, f, conf["eval_size"], mnt)[0] for f in fams}
     info = {"dir": str(dirs[fams[0]]), "accuracy": statistics.fmean(own.values()), "max_new_tokens": mnt,
             "students": {}}
@@ -700,7 +704,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     for t in conf["tasks"]:
         for f in families(t):
             if f not in TASKS:
-                p.error(f"unknown task {f!r}; choose from {', '.join(TASKS)} (a mix of families: A+B, e.g. sort+reverse)")
+                p.error(f"unknown task {f!r}; choose from {', '.join(TASKS)} "
+                        "(a mix of families: A+B, e.g. sort+reverse)")
         if len(set(families(t))) != len(families(t)):
             p.error(f"--tasks: the mix {t!r} names a family twice")
         if "+" in t and args.warm_target is not None:
