@@ -8,6 +8,12 @@ REAL trainer (local rollout engine [+ the tool loop for multi-turn tasks] -> tea
 chunked loss -> DeepSpeed ZeRO-2 with CPU Adam) by every method, for every seed, until it has
 generated a budget of student tokens or (`--until-flat`) its eval curve has flattened.
 
+Issue #20's methods: self-distillation (`selfdistill`: the teacher server serves the run's own warm
+start, prompted with the task's reference solution; `selfdistill-follow`: the same, refreshed with
+the student's weights every step), and on a mix of two task families (a task "A+B": the trainer's
+`data.task=A,B`, graded per family) `two-teacher` (each family routed to its own task teacher)
+against `one-teacher` (A's teacher for both). docs/quality.md describes them.
+
 Every run (and every preparation) is a child process FORKED from a driver that has imported torch /
 transformers / DeepSpeed once (and, with `--device cuda`, has not initialized CUDA: each child does
 its own CUDA init), so a run costs its own work plus ~1 s; `--jobs N` runs N children at once, each
@@ -21,7 +27,8 @@ accuracy, the curves, and with `--lr-grid` the learning-rate grid. Written to OU
 results.md, accuracy_vs_tokens.png.
 
     .venv/bin/python bench/quality.py                  # the default: 63 runs, ~20 min on 2 cores
-    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 5 tasks x 11 methods x 5 seeds, lr grid, until flat
+    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 6 tasks (one a mix) x 15 methods
+                                                                    # where they apply x 5 seeds, lr grid, until flat
     .venv/bin/python bench/quality.py --full --device cuda --jobs 14 --threads 1   # the same, students on one GPU
     .venv/bin/python bench/quality.py --tasks chain --methods rkl,sft --seeds 0,1 --token-budget 20000
 
@@ -56,7 +63,12 @@ from opd.demo_models import TeacherSettings  # noqa: E402  (no torch import: saf
 
 # name -> (label, overrides); "{half}" is replaced by half the expected number of steps,
 # "{teacher}" by the teacher directory, "{steps}" by the step cap; "GROUP": rollout.n=4 with a
-# quarter of the prompts (every method samples the same number of sequences per step).
+# quarter of the prompts (every method samples the same number of sequences per step); "SELF": the
+# teacher server serves the run's own warm-start student (a server per run, started and stopped
+# with it); "ROUTES": on a mix of task families (a task "A+B"), each family's prompts go to that
+# family's task teacher (`teacher.routes.A.url=...`). Without "ROUTES" a mix's single teacher is the
+# first family's (A's). Which tasks a method runs on: METHOD_SCOPE.
+SELF_TEMPLATE = "{question}\nReference solution: {solution}"
 METHODS: dict[str, tuple[str, list[str]]] = {
     "rkl": ("OPD reverse KL", ["loss.divergence=reverse_kl"]),
     "fkl": ("OPD forward KL", ["loss.divergence=forward_kl"]),
@@ -73,14 +85,30 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "tip10": ("reverse KL, TIP 10% of tokens", ["loss.divergence=reverse_kl", "loss.token_keep_ratio=0.1"]),
     "paced": ("reverse KL, PACED weighting (n=4)", ["loss.divergence=reverse_kl", "loss.sample_weighting=paced",
                                                     "GROUP"]),
-    # ---- PLACEHOLDER: methods that the trainer does not have yet (another branch adds them) ----
-    # Add them here once `teacher.prompt_template` and `teacher.routes` exist in student_trainer:
-    # "selfdistill": self-distillation, the teacher prompted with the reference solution
-    #     (`teacher.prompt_template=...` over the prompt's fields; the tasks expose "answer" and,
-    #     for chain, "solution": `rollout.tasks.Task.metadata`);
-    # "two-teacher": a mix of two teachers (`teacher.routes=...`).
+    # issue #20: the teacher sees a privileged prompt, or each task family gets its own teacher
+    "selfdistill": ("self-distillation: teacher = student's start + reference solution in its prompt",
+                    ["loss.divergence=reverse_kl", "SELF", f"teacher.prompt_template={SELF_TEMPLATE}"]),
+    "selfdistill-follow": ("self-distillation, the teacher follows the student (refresh every step)",
+                           ["loss.divergence=reverse_kl", "SELF", f"teacher.prompt_template={SELF_TEMPLATE}",
+                            "teacher.refresh_every=1"]),
+    "two-teacher": ("two teachers: each family its own task teacher (teacher.routes)",
+                    ["loss.divergence=reverse_kl", "ROUTES"]),
+    "one-teacher": ("one teacher for both families: the first family's", ["loss.divergence=reverse_kl"]),
 }
 LABELS = {name: label for name, (label, _) in METHODS.items()}
+# "task": single task families only; "mix": mixes only ("A+B"); "any": both. Unlisted: "task".
+METHOD_SCOPE = {"selfdistill": "any", "selfdistill-follow": "any", "two-teacher": "mix", "one-teacher": "mix"}
+
+
+def families(task: str) -> list[str]:
+    """The task families of a bench task: "sort" -> ["sort"], a mix "sort+reverse" -> ["sort", "reverse"]."""
+    return task.split("+")
+
+
+def applies(method: str, task: str) -> bool:
+    scope, mix = METHOD_SCOPE.get(method, "task"), len(families(task)) > 1
+    return scope == "any" or (scope == "mix") == mix
+
 
 # Per task: warm-start SFT steps (batch 16, lr 3e-3, cosine) of the student before any method runs;
 # picked from a short calibration so the warm student is off 0 and far below the teacher
@@ -95,10 +123,11 @@ TEACHER_STEPS = {"chain": 1500}
 # forward->reverse KL) on three task families in ~20 minutes on 2 cores.
 DEFAULT = dict(tasks=["sort", "reverse", "calc"], methods=["rkl", "fkl", "fkl2rkl", "sft", "grpo", "tip50", "paced"],
                seeds=[0, 1, 2], token_budget=10000, samples_per_step=32, eval_size=128)
-# --full (issue #23): every task incl. the long-generation chain, every method, 5 seeds, a
-# per-method learning rate from a grid on seed 0, runs until their eval curve is flat or a
-# generous budget ends. Meant for a machine with many cores or a GPU (--jobs, --device cuda).
-FULL = dict(tasks=["arithmetic", "sort", "reverse", "calc", "chain"], methods=list(METHODS),
+# --full (issue #23): every task incl. the long-generation chain and a mix of two families (for the
+# teacher-routing methods of issue #20), every method where it applies, 5 seeds, a per-method
+# learning rate from a grid on seed 0, runs until their eval curve is flat or a generous budget ends.
+# Meant for a machine with many cores or a GPU (--jobs, --device cuda).
+FULL = dict(tasks=["arithmetic", "sort", "reverse", "calc", "sort+reverse", "chain"], methods=list(METHODS),
             seeds=[0, 1, 2, 3, 4], token_budget=200000, samples_per_step=32, eval_size=256,
             lr_grid=[1e-4, 3e-4, 1e-3], until_flat=True)
 # --until-flat: stop when the last FLAT_WINDOW evals gain no more than FLAT_DELTA over the best before
@@ -236,11 +265,11 @@ def _deterministic(threads: int) -> None:
 
 
 def _same_job(run_dir: Path, job: dict) -> bool:
-    """A finished run whose job (all its settings but the teacher URL) is unchanged."""
+    """A finished run whose job (all its settings but the teacher URLs) is unchanged."""
     jf, done = run_dir / "job.json", run_dir / "record.json"
     if not (done.exists() and jf.exists()):
         return False
-    strip = lambda j: {k: v for k, v in j.items() if k != "url"}  # noqa: E731
+    strip = lambda j: {k: v for k, v in j.items() if k not in ("url", "routes")}  # noqa: E731
     return strip(json.loads(jf.read_text())) == strip(job)
 
 
@@ -253,6 +282,38 @@ def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None)
     from rollout.evaluate import model_accuracy
 
     return model_accuracy(model, tok, examples, task.grade, tools=task.tools, max_new_tokens=max_new_tokens)
+
+
+def bench_accuracy(model, tok, task_name: str, n: int, max_new_tokens: int | None = None) -> tuple[float, dict]:
+    """Held-out greedy accuracy of a bench task: (overall, {family: accuracy}); a mix "A+B" is
+    graded on `n` eval problems of each family by the family's own grader (and tools), overall =
+    the mean over the families."""
+    from rollout.tasks import get_task
+
+    by = {f: task_accuracy(model, tok, get_task(f), get_task(f).make_examples("eval", n, seed=0), max_new_tokens)
+          for f in families(task_name)}
+    return statistics.fmean(by.values()), by
+
+
+class MixTask:
+    """Several task families as one task for the preparation (warm-start SFT): examples are the
+    families' examples interleaved, one of each in turn (the trainer's `data.task=A,B` order)."""
+
+    def __init__(self, names: list[str]):
+        from rollout.tasks import get_task
+
+        self.name, self.tasks = "+".join(names), [get_task(n) for n in names]
+
+    def make_examples(self, split: str, n: int, seed: int = 0, sample_seed: int | None = None):
+        k = len(self.tasks)
+        per = [t.make_examples(split, -(-n // k), seed=seed, sample_seed=sample_seed) for t in self.tasks]
+        return [e for group in zip(*per) for e in group][:n]
+
+
+def bench_task(name: str):
+    from rollout.tasks import get_task
+
+    return MixTask(families(name)) if "+" in name else get_task(name)
 
 
 # =============================================================================================
@@ -336,7 +397,6 @@ def _warm_start(cache_dir: Path, spec, train_at_all: bool):
     path when there is nothing to train, the cached warm student's path when it exists, else
     (task, tokenizer, model loaded from the init, output directory) to train and save."""
     from opd import demo_models, model_cache
-    from rollout.tasks import get_task
 
     init = demo_models.prepare_student(cache_dir, seed=1 + spec.seed, vocab_size=spec.vocab_size, log=None)
     if not train_at_all:
@@ -347,7 +407,7 @@ def _warm_start(cache_dir: Path, spec, train_at_all: bool):
     from transformers import AutoModelForCausalLM
 
     tok = model_cache.load_tokenizer(init)
-    return get_task(spec.task), tok, AutoModelForCausalLM.from_pretrained(str(init)), out
+    return bench_task(spec.task), tok, AutoModelForCausalLM.from_pretrained(str(init)), out
 
 
 def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print) -> Path:
@@ -423,31 +483,44 @@ def format_rate(model_dir: str, task, n: int) -> float:
 
 
 def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
-    """Child: teacher + students (warm or cold) for one task, and their held-out accuracies."""
+    """Child: teacher + students (warm or cold) for one task, and their held-out accuracies. A mix
+    "A+B": the task teacher of every family (as for the family alone), the teacher accuracy is the
+    mean of each family's teacher on its own family (what the routed two-teacher run distills
+    from), `first_teacher_by_family` the first family's teacher on each family (what one-teacher
+    distills from); one student per seed, warm-started on the families' interleaved references."""
     from opd import model_cache
     from rollout.tasks.encoding import max_new_tokens_for
     from rollout.tasks import get_task
 
     _deterministic(conf["prep_threads"])
-    task = get_task(task_name)
-    spec = TeacherSpec(task_name, steps=conf.get("teacher_steps") or TEACHER_STEPS.get(task_name, 300),
-                       min_accuracy=conf.get("teacher_min_accuracy", 0.9))
-    teacher = prepare_task_teacher(cache, spec)
-    tok = model_cache.load_tokenizer(teacher)
-    evals = task.make_examples("eval", conf["eval_size"], seed=0)
-    # room for the longest reference trajectory (+ eos) and some slack, over train and eval problems
-    mnt = max(max_new_tokens_for(tok, evals), max_new_tokens_for(
-        tok, task.make_examples("train", 512, seed=0)))
-    info = {"dir": str(teacher), "accuracy": task_accuracy(str(teacher), tok, task, evals, mnt),
-            "max_new_tokens": mnt, "students": {}}
+    fams, dirs, mnt = families(task_name), {}, 0
+    for f in fams:
+        task = get_task(f)
+        spec = TeacherSpec(f, steps=conf.get("teacher_steps") or TEACHER_STEPS.get(f, 300),
+                           min_accuracy=conf.get("teacher_min_accuracy", 0.9))
+        dirs[f] = prepare_task_teacher(cache, spec)
+        tok = model_cache.load_tokenizer(dirs[f])
+        evals = task.make_examples("eval", conf["eval_size"], seed=0)
+        # room for the longest reference trajectory (+ eos) and some slack, over train and eval problems
+        mnt = max(mnt, max_new_tokens_for(tok, evals),
+                  max_new_tokens_for(tok, task.make_examples("train", 512, seed=0)))
+    own = {f: bench_accuracy(str(dirs[f]), tok, f, conf["eval_size"], mnt)[0] for f in fams}
+    info = {"dir": str(dirs[fams[0]]), "accuracy": statistics.fmean(own.values()), "max_new_tokens": mnt,
+            "students": {}}
+    if len(fams) > 1:
+        info["families"] = {f: {"dir": str(dirs[f]), "accuracy": own[f]} for f in fams}
+        info["first_teacher_by_family"] = {f: own[f] if f == fams[0] else
+                                           bench_accuracy(str(dirs[fams[0]]), tok, f, conf["eval_size"], mnt)[0]
+                                           for f in fams}
     warm_target = conf.get("warm_target")
     for seed in conf["seeds"]:
         if warm_target is not None:
             st = prepare_warm_student_to_target(cache, WarmTargetSpec(task_name, seed, target=warm_target))
         else:
             st = prepare_warm_student(cache, WarmSpec(task_name, seed, steps=conf["warm_steps"][task_name]))
+        acc, by = bench_accuracy(str(st), tok, task_name, conf["eval_size"], mnt)
         info["students"][str(seed)] = {"dir": str(st), "warm_steps": model_cache.read_info(st).get("warm_steps", 0),
-                                       "accuracy": task_accuracy(str(st), tok, task, evals, mnt)}
+                                       "accuracy": acc, **({"by_family": by} if len(fams) > 1 else {})}
     info["student_before"] = statistics.mean(s["accuracy"] for s in info["students"].values())
     if warm_target is not None:
         info["start"] = f"warm (SFT to probe accuracy {warm_target})"
@@ -473,7 +546,9 @@ def _method_overrides(method: str, teacher: Path, steps_cap: int, half: int, sam
         if o == "GROUP":
             group = True
             continue
-        ov.append(o.format(teacher=teacher, steps=steps_cap, half=half))
+        if o in ("SELF", "ROUTES"):  # the teacher servers: Bench.execute
+            continue
+        ov.append(o.replace("{teacher}", str(teacher)).replace("{steps}", str(steps_cap)).replace("{half}", str(half)))
     n = 4 if group else 1
     return ov + [f"rollout.n={n}", f"data.prompts_per_step={max(1, samples // n)}"]
 
@@ -482,19 +557,19 @@ def run_one(job: dict) -> dict:
     """Child: train one (task, method, seed, lr) until the token budget (or, with until_flat, a flat
     eval curve); writes job['out']/record.json."""
     from opd import model_cache
-    from rollout.tasks import get_task
     from student_trainer.config import load_config
     from student_trainer.trainer import Trainer
 
     _deterministic(job["threads"])
-    task = get_task(job["task"])
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
     budget = job["token_budget"]
     overrides = [
-        f"model.student={job['student']}", "model.dtype=fp32", f"data.task={job['task']}", "data.seed=0",
+        f"model.student={job['student']}", "model.dtype=fp32", f"data.task={','.join(families(job['task']))}",
+        "data.seed=0",
         f"run.seed={job['seed']}", f"run.device={job['device']}", "rollout.temperature=1.0",
         f"rollout.max_new_tokens={job['max_new_tokens']}", "rollout.max_batch_size=256", f"teacher.url={job['url']}",
+        *[f"teacher.routes.{name}.url={url}" for name, url in (job.get("routes") or {}).items()],
         "teacher.top_k=32", "teacher.value_encoding=bf16",
         # one scoring call per step with all its sequences: the same teacher batches on every rerun
         "teacher.concurrency=1", "teacher.batch_sequences=4096",
@@ -533,14 +608,13 @@ def run_one(job: dict) -> dict:
         trainer.close()
     wall = time.time() - t0
     t1 = time.time()
-    evals = task.make_examples("eval", job["eval_size"], seed=0)
     tok = model_cache.load_tokenizer(out / "hf")
-    acc = task_accuracy(str(out / "hf"), tok, task, evals, job["max_new_tokens"])
+    acc, by = bench_accuracy(str(out / "hf"), tok, job["task"], job["eval_size"], job["max_new_tokens"])
     rec = {k: job[k] for k in ("task", "method", "seed", "lr")}
     rec.update({"accuracy": acc, "wall_s": round(wall, 1), "init_s": round(t_init, 1),
                 "eval_s": round(time.time() - t1, 1), "tokens": seen["tokens"], "steps": seen["steps"],
                 "stop": seen["stop"], "peak_rss_mb": round(_peak_rss_mb(), 1), "curve": seen["curve"],
-                "overrides": job["overrides"]})
+                "overrides": job["overrides"], **({"by_family": by} if len(by) > 1 else {})})
     (out / "record.json").write_text(json.dumps(rec, indent=1))
     return rec
 
@@ -554,7 +628,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--full", action="store_true",
                    help="every task and method, 5 seeds, lr grid 1e-4,3e-4,1e-3, until flat or 200k tokens")
-    p.add_argument("--tasks", help="comma-separated task names (rollout.tasks.TASKS)")
+    p.add_argument("--tasks", help="comma-separated task names (rollout.tasks.TASKS); A+B: a mix of two task families "
+                   "(the two-teacher / one-teacher methods run only on mixes, most others only on single tasks)")
     p.add_argument("--methods", help=f"comma-separated method names: {','.join(METHODS)}")
     p.add_argument("--seeds", help="comma-separated seeds")
     p.add_argument("--token-budget", type=int, help="student tokens per run (with --until-flat: the most)")
@@ -611,8 +686,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     if args.until_flat is not None:  # --until-flat / --no-until-flat (default: on with --full)
         conf["until_flat"] = args.until_flat
     conf.setdefault("until_flat", False)
-    conf["warm_steps"] = {t: (args.warm_steps if args.warm_steps is not None else WARM_STEPS.get(t, 0))
-                          for t in conf["tasks"]}
+    # a mix: the sum of its families' warm-up steps (each family about as many examples as alone)
+    conf["warm_steps"] = {t: (args.warm_steps if args.warm_steps is not None else
+                              sum(WARM_STEPS.get(f, 0) for f in families(t))) for t in conf["tasks"]}
     if args.warm_target is not None:
         conf["warm_target"] = args.warm_target
     conf.update(lr=args.lr, threads=args.threads, prep_threads=args.prep_threads or args.threads,
@@ -626,8 +702,23 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     from rollout.tasks import TASKS
 
     for t in conf["tasks"]:
-        if t not in TASKS:
-            p.error(f"unknown task {t!r}; choose from {', '.join(TASKS)}")
+        for f in families(t):
+            if f not in TASKS:
+                p.error(f"unknown task {f!r}; choose from {', '.join(TASKS)} "
+                        "(a mix of families: A+B, e.g. sort+reverse)")
+        if len(set(families(t))) != len(families(t)):
+            p.error(f"--tasks: the mix {t!r} names a family twice")
+        if "+" in t and args.warm_target is not None:
+            p.error(f"--warm-target: not for a mix of task families ({t!r}); use --warm-steps")
+    if not args.methods:  # the default / --full set, less what applies to none of the tasks, plus a mix's
+        conf["methods"] = [m for m in conf["methods"] if any(applies(m, t) for t in conf["tasks"])]
+        if any("+" in t for t in conf["tasks"]):
+            conf["methods"] += [m for m in ("two-teacher", "one-teacher") if m not in conf["methods"]]
+    scope_words = {"mix": "a mix of task families (--tasks A+B, e.g. sort+reverse)", "task": "single task families"}
+    for m in conf["methods"]:
+        if not any(applies(m, t) for t in conf["tasks"]):
+            p.error(f"method {m!r} runs on {scope_words[METHOD_SCOPE.get(m, 'task')]}; --tasks "
+                    f"{','.join(conf['tasks'])} has none")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         p.error(f"--device {args.device!r}: choose cpu or cuda (cuda:N)")
     if args.jobs < 1 or args.threads < 1 or args.flat_window < 1 or (args.prep_threads or 1) < 1:
@@ -697,14 +788,26 @@ class Bench:
                   flush=True)
         return bool(self.conf["tasks"])
 
-    def teacher_url(self, task_name: str, slot: int) -> str:
+    def teacher_url(self, name: str, model_dir, slot: int, log: Path | None = None) -> str:
+        """The URL of the slot's teacher server `name` on `model_dir` (started on first use)."""
         from opd.demo import start_teacher_process
 
-        if (task_name, slot) not in self.servers:
+        if (name, slot) not in self.servers:
             os.environ["OMP_NUM_THREADS"] = str(self.conf["threads"])  # the server's threads
-            self.servers[task_name, slot] = start_teacher_process(Path(self.teachers[task_name]["dir"]),
-                                                                  self.out / f"teacher_{task_name}_{slot}.log")
-        return self.servers[task_name, slot][1]
+            self.servers[name, slot] = start_teacher_process(Path(model_dir),
+                                                             log or self.out / f"teacher_{name}_{slot}.log")
+        return self.servers[name, slot][1]
+
+    def shared_servers(self, job: dict) -> dict[str, str]:
+        """The task-teacher servers a job asks (name -> model directory; kept per job slot and
+        shared by that slot's runs one after the other): a task's teacher, for a mix the first
+        family's, or with "ROUTES" every family's. A self-teacher is the run's own (not shared)."""
+        marks, info, fams = METHODS[job["method"]][1], self.teachers[job["task"]], families(job["task"])
+        if "SELF" in marks:
+            return {}
+        if "ROUTES" in marks:
+            return {f: info["families"][f]["dir"] for f in fams}
+        return {fams[0]: info["dir"]}
 
     def close(self, keys=None) -> None:
         """Stop the teacher servers of `keys` ((task, slot) pairs; default: all)."""
@@ -721,7 +824,7 @@ class Bench:
         exp_steps = max(2, conf["token_budget"] // (conf["samples_per_step"] * max(1, mnt // 2)))
         steps_cap = exp_steps * 4
         return {"task": task_name, "method": method, "seed": seed, "lr": lr, "out": str(run_dir),
-                "student": info["students"][str(seed)]["dir"], "url": None, "device": conf["device"],
+                "student": info["students"][str(seed)]["dir"], "url": None, "routes": None, "device": conf["device"],
                 "token_budget": conf["token_budget"], "until_flat": conf["until_flat"],
                 "flat_window": conf["flat_window"], "flat_delta": conf["flat_delta"], "max_new_tokens": mnt,
                 "steps_cap": steps_cap, "threads": conf["threads"],
@@ -740,20 +843,35 @@ class Bench:
             else:
                 todo.append(job)
 
-        left = {t: sum(j["task"] == t for j in todo) for t in self.conf["tasks"]}
+        left: dict[str, int] = {}  # server name -> jobs left to start that ask it
+        for job in todo:
+            for name in self.shared_servers(job):
+                left[name] = left.get(name, 0) + 1
+        own: dict[str, tuple] = {}  # run dir -> the key of its self-teacher server (stopped when it ends)
 
         def start(job, slot):
-            left[job["task"]] -= 1
-            # this slot's servers of tasks with no job left to start are not needed any more
-            self.close([(t, s) for t, s in self.servers if s == slot and t != job["task"] and not left[t]])
+            need = self.shared_servers(job)
+            for name in need:
+                left[name] -= 1
+            # this slot's servers that no job left to start asks are not needed any more
+            self.close([(n, s) for n, s in self.servers if s == slot and n not in need and not left.get(n)])
             run_dir = Path(job["out"])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "record.json").unlink(missing_ok=True)
-            job = {**job, "url": self.teacher_url(job["task"], slot)}
+            urls = {name: self.teacher_url(name, d, slot) for name, d in need.items()}
+            if "SELF" in METHODS[job["method"]][1]:  # a frozen copy of the run's own start (refresh changes it)
+                own[job["out"]] = ("self", slot)
+                job = {**job, "url": self.teacher_url("self", job["student"], slot, run_dir / "teacher_self.log")}
+            elif "ROUTES" in METHODS[job["method"]][1]:
+                job = {**job, "url": "", "routes": urls}
+            else:
+                job = {**job, "url": urls[families(job["task"])[0]]}
             (run_dir / "job.json").write_text(json.dumps(job, indent=1))
             return start_child(run_one, run_dir / "stdout.log", job)
 
         def done(job, rc):
+            if job["out"] in own:
+                self.close([own.pop(job["out"])])
             run_dir = Path(job["out"])
             tag = f"{job['task']}/{job['method']}/seed{job['seed']} lr {job['lr']:g}"
             if not (run_dir / "record.json").exists():
@@ -775,7 +893,7 @@ class Bench:
         if not conf["lr_grid"]:
             return lr_grid, chosen
         jobs = [self.job(t, m, first, lr, self.out / t / m / f"lr_{lr:g}" / f"seed{first}")
-                for t in conf["tasks"] for m in conf["methods"] for lr in conf["lr_grid"]]
+                for t in conf["tasks"] for m in conf["methods"] if applies(m, t) for lr in conf["lr_grid"]]
         got = self.execute(jobs)
         for t in conf["tasks"]:
             for m in conf["methods"]:
@@ -795,7 +913,7 @@ class Bench:
         conf, jobs = self.conf, []
         for t in conf["tasks"]:
             for m in conf["methods"]:
-                if conf["lr_grid"] and (t, m) not in chosen:
+                if not applies(m, t) or (conf["lr_grid"] and (t, m) not in chosen):
                     continue  # every grid run of this method failed
                 lr = chosen.get((t, m), conf["lr"])
                 for seed in conf["seeds"]:

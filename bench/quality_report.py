@@ -145,6 +145,8 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
                          f"{'/'.join(stops)} | {mean_sd([r['wall_s'] for r in rs], 0)} | "
                          f"{max(r['peak_rss_mb'] for r in rs):.0f} |")
         lines.append("")
+        if t.get("families"):
+            lines += family_lines(records, task, t, conf["methods"], labels)
         grid = (lr_grid or {}).get(task)
         if grid:
             lines += [f"Learning-rate grid ({task}, seed {conf['seeds'][0]}, final held-out accuracy; "
@@ -158,6 +160,25 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
                              f" | {g['chosen']:g} |")
             lines.append("")
     return "\n".join(lines)
+
+
+def family_lines(records: list[dict], task: str, t: dict, methods: list[str], labels: dict[str, str]) -> list[str]:
+    """A mix of task families: the teachers per family and each method's final accuracy per family."""
+    fams = list(t["families"])
+    first = t.get("first_teacher_by_family", {})
+    lines = [f"Per family ({task}; the accuracy above is the mean over the families). Teachers: "
+             + ", ".join(f"{f}'s on {f} {v['accuracy']:.3f}" for f, v in t["families"].items())
+             + (f"; one-teacher uses {fams[0]}'s teacher for every family: "
+                + ", ".join(f"on {f} {first[f]:.3f}" for f in fams) if first else "") + ".", "",
+             "| method | " + " | ".join(f"{f} [95% CI]" for f in fams) + " |", "|---|" + "---|" * len(fams)]
+    starts = {f: [v["by_family"][f] for v in t.get("students", {}).values() if "by_family" in v] for f in fams}
+    if all(starts.values()):
+        lines.append("| (start) | " + " | ".join(fmt_ci(starts[f]) for f in fams) + " |")
+    for method, rs in method_rows(records, task, methods).items():
+        if all("by_family" in r for r in rs):
+            lines.append(f"| {labels.get(method, method)} | "
+                         + " | ".join(fmt_ci([r["by_family"][f] for r in rs]) for f in fams) + " |")
+    return lines + [""]
 
 
 def mean_curve(recs: list[dict], start: dict[int, float], grid: list[float]) -> list[float]:

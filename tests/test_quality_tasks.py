@@ -259,7 +259,9 @@ def test_quality_bench_is_reproducible(tmp_path):
     """Two executions of a tiny bench configuration with the same seeds give the same numbers: the
     long-generation task (chain) through the real trainer, two runs at once (--jobs 2, a teacher
     server per job slot), the learning-rate grid (one rate: the grid's seed-0 run is reused),
-    --until-flat, and the report's thresholds and confidence intervals."""
+    --until-flat, and the report's thresholds and confidence intervals. Then, once, issue #20's
+    methods on a mix of two families (sort+reverse, seed 0, one step each): the self-teacher's
+    prompt template and weight refresh, the two-teacher run's per-teacher metrics."""
     import json
     import os
     import subprocess
@@ -296,6 +298,49 @@ def test_quality_bench_is_reproducible(tmp_path):
         assert "tokens to 50%" in md and "Learning-rate grid" in md and "95% Student-t" in md
         assert len({(x["task"], x["seed"]) for x in res["records"]}) == 2
     assert got[0] == got[1]
+
+    # issue #20's methods on a mix of two families (one seed, one execution): self-distillation with
+    # the reference in a frozen / refreshed self-teacher's prompt, two routed task teachers vs one
+    from bench.quality import SELF_TEMPLATE
+
+    out = tmp_path / "mix"
+    r = subprocess.run(base[:2] + ["--tasks", "sort+reverse", "--methods",
+                                   "selfdistill,selfdistill-follow,two-teacher,one-teacher", "--seeds", "0",
+                                   "--token-budget", "200", "--samples-per-step", "8", "--eval-size", "8",
+                                   "--teacher-steps", "4", "--teacher-min-accuracy", "0", "--warm-steps", "0",
+                                   "--threads", "1", "--jobs", "2", "--cache-dir", str(cache), "--out", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=420,
+                       env=dict(os.environ, PYTHONHASHSEED="0", TORCH_EXTENSIONS_DIR=ext_dir))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    recs = {x["method"]: x for x in res["records"]}
+    assert set(recs) == {"selfdistill", "selfdistill-follow", "two-teacher", "one-teacher"}
+    for x in recs.values():  # graded per family, overall = the mean
+        assert x["task"] == "sort+reverse" and set(x["by_family"]) == {"sort", "reverse"}
+        assert x["accuracy"] == (x["by_family"]["sort"] + x["by_family"]["reverse"]) / 2 and x["steps"] >= 1
+    assert set(res["teachers"]["sort+reverse"]["families"]) == {"sort", "reverse"}
+    assert "Per family (sort+reverse" in (out / "results.md").read_text()
+
+    def run(method):
+        d = out / "sort+reverse" / method / "seed0"
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        return json.loads((d / "config.json").read_text()), [x for x in rows if "step" in x], d
+
+    cfg, rows, _ = run("two-teacher")  # each family's prompts scored by its own teacher, nothing unrouted
+    assert cfg["data"]["task"] == "sort,reverse" and cfg["teacher"]["url"] == ""
+    assert set(cfg["teacher"]["routes"]) == {"sort", "reverse"}
+    assert all(x["teacher/sort/samples"] + x["teacher/reverse/samples"] == 8 for x in rows)
+    assert sum(x["teacher/sort/samples"] for x in rows) > 0 and sum(x["teacher/reverse/samples"] for x in rows) > 0
+    cfg, rows, _ = run("one-teacher")
+    assert cfg["teacher"]["routes"] == {} and cfg["teacher"]["url"]
+    assert not any("teacher/sort/samples" in x for x in rows)
+    for method in ("selfdistill", "selfdistill-follow"):
+        cfg, rows, d = run(method)  # the run's own start served as its teacher, prompted with the solution
+        assert cfg["teacher"]["prompt_template"] == SELF_TEMPLATE
+        assert f"serving {Path(json.loads((d / 'job.json').read_text())['student']).name} " in \
+            (d / "teacher_self.log").read_text()
+        versions = [x["teacher_weight_version"] for x in rows if "teacher_weight_version" in x]
+        assert versions == (list(range(1, len(rows) + 1)) if method == "selfdistill-follow" else [])
 
 
 # ---- bench/quality_report.py: the statistics the quality bench reports -------------------------
@@ -360,7 +405,12 @@ def test_t_interval_threshold_flatness_and_lr_choice():
     (["--lr-grid", "0,1e-3"], ["--lr-grid", "> 0"]),
     (["--device", "tpu"], ["--device", "'tpu'", "cpu or cuda"]),
     (["--tasks", "chain,nope"], ["unknown task", "'nope'", "chain"]),
-    (["--methods", "rkl,selfdistill"], ["unknown method", "'selfdistill'", "rkl"]),
+    (["--methods", "rkl,distill"], ["unknown method", "'distill'", "selfdistill"]),
+    (["--tasks", "sort", "--methods", "rkl,two-teacher"], ["method 'two-teacher'", "a mix of task families",
+                                                           "--tasks sort has none"]),
+    (["--tasks", "sort+nope"], ["unknown task", "'nope'", "A+B"]),
+    (["--tasks", "sort+sort"], ["'sort+sort'", "names a family twice"]),
+    (["--tasks", "sort+reverse", "--warm-target", "0.3"], ["--warm-target", "'sort+reverse'", "--warm-steps"]),
     (["--jobs", "0"], ["--jobs", ">= 1"]),
 ])
 def test_quality_bench_rejects_bad_flags_before_any_work(args, words, capsys, tmp_path):
