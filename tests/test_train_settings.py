@@ -305,12 +305,17 @@ def test_every_divergence_name_trains_that_divergence(divergence_run, name):
 
 
 def test_divergences_differ(divergence_run):
-    """The references are not all one number (a name mapped to the wrong term would show)."""
+    """The references are not all one number (a name mapped to the wrong term would show).
+    k1 and pg are equal in value by definition on on-policy rollouts: pg's surrogate
+    -A * exp(log pS - sg(log pS)) with A = -(log pS - log pT) is log pS - log pT, k1's value; they
+    differ in their gradients (checked against the float64 reference by the per-name test)."""
     tr, data, _, ref = divergence_run
     ref.load(tr.engine.full_state_dict())
     values = [reference_loss(ref, data.samples, ((n, 1.0),)) for n in DIVERGENCES]
     for i in range(len(values)):
         for j in range(i + 1, len(values)):
+            if {DIVERGENCES[i], DIVERGENCES[j]} == {"k1", "pg"}:
+                continue
             gap = abs(values[i] - values[j])
             assert gap > 1e-3 * max(abs(values[i]), abs(values[j])), (DIVERGENCES[i], DIVERGENCES[j])
 
