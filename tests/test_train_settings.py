@@ -306,9 +306,9 @@ def test_every_divergence_name_trains_that_divergence(divergence_run, name):
 
 def test_divergences_differ(divergence_run):
     """The references are not all one number (a name mapped to the wrong term would show).
-    k1 and pg are equal in value by definition on on-policy rollouts: pg's surrogate
-    -A * exp(log pS - sg(log pS)) with A = -(log pS - log pT) is log pS - log pT, k1's value; they
-    differ in their gradients (checked against the float64 reference by the per-name test)."""
+    k1 and pg are equal in value by definition while the weights are those the rollouts were
+    sampled with (importance ratio 1): pg's surrogate -A * ratio with A = -(log pS - log pT) is
+    then log pS - log pT, k1's value; they differ in their gradients and once the weights move."""
     tr, data, _, ref = divergence_run
     ref.load(tr.engine.full_state_dict())
     values = [reference_loss(ref, data.samples, ((n, 1.0),)) for n in DIVERGENCES]
