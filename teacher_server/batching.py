@@ -4,7 +4,8 @@
 lock around every call), so they are tested on queues of `ScoreItem`s alone
 (tests/test_teacher_batching.py). `QueuedEngine` is what both engines (`ScoringEngine` in
 engine.py, `SGLangScoringEngine` in sglang_engine.py) build on them: the settings as attributes,
-admission with a wait for room, and the linger for a stream's next request.
+submit (a cache hit at once, else admission with a wait for room), the cache split of `score()`,
+and the worker's wait for its next batch (with the linger for a stream's next request).
 
 - Admission (`BatchQueue.admits`): a sequence enters while the queued tokens stay within
   `max_queue_tokens`; one always enters an empty queue, however long.
@@ -215,7 +216,8 @@ class BatchQueue:
 class QueuedEngine:
     """The part of an engine around its `policy` (BatchPolicy) and `queue` (BatchQueue), shared
     by `ScoringEngine` and `SGLangScoringEngine`. The engine provides `policy`, `queue`, `_cv`
-    (the condition whose lock guards the queue), `_stop` and `batch_wait_s`."""
+    (the condition whose lock guards the queue), `_stop`, `batch_wait_s`, `stats` (its
+    `cancelled` count), `_cached(item)` and optionally `_admit(item)`."""
 
     # the policy's and the queue's settings, as attributes of the engine (benchmarks and tests set them)
     max_batch_tokens = property(lambda self: self.policy.max_batch_tokens,
@@ -231,6 +233,38 @@ class QueuedEngine:
     def queue_tokens(self) -> int:
         return self.queue.tokens
 
+    def _admit(self, item: ScoreItem) -> None:
+        """What the engine does to an item before its cache lookup (fill defaults, refuse what it
+        cannot score). The engine's `_cached(item)` gives the cached statistics or None."""
+
+    def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
+        """Queue an item; waits up to `wait_s` for room, then raises QueueFull. An item whose
+        statistics are cached is delivered at once, on the caller's thread."""
+        self._admit(item)
+        res = self._cached(item)
+        if res is not None:
+            if item.deliver is not None:
+                item.deliver(item, res)
+            return
+        self._enqueue(item, wait_s)
+
+    def _split_cached(self, items: list[ScoreItem], use_cache: bool) -> tuple[dict, BatchQueue]:
+        """`score()`'s first step: the cached results by `id(item)`, and the other items in a queue
+        of their own (batched by the same policy). use_cache=False neither reads nor fills the
+        statistics cache."""
+        out: dict[int, dict] = {}
+        waiting = BatchQueue()
+        for it in items:
+            self._admit(it)
+            res = self._cached(it) if use_cache else None
+            if not use_cache:
+                it.cache_key = None
+            if res is None:
+                waiting.push(it)
+            else:
+                out[id(it)] = res
+        return out, waiting
+
     def _enqueue(self, item: ScoreItem, wait_s: float) -> None:
         """Queue `item`, waiting up to `wait_s` for room; QueueFull when the time is up or the
         engine stops first. A sequence always enters an empty queue."""
@@ -244,6 +278,30 @@ class QueuedEngine:
             item.enqueued_at = time.monotonic()
             self.queue.push(item)
             self._cv.notify_all()
+
+    def _next_batch(self, slots, take: Callable[[], list[ScoreItem]]) -> list[ScoreItem] | None:
+        """The worker's next batch: wait for a queued item (None once the engine stops with
+        nothing queued), then for one of `slots` (a semaphore: batches in flight) and the linger;
+        `take()` dequeues the batch with the lock held. Cancelled items are counted and dropped;
+        when all were, the slot is given back and the wait starts again."""
+        while True:
+            with self._cv:
+                while not self.queue and not self._stop:
+                    self._cv.wait()
+                if not self.queue and self._stop:
+                    return None
+            slots.acquire()
+            with self._cv:
+                self._linger()
+                if not self.queue:
+                    slots.release()
+                    continue
+                batch = take()
+            live = [it for it in batch if not it.is_cancelled()]
+            self.stats.cancelled += len(batch) - len(live)
+            if live:
+                return live
+            slots.release()
 
     def _linger(self) -> None:
         """Called with the lock held: while the queue is below one batch, wait for more items as

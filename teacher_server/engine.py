@@ -270,16 +270,8 @@ class ScoringEngine(QueuedEngine):
             s = self.stats
             s.cache_hits, s.cache_misses, s.cache_bytes, s.cache_entries = c.hits, c.misses, c.bytes, c.entries
 
-    def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
-        """Queue an item; waits up to `wait_s` for room, then raises QueueFull. An item whose
-        statistics are cached is delivered at once, on the caller's thread."""
+    def _admit(self, item: ScoreItem) -> None:
         item.model = item.model or self.default_model
-        res = self._cached(item)
-        if res is not None:
-            if item.deliver is not None:
-                item.deliver(item, res)
-            return
-        self._enqueue(item, wait_s)
 
     # the waiting items and their tokens (tests fill the queue by hand)
     _pending = property(lambda self: self.queue.items, lambda self, v: setattr(self.queue, "items", v))
@@ -328,27 +320,15 @@ class ScoringEngine(QueuedEngine):
         finisher.start()
         try:
             while True:
-                with self._cv:
-                    while not self.queue and not self._stop:
-                        self._cv.wait()
-                    if not self.queue and self._stop:
-                        return
-                slots.acquire()
-                with self._cv:
-                    self._linger()
-                    if not self.queue:
-                        slots.release()
-                        continue
-                    batch = self._take_batch()
-                live = [it for it in batch if not it.is_cancelled()]
-                self.stats.cancelled += len(batch) - len(live)
+                live = self._next_batch(slots, self._take_batch)
+                if live is None:
+                    return
                 launched = None
-                if live:
-                    try:
-                        launched = self._launch_on_model(live)
-                    except Exception as exc:  # a failed batch fails its items, not the server
-                        log.exception("batch of %d sequences failed", len(live))
-                        self._isolate(live, exc)
+                try:
+                    launched = self._launch_on_model(live)
+                except Exception as exc:  # a failed batch fails its items, not the server
+                    log.exception("batch of %d sequences failed", len(live))
+                    self._isolate(live, exc)
                 if launched is None:
                     slots.release()
                 else:
@@ -392,20 +372,7 @@ class ScoringEngine(QueuedEngine):
         use_cache=False neither reads nor fills the statistics cache (warm-up, benchmarks)."""
         for eng in self.engines():
             eng.prepare()
-        out: dict[int, dict] = {}
-        pending = []
-        for it in items:
-            it.model = it.model or self.default_model
-            res = self._cached(it) if use_cache else None
-            if not use_cache:
-                it.cache_key = None
-            if res is None:
-                pending.append(it)
-            else:
-                out[id(it)] = res
-        waiting = BatchQueue()   # the caller's items only, batched by the same policy
-        for it in pending:
-            waiting.push(it)
+        out, waiting = self._split_cached(items, use_cache)
         while waiting:
             batch = waiting.take(self._policy_for)
             launched = self._launch_on_model(batch)

@@ -116,24 +116,32 @@ def dequantized(body: torch.nn.Module):
             m.dequantized = False
 
 
-def quantize_body(body: torch.nn.Module, emulate: bool = False) -> int:
+def quantize_body(body: torch.nn.Module, emulate: bool = False, replace=None, what: str = "body") -> int:
     """Replace every `nn.Linear` inside the body's decoder layers by an `FP8Linear` (in place;
     the bf16 weights are freed). Layers whose dimensions are not multiples of 16 (the FP8 GEMM's
-    requirement) stay as they are. Returns how many were replaced."""
+    requirement) stay as they are. `replace(linear)`, when given, makes each layer's fp8 module
+    instead, or None to keep the layer (tp.quantize_body: the shards); `what` names the body in
+    the log line. Returns how many were replaced."""
+    if replace is None:
+        def replace(mod):
+            return None if mod.in_features % 16 or mod.out_features % 16 else FP8Linear(mod, emulate=emulate)
     layers = getattr(body, "layers", None)
     if not layers:
         raise ValueError("--quantize fp8: the model's body has no `layers` to quantise")
     n = 0
     for layer in layers:
         for name, mod in list(layer.named_modules()):
-            if type(mod) is not torch.nn.Linear or mod.in_features % 16 or mod.out_features % 16:
+            if type(mod) is not torch.nn.Linear:
+                continue
+            new = replace(mod)
+            if new is None:
                 continue
             parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
-            setattr(parent, name.rpartition(".")[2], FP8Linear(mod, emulate=emulate))
+            setattr(parent, name.rpartition(".")[2], new)
             n += 1
     if n == 0:
         raise ValueError("--quantize fp8: no linear layer in the body could be quantised")
-    log.info("fp8: %d linear layers of the body quantised (e4m3, rowwise scales)", n)
+    log.info("fp8: %d linear layers of the %s quantised (e4m3, rowwise scales)", n, what)
     return n
 
 

@@ -219,14 +219,8 @@ class SGLangScoringEngine(QueuedEngine):
             res["_batch_sequences"] = 0
         return res
 
-    def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
+    def _admit(self, item: ScoreItem) -> None:
         self.check(item)
-        res = self._cached(item)
-        if res is not None:
-            if item.deliver is not None:
-                item.deliver(item, res)
-            return
-        self._enqueue(item, wait_s)
 
     def prepare(self) -> None:
         pass
@@ -250,17 +244,7 @@ class SGLangScoringEngine(QueuedEngine):
 
     def score(self, items: list[ScoreItem], use_cache: bool = True) -> list[dict]:
         """Score on the caller's thread (warm-up, tests): the same requests the worker sends."""
-        out: dict[int, dict] = {}
-        waiting = BatchQueue()   # the caller's items only, batched by the same policy
-        for it in items:
-            self.check(it)
-            res = self._cached(it) if use_cache else None
-            if not use_cache:
-                it.cache_key = None
-            if res is None:
-                waiting.push(it)
-            else:
-                out[id(it)] = res
+        out, waiting = self._split_cached(items, use_cache)
         while waiting:
             batch = self.policy.pick_prompt_group(waiting.items)
             waiting.remove(batch)
@@ -270,28 +254,19 @@ class SGLangScoringEngine(QueuedEngine):
                 out[id(it)] = res
         return [out[id(it)] for it in items]
 
-    # ---- batching (the policy: batching.BatchPolicy.pick_prompt_group) ----------------------
+    # ---- the worker (the queue's waits: batching.QueuedEngine) ------------------------------------
+    def _take_batch(self) -> list[ScoreItem]:
+        """Called with the lock held and a non-empty queue: one /generate's batch, dequeued."""
+        batch = self.policy.pick_prompt_group(self.queue.items)
+        self.queue.remove(batch)
+        self._cv.notify_all()
+        return batch
+
     def _run(self) -> None:
         while True:
-            with self._cv:
-                while not self.queue and not self._stop:
-                    self._cv.wait()
-                if not self.queue and self._stop:
-                    return
-            self._slots.acquire()
-            with self._cv:
-                self._linger()
-                if not self.queue:
-                    self._slots.release()
-                    continue
-                batch = self.policy.pick_prompt_group(self.queue.items)
-                self.queue.remove(batch)
-                self._cv.notify_all()
-            live = [it for it in batch if not it.is_cancelled()]
-            self.stats.cancelled += len(batch) - len(live)
-            if not live:
-                self._slots.release()
-                continue
+            live = self._next_batch(self._slots, self._take_batch)
+            if live is None:
+                return
             self._pool.submit(self._run_batch_released, live)
 
     def _run_batch_released(self, batch: list[ScoreItem]) -> None:

@@ -60,6 +60,7 @@ from teacher_server import head as H
 from teacher_server import kernels as K
 from teacher_server.engine import ScoreItem, ScoringEngine
 from teacher_server.fp8 import FP8Linear, dequantized, quantize_rows
+from teacher_server.fp8 import quantize_body as fp8_quantize_body
 from teacher_server.model import compile_body, uncompile_body
 
 log = logging.getLogger("opd.teacher")
@@ -345,29 +346,17 @@ def quantize_body(body, emulate: bool = False) -> int:
 
     from torch.distributed.tensor import Shard
 
-    layers = getattr(body, "layers", None)
-    if not layers:
-        raise ValueError("--quantize fp8: the model's body has no `layers` to quantise")
-    n = 0
-    for layer in layers:
-        for name, mod in list(layer.named_modules()):
-            if type(mod) is not torch.nn.Linear:
-                continue
-            w = _local(mod.weight).detach()
-            if w.shape[0] % 16 or w.shape[1] % 16:
-                continue
-            bias = None if mod.bias is None else torch.nn.Parameter(_local(mod.bias).detach(), requires_grad=False)
-            lin = SimpleNamespace(weight=w, bias=bias, in_features=w.shape[1], out_features=w.shape[0])
-            placements = getattr(mod.weight, "placements", ())
-            row = bool(placements) and placements[0] == Shard(1)
-            new = FP8RowParallel(lin, emulate) if row else FP8Linear(lin, emulate)
-            parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
-            setattr(parent, name.rpartition(".")[2], new)
-            n += 1
-    if n == 0:
-        raise ValueError("--quantize fp8: no linear layer in the body could be quantised")
-    log.info("fp8: %d linear layers of the tensor-parallel body quantised (e4m3, rowwise scales)", n)
-    return n
+    def replace(mod):
+        w = _local(mod.weight).detach()
+        if w.shape[0] % 16 or w.shape[1] % 16:
+            return None
+        bias = None if mod.bias is None else torch.nn.Parameter(_local(mod.bias).detach(), requires_grad=False)
+        lin = SimpleNamespace(weight=w, bias=bias, in_features=w.shape[1], out_features=w.shape[0])
+        placements = getattr(mod.weight, "placements", ())
+        row = bool(placements) and placements[0] == Shard(1)
+        return FP8RowParallel(lin, emulate) if row else FP8Linear(lin, emulate)
+
+    return fp8_quantize_body(body, emulate, replace=replace, what="tensor-parallel body")
 
 
 # ---- the sharded head ------------------------------------------------------------------------------

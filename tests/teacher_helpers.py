@@ -37,7 +37,8 @@ class TeacherProcess:
     `log` (a full pipe would block it). Ready at its first 'opd teacher: serving' line: `grpc` is
     then "127.0.0.1:PORT", and `http` "http://127.0.0.1:PORT" when --http-port was given (its line
     comes first). Raises RuntimeError, with the output's end, when it does not start in
-    `timeout` seconds (or, with `need_http`, has no HTTP front)."""
+    `timeout` seconds (or, with `need_http`, has no HTTP front). As a context manager it stops
+    the server at the end and checks that it exited with status 0."""
 
     def __init__(self, *args, env: dict | None = None, timeout: float = 180.0, need_http: bool = False):
         env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
@@ -62,6 +63,15 @@ class TeacherProcess:
                 self.grpc = f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
                 self._ready.set()
         self._ready.set()
+
+    def __enter__(self) -> "TeacherProcess":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """`stop()`; leaving the block normally, the server must have exited with status 0."""
+        self.stop()
+        if exc_type is None:
+            assert self.proc.returncode == 0, "".join(self.log[-20:])
 
     def output(self, timeout: float = 60.0) -> str:
         """All it wrote, once it has exited (waits up to `timeout`; TimeoutExpired if it runs on)."""
