@@ -50,7 +50,7 @@ import numpy as np
 
 from teacher_server import head as H
 from teacher_server.batching import BatchPolicy, BatchQueue, QueuedEngine
-from teacher_server.engine import EngineStats, QueueFull, ScoreItem  # noqa: F401 (QueueFull re-exported)
+from teacher_server.engine import EngineStats, ScoreItem
 from teacher_server.validate import InvalidRequest, echo
 
 log = logging.getLogger("opd.teacher")
