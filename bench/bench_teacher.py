@@ -57,13 +57,13 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.common import TEACHER_SHAPES as SHAPES, qwen3_config, scrape  # noqa: E402
+from bench.common import TEACHER_SHAPES as SHAPES, add_workload_args, fill_sizes, qwen3_config, scrape  # noqa: E402
 
 STREAM_BATCHES = 4  # the streamed end-to-end rows send this many batches' worth of distinct sequences
 # sizes per shape: seqs x seq_len (b, c, e); prompts x samples x (prompt_len + response_len) (d); matmul n (a)
 SIZES = {
-    "full": dict(seqs=8, seq_len=2048, prompts=16, samples=8, prompt_len=1024, response_len=1024, matmul=8192),
-    "tiny": dict(seqs=8, seq_len=256, prompts=4, samples=4, prompt_len=128, response_len=128, matmul=512),
+    "full": dict(seqs=8, seq_len=2048, prompts=16, samples=8, prompt_len=1024, response_len=1024, matmul_size=8192),
+    "tiny": dict(seqs=8, seq_len=256, prompts=4, samples=4, prompt_len=128, response_len=128, matmul_size=512),
 }
 STATS3 = frozenset({"sampled", "topk", "tail"})
 LEVERS = [("eager body + old head", "off", "reference"), ("eager body + new head", "off", "fast"),
@@ -72,17 +72,8 @@ LEVERS = [("eager body + old head", "off", "reference"), ("eager body + new head
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
-    p.add_argument("--device", default="cuda")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    add_workload_args(p, SHAPES)
     p.add_argument("--out", default=None, help="write the results as JSON here")
-    p.add_argument("--top-k", type=int, default=64)
-    p.add_argument("--seqs", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--prompts", type=int, default=None)
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--prompt-len", type=int, default=None)
-    p.add_argument("--response-len", type=int, default=None)
     p.add_argument("--matmul-size", type=int, default=None)
     p.add_argument("--reps", type=int, default=3, help="timed repetitions (median) after one warm-up")
     p.add_argument("--prefix-reps", type=int, default=1, help="timed repetitions of the prefix-shared case")
@@ -100,11 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--proc-late", action="store_true",
                    help="start the separate-process server only when section p runs (no overlap with the others)")
     a = p.parse_args(argv)
-    sizes = SIZES["tiny" if a.shape == "tiny" else "full"]
-    for k, v in sizes.items():
-        attr = "matmul_size" if k == "matmul" else k
-        if getattr(a, attr) is None:
-            setattr(a, attr, v)
+    fill_sizes(a, SIZES)
     return a
 
 

@@ -44,6 +44,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from bench.common import add_workload_args, fill_sizes  # noqa: E402
+
 DENSE = "qwen3"
 MOE = "qwen3_moe"
 SHAPES = {
@@ -73,31 +76,19 @@ SIZES = {  # seqs x seq_len; prompts x samples x (prompt_len + response_len)
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", default="qwen3-8b", choices=sorted(SHAPES))
-    p.add_argument("--device", default="cuda", help="cuda or cpu (--tp N > 1 on cuda uses GPUs 0..N-1)")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    add_workload_args(p, SHAPES, device_help="cuda or cpu (--tp N > 1 on cuda uses GPUs 0..N-1)")
     p.add_argument("--tp", type=int, nargs="+", default=[1], help="tensor-parallel sizes to run beside the plain server")
     p.add_argument("--no-plain", action="store_true", help="leave the plain server out (multi-GPU runs)")
     p.add_argument("--together", default="auto", choices=["auto", "yes", "no"],
                    help="run every server at once and alternate the measurements (auto: when all are --tp 1)")
     p.add_argument("--rounds", type=int, default=5, help="timed calls per variant and workload (median)")
-    p.add_argument("--top-k", type=int, default=64)
-    p.add_argument("--seqs", type=int, default=None)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--prompts", type=int, default=None)
-    p.add_argument("--samples", type=int, default=None)
-    p.add_argument("--prompt-len", type=int, default=None)
-    p.add_argument("--response-len", type=int, default=None)
     p.add_argument("--max-batch-tokens", type=int, default=None,
                    help="every server's --max-batch-tokens (default 32768, tiny shapes 4096: fixed, since servers "
                         "side by side would size an automatic budget from what the others left free)")
     p.add_argument("--ready-timeout-s", type=float, default=1800.0)
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args(argv)
-    size = SIZES["tiny" if args.shape.startswith("tiny") else "full"]
-    for k, v in size.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
+    fill_sizes(args, SIZES)
     if any(n < 1 for n in args.tp):
         p.error(f"--tp {args.tp}: expected sizes >= 1")
     return args

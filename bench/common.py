@@ -1,5 +1,5 @@
-"""What the benchmarks share: the model shapes they build random-weight models of, and the
-loopback helpers (a free port, a Prometheus scrape)."""
+"""What the benchmarks share: the model shapes they build random-weight models of, the teacher
+benches' workload flags, and the loopback helpers (a free port, a Prometheus scrape)."""
 
 from __future__ import annotations
 
@@ -41,6 +41,26 @@ def tokenizer_config(shape: dict, tok):
     trainer and weight-sync benches build their random models."""
     return qwen3_config(shape, max_position_embeddings=8192, rope_theta=1e6, pad_token_id=tok.pad_token_id,
                         eos_token_id=tok.eos_token_id, bos_token_id=None)
+
+
+def add_workload_args(p, shapes, device_help: str | None = None) -> None:
+    """The teacher benches' model and workload flags on parser `p`: --shape (one of `shapes`),
+    --device, --dtype, --top-k, and the workload sizes (--seqs x --seq-len; --prompts x --samples x
+    (--prompt-len + --response-len)), left None for `fill_sizes`."""
+    p.add_argument("--shape", default="qwen3-8b", choices=sorted(shapes))
+    p.add_argument("--device", default="cuda", help=device_help)
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    p.add_argument("--top-k", type=int, default=64)
+    for flag in ("--seqs", "--seq-len", "--prompts", "--samples", "--prompt-len", "--response-len"):
+        p.add_argument(flag, type=int, default=None)
+
+
+def fill_sizes(args, sizes: dict) -> None:
+    """Flags left None take the shape's sizes: `sizes["tiny"]` for the tiny shapes, else `sizes["full"]`
+    (keys are the flags' attribute names)."""
+    for k, v in sizes["tiny" if args.shape.startswith("tiny") else "full"].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
 
 
 def free_port() -> int:

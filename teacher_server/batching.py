@@ -1,7 +1,11 @@
 """The scoring engine's queue and batching policy: which waiting sequences form the next forward.
 
-Pure: no model, no device, no threads (the engine holds the lock around every call), so it is
-tested on queues of `ScoreItem`s alone (tests/test_teacher_batching.py).
+`BatchQueue` and `BatchPolicy` are pure: no model, no device, no threads (the engine holds the
+lock around every call), so they are tested on queues of `ScoreItem`s alone
+(tests/test_teacher_batching.py). `QueuedEngine` is what both engines (`ScoringEngine` in
+engine.py, `SGLangScoringEngine` in sglang_engine.py) build on them: the settings as attributes,
+submit (a cache hit at once, else admission with a wait for room), the cache split of `score()`,
+and the worker's wait for its next batch (with the linger for a stream's next request).
 
 - Admission (`BatchQueue.admits`): a sequence enters while the queued tokens stay within
   `max_queue_tokens`; one always enters an empty queue, however long.
@@ -11,6 +15,9 @@ tested on queues of `ScoreItem`s alone (tests/test_teacher_batching.py).
 - Padded batches (`BatchPolicy.pick_padded`): the opener, then sequences sharing its first
   `prefix_min_tokens` tokens, then the sequences closest to it in length, while
   (longest length x count) fits `max_batch_tokens`.
+- One request per batch (`BatchPolicy.pick_prompt_group`, the SGLang engine's /generate calls):
+  the opener's prompt group whole, then the others in queue order, while the tokens sent fit
+  `max_batch_tokens`.
 - Packed batches (`BatchPolicy.pick_packed`): prompt groups (`group_key`) kept whole, each
   sequence costing its tokens after the prefix it shares with its group's first member taken.
 """
@@ -140,6 +147,23 @@ class BatchPolicy:
                     ref = it
         return batch
 
+    def pick_prompt_group(self, pending: list[ScoreItem]) -> list[ScoreItem]:
+        """One request per batch (the SGLang engine's /generate): the opener, its prompt group
+        (`group_key`, samples of one prompt) whole, then the others in queue order, while the
+        tokens sent (each sequence up to its span's end) fit `max_batch_tokens`; the opener
+        always goes."""
+        first = pending[0]
+        key = self.group_key(first) if self.prefix_sharing else None
+        mates = [it for it in pending[1:] if key is not None and self.group_key(it) == key]
+        mate_ids = {id(it) for it in mates}
+        rest = [it for it in pending[1:] if id(it) not in mate_ids]
+        batch, total = [first], first.target_end
+        for it in mates + rest:
+            if total + it.target_end <= self.max_batch_tokens:
+                batch.append(it)
+                total += it.target_end
+        return batch
+
     def group_key(self, it: ScoreItem) -> bytes | None:
         """What makes sequences one prompt group when batches are picked: their tokens before
         the scored span (the prompt; at least `prefix_min_tokens` of them). Samples of one prompt
@@ -187,3 +211,110 @@ class BatchQueue:
         taken = {id(it) for it in batch}
         self.items = [it for it in self.items if id(it) not in taken]
         self.tokens -= sum(it.cost for it in batch)
+
+
+class QueuedEngine:
+    """The part of an engine around its `policy` (BatchPolicy) and `queue` (BatchQueue), shared
+    by `ScoringEngine` and `SGLangScoringEngine`. The engine provides `policy`, `queue`, `_cv`
+    (the condition whose lock guards the queue), `_stop`, `batch_wait_s`, `stats` (its
+    `cancelled` count), `_cached(item)` and optionally `_admit(item)`."""
+
+    # the policy's and the queue's settings, as attributes of the engine (benchmarks and tests set them)
+    max_batch_tokens = property(lambda self: self.policy.max_batch_tokens,
+                                lambda self, v: setattr(self.policy, "max_batch_tokens", v))
+    prefix_sharing = property(lambda self: self.policy.prefix_sharing,
+                              lambda self, v: setattr(self.policy, "prefix_sharing", v))
+    prefix_min_tokens = property(lambda self: self.policy.prefix_min_tokens,
+                                 lambda self, v: setattr(self.policy, "prefix_min_tokens", v))
+    max_queue_tokens = property(lambda self: self.queue.max_queue_tokens,
+                                lambda self, v: setattr(self.queue, "max_queue_tokens", v))
+
+    @property
+    def queue_tokens(self) -> int:
+        return self.queue.tokens
+
+    def _admit(self, item: ScoreItem) -> None:
+        """What the engine does to an item before its cache lookup (fill defaults, refuse what it
+        cannot score). The engine's `_cached(item)` gives the cached statistics or None."""
+
+    def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
+        """Queue an item; waits up to `wait_s` for room, then raises QueueFull. An item whose
+        statistics are cached is delivered at once, on the caller's thread."""
+        self._admit(item)
+        res = self._cached(item)
+        if res is not None:
+            if item.deliver is not None:
+                item.deliver(item, res)
+            return
+        self._enqueue(item, wait_s)
+
+    def _split_cached(self, items: list[ScoreItem], use_cache: bool) -> tuple[dict, BatchQueue]:
+        """`score()`'s first step: the cached results by `id(item)`, and the other items in a queue
+        of their own (batched by the same policy). use_cache=False neither reads nor fills the
+        statistics cache."""
+        out: dict[int, dict] = {}
+        waiting = BatchQueue()
+        for it in items:
+            self._admit(it)
+            res = self._cached(it) if use_cache else None
+            if not use_cache:
+                it.cache_key = None
+            if res is None:
+                waiting.push(it)
+            else:
+                out[id(it)] = res
+        return out, waiting
+
+    def _enqueue(self, item: ScoreItem, wait_s: float) -> None:
+        """Queue `item`, waiting up to `wait_s` for room; QueueFull when the time is up or the
+        engine stops first. A sequence always enters an empty queue."""
+        deadline = time.monotonic() + wait_s
+        with self._cv:
+            while not self.queue.admits(item):
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stop:
+                    raise QueueFull(self.queue.full_message())
+                self._cv.wait(left)
+            item.enqueued_at = time.monotonic()
+            self.queue.push(item)
+            self._cv.notify_all()
+
+    def _next_batch(self, slots, take: Callable[[], list[ScoreItem]]) -> list[ScoreItem] | None:
+        """The worker's next batch: wait for a queued item (None once the engine stops with
+        nothing queued), then for one of `slots` (a semaphore: batches in flight) and the linger;
+        `take()` dequeues the batch with the lock held. Cancelled items are counted and dropped;
+        when all were, the slot is given back and the wait starts again."""
+        while True:
+            with self._cv:
+                while not self.queue and not self._stop:
+                    self._cv.wait()
+                if not self.queue and self._stop:
+                    return None
+            slots.acquire()
+            with self._cv:
+                self._linger()
+                if not self.queue:
+                    slots.release()
+                    continue
+                batch = take()
+            live = [it for it in batch if not it.is_cancelled()]
+            self.stats.cancelled += len(batch) - len(live)
+            if live:
+                return live
+            slots.release()
+
+    def _linger(self) -> None:
+        """Called with the lock held: while the queue is below one batch, wait for more items as
+        long as they keep arriving within `batch_wait_s` of each other (a stream's requests come
+        one by one), at most 10 x `batch_wait_s` in all."""
+        if self.batch_wait_s <= 0:
+            return
+        end = time.monotonic() + 10 * self.batch_wait_s
+        while self.queue and self.queue.tokens < self.max_batch_tokens and not self._stop:
+            n = len(self.queue)
+            left = min(self.batch_wait_s, end - time.monotonic())
+            if left <= 0:
+                return
+            self._cv.wait(left)
+            if len(self.queue) <= n:  # nothing new arrived
+                return

@@ -75,7 +75,7 @@ import torch
 from teacher_server import head as H
 from teacher_server import packed as PK
 from teacher_server import prefix as PX
-from teacher_server.batching import BatchPolicy, BatchQueue, QueueFull, ScoreItem  # noqa: F401 (re-exported)
+from teacher_server.batching import BatchPolicy, BatchQueue, QueuedEngine, QueueFull, ScoreItem  # noqa: F401 (re-exported)
 from teacher_server.cache import StatsCache, item_key
 from teacher_server.fp8 import FP8Linear, dequantized
 from teacher_server.model import compile_body, uncompile_body
@@ -108,7 +108,7 @@ class EngineStats:
     compile_seconds: float = 0.0      # torch.compile + warm-up time spent by `prepare()`
 
 
-class ScoringEngine:
+class ScoringEngine(QueuedEngine):
     updatable_weights = True          # `update_weights` (the UpdateWeights RPC) applies to this engine
 
     def __init__(self, model, *, device: str | torch.device = "cpu", max_batch_tokens: int = 16384,
@@ -270,39 +270,9 @@ class ScoringEngine:
             s = self.stats
             s.cache_hits, s.cache_misses, s.cache_bytes, s.cache_entries = c.hits, c.misses, c.bytes, c.entries
 
-    def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
-        """Queue an item; waits up to `wait_s` for room, then raises QueueFull. An item whose
-        statistics are cached is delivered at once, on the caller's thread."""
+    def _admit(self, item: ScoreItem) -> None:
         item.model = item.model or self.default_model
-        res = self._cached(item)
-        if res is not None:
-            if item.deliver is not None:
-                item.deliver(item, res)
-            return
-        deadline = time.monotonic() + wait_s
-        with self._cv:
-            while not self.queue.admits(item):
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop:
-                    raise QueueFull(self.queue.full_message())
-                self._cv.wait(left)
-            item.enqueued_at = time.monotonic()
-            self.queue.push(item)
-            self._cv.notify_all()
 
-    @property
-    def queue_tokens(self) -> int:
-        return self.queue.tokens
-
-    # the policy's settings, as attributes of the engine (benchmarks and tests set them)
-    max_batch_tokens = property(lambda self: self.policy.max_batch_tokens,
-                                lambda self, v: setattr(self.policy, "max_batch_tokens", v))
-    prefix_sharing = property(lambda self: self.policy.prefix_sharing,
-                              lambda self, v: setattr(self.policy, "prefix_sharing", v))
-    prefix_min_tokens = property(lambda self: self.policy.prefix_min_tokens,
-                                 lambda self, v: setattr(self.policy, "prefix_min_tokens", v))
-    max_queue_tokens = property(lambda self: self.queue.max_queue_tokens,
-                                lambda self, v: setattr(self.queue, "max_queue_tokens", v))
     # the waiting items and their tokens (tests fill the queue by hand)
     _pending = property(lambda self: self.queue.items, lambda self, v: setattr(self.queue, "items", v))
     _pending_tokens = property(lambda self: self.queue.tokens, lambda self, v: setattr(self.queue, "tokens", v))
@@ -350,27 +320,15 @@ class ScoringEngine:
         finisher.start()
         try:
             while True:
-                with self._cv:
-                    while not self.queue and not self._stop:
-                        self._cv.wait()
-                    if not self.queue and self._stop:
-                        return
-                slots.acquire()
-                with self._cv:
-                    self._linger()
-                    if not self.queue:
-                        slots.release()
-                        continue
-                    batch = self._take_batch()
-                live = [it for it in batch if not it.is_cancelled()]
-                self.stats.cancelled += len(batch) - len(live)
+                live = self._next_batch(slots, self._take_batch)
+                if live is None:
+                    return
                 launched = None
-                if live:
-                    try:
-                        launched = self._launch_on_model(live)
-                    except Exception as exc:  # a failed batch fails its items, not the server
-                        log.exception("batch of %d sequences failed", len(live))
-                        self._isolate(live, exc)
+                try:
+                    launched = self._launch_on_model(live)
+                except Exception as exc:  # a failed batch fails its items, not the server
+                    log.exception("batch of %d sequences failed", len(live))
+                    self._isolate(live, exc)
                 if launched is None:
                     slots.release()
                 else:
@@ -396,22 +354,6 @@ class ScoringEngine:
                 log.warning("request_id %.64r failed on its own: %s", it.request_id, one_exc)
                 _deliver_all([it], one_exc)
 
-    def _linger(self) -> None:
-        """Called with the lock held: while the queue is below one batch, wait for more items as
-        long as they keep arriving within `batch_wait_s` of each other (a stream's requests come
-        one by one), at most 10 x `batch_wait_s` in all."""
-        if self.batch_wait_s <= 0:
-            return
-        end = time.monotonic() + 10 * self.batch_wait_s
-        while self.queue and self.queue.tokens < self.max_batch_tokens and not self._stop:
-            n = len(self.queue)
-            left = min(self.batch_wait_s, end - time.monotonic())
-            if left <= 0:
-                return
-            self._cv.wait(left)
-            if len(self.queue) <= n:  # nothing new arrived
-                return
-
     def _finish_loop(self, finishing: queue.Queue, slots: threading.Semaphore) -> None:
         while True:
             launched = finishing.get()
@@ -430,20 +372,7 @@ class ScoringEngine:
         use_cache=False neither reads nor fills the statistics cache (warm-up, benchmarks)."""
         for eng in self.engines():
             eng.prepare()
-        out: dict[int, dict] = {}
-        pending = []
-        for it in items:
-            it.model = it.model or self.default_model
-            res = self._cached(it) if use_cache else None
-            if not use_cache:
-                it.cache_key = None
-            if res is None:
-                pending.append(it)
-            else:
-                out[id(it)] = res
-        waiting = BatchQueue()   # the caller's items only, batched by the same policy
-        for it in pending:
-            waiting.push(it)
+        out, waiting = self._split_cached(items, use_cache)
         while waiting:
             batch = waiting.take(self._policy_for)
             launched = self._launch_on_model(batch)

@@ -44,9 +44,13 @@ def supported(device: torch.device) -> str:
     return ""
 
 
-def _quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x / s)_fp8 and s [rows, 1] fp32, s = max |row| / 448 (1 for an all-zero row)."""
+def quantize_rows(x: torch.Tensor, reduce_amax=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x / s)_fp8 and s [rows, 1] fp32, s = max |row| / 448 (1 for an all-zero row).
+    `reduce_amax(amax)`, when given, combines the rows' maxima in place first (tensor parallel:
+    a max all-reduce over the ranks' shards of each row, tp.FP8RowParallel)."""
     amax = x.abs().amax(dim=-1, keepdim=True).float()
+    if reduce_amax is not None:
+        reduce_amax(amax)
     scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
     q = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q, scale
@@ -59,7 +63,7 @@ class FP8Linear(torch.nn.Module):
         super().__init__()
         w = linear.weight.detach()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        q, scale = _quantize_rows(w)
+        q, scale = quantize_rows(w)
         self.register_buffer("weight_fp8", q)                      # [N, K]
         self.register_buffer("weight_scale", scale.reshape(1, -1).contiguous())  # [1, N]
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
@@ -69,21 +73,27 @@ class FP8Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dequantized:
-            w = (self.weight_fp8.float() * self.weight_scale.t()).to(x.dtype)
-            return torch.nn.functional.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            return torch.nn.functional.linear(x, self.dequantized_weight(x.dtype),
+                                              None if self.bias is None else self.bias.to(x.dtype))
         shape = x.shape
-        xq, xs = _quantize_rows(x.reshape(-1, self.in_features))
+        xq, xs = quantize_rows(x.reshape(-1, self.in_features))
+        return self.matmul(xq, xs, self.bias).reshape(*shape[:-1], self.out_features)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The fp8 weight times its scales, in `dtype` (the `dequantized` stand-in)."""
+        return (self.weight_fp8.float() * self.weight_scale.t()).to(dtype)
+
+    def matmul(self, xq: torch.Tensor, xs: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """(xq * xs) @ (weight_fp8 * weight_scale)^T (+ bias) in the model dtype, from the fp8
+        activations `xq` [M, K] and their scales `xs` [M, 1]: `torch._scaled_mm`, or with
+        `emulate` the same operands multiplied in float32 (the bias added before rounding)."""
         if self.emulate:
             y = (xq.float() @ self.weight_fp8.float().t()) * xs * self.weight_scale
-            if self.bias is not None:
-                y = y + self.bias.float()
-            y = y.to(self.out_dtype)
-        else:
-            y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
-                                 out_dtype=self.out_dtype)
-            if self.bias is not None:
-                y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features)
+            if bias is not None:
+                y = y + bias.float()
+            return y.to(self.out_dtype)
+        y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale, out_dtype=self.out_dtype)
+        return y if bias is None else y + bias
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, fp8 e4m3, rowwise scales"
@@ -106,24 +116,32 @@ def dequantized(body: torch.nn.Module):
             m.dequantized = False
 
 
-def quantize_body(body: torch.nn.Module, emulate: bool = False) -> int:
+def quantize_body(body: torch.nn.Module, emulate: bool = False, replace=None, what: str = "body") -> int:
     """Replace every `nn.Linear` inside the body's decoder layers by an `FP8Linear` (in place;
     the bf16 weights are freed). Layers whose dimensions are not multiples of 16 (the FP8 GEMM's
-    requirement) stay as they are. Returns how many were replaced."""
+    requirement) stay as they are. `replace(linear)`, when given, makes each layer's fp8 module
+    instead, or None to keep the layer (tp.quantize_body: the shards); `what` names the body in
+    the log line. Returns how many were replaced."""
+    if replace is None:
+        def replace(mod):
+            return None if mod.in_features % 16 or mod.out_features % 16 else FP8Linear(mod, emulate=emulate)
     layers = getattr(body, "layers", None)
     if not layers:
         raise ValueError("--quantize fp8: the model's body has no `layers` to quantise")
     n = 0
     for layer in layers:
         for name, mod in list(layer.named_modules()):
-            if type(mod) is not torch.nn.Linear or mod.in_features % 16 or mod.out_features % 16:
+            if type(mod) is not torch.nn.Linear:
+                continue
+            new = replace(mod)
+            if new is None:
                 continue
             parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
-            setattr(parent, name.rpartition(".")[2], FP8Linear(mod, emulate=emulate))
+            setattr(parent, name.rpartition(".")[2], new)
             n += 1
     if n == 0:
         raise ValueError("--quantize fp8: no linear layer in the body could be quantised")
-    log.info("fp8: %d linear layers of the body quantised (e4m3, rowwise scales)", n)
+    log.info("fp8: %d linear layers of the %s quantised (e4m3, rowwise scales)", n, what)
     return n
 
 

@@ -8,7 +8,8 @@ parallelism, across nodes) and this engine asks it for input-token log-probs thr
 The opd side stays as it is: the gRPC service, handshake (GetInfo: tokenizer fingerprint and
 config from `--model DIR`), validation, statistics cache, compression, auth, metrics, and
 prefix grouping (samples of one prompt go to SGLang together, in one batched request, to one
-URL, so its radix cache runs their prompt once). Flags, their checks and the server's assembly
+URL, so its radix cache runs their prompt once; the queue and that policy are batching.py's
+`BatchQueue` and `BatchPolicy.pick_prompt_group`). Flags, their checks and the server's assembly
 are in sglang_app.py.
 
 What SGLang returns, read from the 0.5.23 source (scheduler's logprob_result_processor,
@@ -48,7 +49,8 @@ import grpc
 import numpy as np
 
 from teacher_server import head as H
-from teacher_server.engine import EngineStats, QueueFull, ScoreItem
+from teacher_server.batching import BatchPolicy, BatchQueue, QueuedEngine
+from teacher_server.engine import EngineStats, ScoreItem
 from teacher_server.validate import InvalidRequest, echo
 
 log = logging.getLogger("opd.teacher")
@@ -157,7 +159,7 @@ def _chunks(it: ScoreItem) -> list[tuple[int, int, list[int] | None]]:
 
 
 # ---- the engine ------------------------------------------------------------------------------------
-class SGLangScoringEngine:
+class SGLangScoringEngine(QueuedEngine):
     """The `ScoringEngine` interface the service, the HTTP front and the metrics use (submit,
     score, queue_tokens, stats, start, stop, max_batch_tokens, cache), scoring through SGLang."""
 
@@ -168,10 +170,10 @@ class SGLangScoringEngine:
         self.urls = tuple(urls)
         self.vocab_size = vocab_size
         self.http = SGLangHttp(api_key, timeout_s)
-        self.max_batch_tokens = max_batch_tokens
-        self.max_queue_tokens = max_queue_tokens
+        # the queue and the batching policy (batching.py): one prompt group per /generate
+        self.policy = BatchPolicy(max_batch_tokens, prefix_sharing, prefix_min_tokens)
+        self.queue = BatchQueue(max_queue_tokens)
         self.max_inflight = max_inflight or 4 * len(self.urls)
-        self.prefix_sharing, self.prefix_min_tokens = prefix_sharing, prefix_min_tokens
         self.cache, self.model_id = cache, model_id
         self.health_interval_s = health_interval_s
         self.batch_wait_s = batch_wait_s
@@ -181,8 +183,6 @@ class SGLangScoringEngine:
         self._stats_lock = threading.Lock()
         self._up = {u: True for u in self.urls}
         self._healthy = True
-        self._pending: list[ScoreItem] = []
-        self._pending_tokens = 0
         self._cv = threading.Condition()
         self._stop = False
         self._threads: list[threading.Thread] = []
@@ -219,29 +219,8 @@ class SGLangScoringEngine:
             res["_batch_sequences"] = 0
         return res
 
-    def submit(self, item: ScoreItem, wait_s: float = 0.0) -> None:
+    def _admit(self, item: ScoreItem) -> None:
         self.check(item)
-        res = self._cached(item)
-        if res is not None:
-            if item.deliver is not None:
-                item.deliver(item, res)
-            return
-        deadline = time.monotonic() + wait_s
-        with self._cv:
-            while self._pending_tokens + item.cost > self.max_queue_tokens and self._pending:
-                left = deadline - time.monotonic()
-                if left <= 0 or self._stop:
-                    raise QueueFull(f"teacher queue holds {self._pending_tokens} tokens (limit "
-                                    f"{self.max_queue_tokens}); retry later")
-                self._cv.wait(left)
-            item.enqueued_at = time.monotonic()
-            self._pending.append(item)
-            self._pending_tokens += item.cost
-            self._cv.notify_all()
-
-    @property
-    def queue_tokens(self) -> int:
-        return self._pending_tokens
 
     def prepare(self) -> None:
         pass
@@ -265,88 +244,30 @@ class SGLangScoringEngine:
 
     def score(self, items: list[ScoreItem], use_cache: bool = True) -> list[dict]:
         """Score on the caller's thread (warm-up, tests): the same requests the worker sends."""
-        out: dict[int, dict] = {}
-        pending = []
-        for it in items:
-            self.check(it)
-            res = self._cached(it) if use_cache else None
-            if not use_cache:
-                it.cache_key = None
-            if res is None:
-                pending.append(it)
-            else:
-                out[id(it)] = res
-        while pending:
-            batch = self._pick(pending)
-            taken = {id(it) for it in batch}
-            pending = [it for it in pending if id(it) not in taken]
+        out, waiting = self._split_cached(items, use_cache)
+        while waiting:
+            batch = self.policy.pick_prompt_group(waiting.items)
+            waiting.remove(batch)
             for it, res in zip(batch, self._run_batch(batch, deliver=False)):
                 if isinstance(res, BaseException):
                     raise res
                 out[id(it)] = res
         return [out[id(it)] for it in items]
 
-    # ---- batching ------------------------------------------------------------------------------
-    def _group_key(self, it: ScoreItem) -> bytes | None:
-        if it.group_key is None:
-            m = max(self.prefix_min_tokens, it.target_start)
-            it.group_key = it.token_ids[:m].tobytes() if len(it.token_ids) > m else b""
-        return it.group_key or None
-
-    def _pick(self, pend: list[ScoreItem]) -> list[ScoreItem]:
-        """The opener, its prompt group (samples of one prompt) whole, then the others in queue
-        order, while the tokens sent fit max_batch_tokens (the opener always goes)."""
-        first = pend[0]
-        key = self._group_key(first) if self.prefix_sharing else None
-        mates = [it for it in pend[1:] if key is not None and self._group_key(it) == key]
-        mate_ids = {id(it) for it in mates}
-        rest = [it for it in pend[1:] if id(it) not in mate_ids]
-        batch, total = [first], first.target_end
-        for it in mates + rest:
-            if total + it.target_end <= self.max_batch_tokens:
-                batch.append(it)
-                total += it.target_end
+    # ---- the worker (the queue's waits: batching.QueuedEngine) ------------------------------------
+    def _take_batch(self) -> list[ScoreItem]:
+        """Called with the lock held and a non-empty queue: one /generate's batch, dequeued."""
+        batch = self.policy.pick_prompt_group(self.queue.items)
+        self.queue.remove(batch)
+        self._cv.notify_all()
         return batch
 
     def _run(self) -> None:
         while True:
-            with self._cv:
-                while not self._pending and not self._stop:
-                    self._cv.wait()
-                if not self._pending and self._stop:
-                    return
-            self._slots.acquire()
-            with self._cv:
-                self._linger()
-                if not self._pending:
-                    self._slots.release()
-                    continue
-                batch = self._pick(self._pending)
-                taken = {id(it) for it in batch}
-                self._pending = [it for it in self._pending if id(it) not in taken]
-                self._pending_tokens -= sum(it.cost for it in batch)
-                self._cv.notify_all()
-            live = [it for it in batch if not it.is_cancelled()]
-            self.stats.cancelled += len(batch) - len(live)
-            if not live:
-                self._slots.release()
-                continue
+            live = self._next_batch(self._slots, self._take_batch)
+            if live is None:
+                return
             self._pool.submit(self._run_batch_released, live)
-
-    def _linger(self) -> None:
-        """As ScoringEngine._linger: while less than a batch waits, give a stream's next request
-        `batch_wait_s` to arrive (10 x in all)."""
-        if self.batch_wait_s <= 0:
-            return
-        end = time.monotonic() + 10 * self.batch_wait_s
-        while self._pending and self._pending_tokens < self.max_batch_tokens and not self._stop:
-            n = len(self._pending)
-            left = min(self.batch_wait_s, end - time.monotonic())
-            if left <= 0:
-                return
-            self._cv.wait(left)
-            if len(self._pending) <= n:
-                return
 
     def _run_batch_released(self, batch: list[ScoreItem]) -> None:
         try:
@@ -363,7 +284,7 @@ class SGLangScoringEngine:
     def _urls_for(self, batch: list[ScoreItem]) -> list[str]:
         """URLs to try, the batch's own first: a prompt group always goes to the same URL (its
         radix cache holds the prompt), then the others that are up."""
-        key = self._group_key(batch[0]) or batch[0].token_ids[:self.prefix_min_tokens].tobytes()
+        key = self.policy.group_key(batch[0]) or batch[0].token_ids[:self.prefix_min_tokens].tobytes()
         n = len(self.urls)
         start = zlib.crc32(key) % n
         order = [self.urls[(start + i) % n] for i in range(n)]

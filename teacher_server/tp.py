@@ -59,7 +59,8 @@ import torch.distributed as dist
 from teacher_server import head as H
 from teacher_server import kernels as K
 from teacher_server.engine import ScoreItem, ScoringEngine
-from teacher_server.fp8 import FP8, FP8_MAX, FP8Linear, dequantized
+from teacher_server.fp8 import FP8Linear, dequantized, quantize_rows
+from teacher_server.fp8 import quantize_body as fp8_quantize_body
 from teacher_server.model import compile_body, uncompile_body
 
 log = logging.getLogger("opd.teacher")
@@ -304,6 +305,10 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 # ---- fp8 over the shards -------------------------------------------------------------------------
+def _max_over_ranks(amax: torch.Tensor) -> None:
+    dist.all_reduce(amax, op=dist.ReduceOp.MAX)
+
+
 class FP8RowParallel(FP8Linear):
     """A row-parallel (input-sharded) linear layer as fp8 (`fp8.FP8Linear`): this rank's weight
     columns, the per-output-channel weight scales and the per-token activation scales taken over
@@ -314,11 +319,7 @@ class FP8RowParallel(FP8Linear):
 
     def __init__(self, linear, emulate: bool = False):
         super().__init__(linear, emulate)
-        w = linear.weight.detach()
-        amax = w.abs().amax(dim=-1).float()
-        dist.all_reduce(amax, op=dist.ReduceOp.MAX)
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        self.weight_fp8 = (w.float() / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        self.weight_fp8, scale = quantize_rows(linear.weight.detach(), _max_over_ranks)
         self.weight_scale = scale.reshape(1, -1).contiguous()
         self.row_bias, self.bias = self.bias, None   # added once, after the sum
 
@@ -326,18 +327,9 @@ class FP8RowParallel(FP8Linear):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
         if self.dequantized:
-            w = (self.weight_fp8.float() * self.weight_scale.t()).to(x.dtype)
-            y = torch.nn.functional.linear(x2, w)
+            y = torch.nn.functional.linear(x2, self.dequantized_weight(x.dtype))
         else:
-            amax = x2.abs().amax(dim=-1, keepdim=True).float()
-            dist.all_reduce(amax, op=dist.ReduceOp.MAX)
-            xs = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-            xq = (x2.float() / xs).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-            if self.emulate:
-                y = ((xq.float() @ self.weight_fp8.float().t()) * xs * self.weight_scale).to(self.out_dtype)
-            else:
-                y = torch._scaled_mm(xq, self.weight_fp8.t(), scale_a=xs, scale_b=self.weight_scale,
-                                     out_dtype=self.out_dtype)
+            y = self.matmul(*quantize_rows(x2, _max_over_ranks))   # the bias: once, after the sum
         dist.all_reduce(y)
         if self.row_bias is not None:
             y = y + self.row_bias.to(y.dtype)
@@ -354,29 +346,17 @@ def quantize_body(body, emulate: bool = False) -> int:
 
     from torch.distributed.tensor import Shard
 
-    layers = getattr(body, "layers", None)
-    if not layers:
-        raise ValueError("--quantize fp8: the model's body has no `layers` to quantise")
-    n = 0
-    for layer in layers:
-        for name, mod in list(layer.named_modules()):
-            if type(mod) is not torch.nn.Linear:
-                continue
-            w = _local(mod.weight).detach()
-            if w.shape[0] % 16 or w.shape[1] % 16:
-                continue
-            bias = None if mod.bias is None else torch.nn.Parameter(_local(mod.bias).detach(), requires_grad=False)
-            lin = SimpleNamespace(weight=w, bias=bias, in_features=w.shape[1], out_features=w.shape[0])
-            placements = getattr(mod.weight, "placements", ())
-            row = bool(placements) and placements[0] == Shard(1)
-            new = FP8RowParallel(lin, emulate) if row else FP8Linear(lin, emulate)
-            parent = layer.get_submodule(name.rpartition(".")[0]) if "." in name else layer
-            setattr(parent, name.rpartition(".")[2], new)
-            n += 1
-    if n == 0:
-        raise ValueError("--quantize fp8: no linear layer in the body could be quantised")
-    log.info("fp8: %d linear layers of the tensor-parallel body quantised (e4m3, rowwise scales)", n)
-    return n
+    def replace(mod):
+        w = _local(mod.weight).detach()
+        if w.shape[0] % 16 or w.shape[1] % 16:
+            return None
+        bias = None if mod.bias is None else torch.nn.Parameter(_local(mod.bias).detach(), requires_grad=False)
+        lin = SimpleNamespace(weight=w, bias=bias, in_features=w.shape[1], out_features=w.shape[0])
+        placements = getattr(mod.weight, "placements", ())
+        row = bool(placements) and placements[0] == Shard(1)
+        return FP8RowParallel(lin, emulate) if row else FP8Linear(lin, emulate)
+
+    return fp8_quantize_body(body, emulate, replace=replace, what="tensor-parallel body")
 
 
 # ---- the sharded head ------------------------------------------------------------------------------

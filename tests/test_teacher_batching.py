@@ -105,3 +105,19 @@ def test_the_openers_model_picks_the_policy():
     assert _ids(q.take(policy_for)) == ["a0"]
     assert _ids(q.take(policy_for)) == ["b1"]
     assert seen == ["b", "a", "b"]
+
+
+def test_prompt_group_picks_the_openers_samples_whole_then_queue_order_by_tokens_sent():
+    """The SGLang engine's batches (one /generate each): the opener's prompt group first, then
+    the others in queue order, counting each sequence's tokens up to its span's end."""
+    rng = np.random.default_rng(3)
+    prompt = rng.integers(100, 200, 20)
+    a = [ScoreItem(f"a{i}", np.concatenate([prompt, rng.integers(100, 200, 5)]), 20, 25, top_k=1,
+                   stats=frozenset({"sampled"})) for i in range(3)]
+    b = _item("b", rng.integers(100, 200, 10))                       # sends 10
+    c = ScoreItem("c", rng.integers(100, 200, 30), 1, 10, top_k=1, stats=frozenset({"sampled"}))  # sends 10, not 30
+    pend = [a[0], b, a[1], a[2], c]
+    assert _ids(BatchPolicy(75, True, 4).pick_prompt_group(pend)) == ["a0", "a1", "a2"]
+    assert _ids(BatchPolicy(70, True, 4).pick_prompt_group(pend)) == ["a0", "a1", "b", "c"]
+    assert _ids(BatchPolicy(60, False, 4).pick_prompt_group(pend)) == ["a0", "b", "a1"]
+    assert _ids(BatchPolicy(5, True, 4).pick_prompt_group(pend)) == ["a0"]    # the opener always goes

@@ -12,7 +12,6 @@ import os
 import queue
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -28,7 +27,7 @@ from teacher_server import codec
 from teacher_server.client import ScoreSettings, TeacherClient
 from teacher_server.service import CHANNEL_OPTIONS, SERVICE
 from teacher_server.wire import pb
-from tests.teacher_helpers import reference_logprobs, running_server
+from tests.teacher_helpers import TeacherProcess, reference_logprobs, running_server
 
 OK_CODES = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED}
 GRACE_S = 20
@@ -104,26 +103,16 @@ def _proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-class Proc:
-    """An `opd teacher` subprocess; its output is drained by a thread (a full pipe would block it)."""
+class Proc(TeacherProcess):
+    """An `opd teacher` subprocess (tests.teacher_helpers.TeacherProcess: its output is drained by a
+    thread, a full pipe would block it) and its metrics."""
 
     def __init__(self, model_dir, *extra):
         self.metrics_port = _free_port()
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-        self.p = subprocess.Popen([sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--port", "0",
-                                   "--dtype", "fp32", "--grace-s", str(GRACE_S), "--max-sequence-length", "512",
-                                   "--metrics-port", str(self.metrics_port), *extra],
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.lines: list[str] = []
-        port = None
-        for line in self.p.stdout:
-            self.lines.append(line)
-            if "serving" in line and "on 127.0.0.1:" in line:
-                port = int(line.rsplit(":", 1)[1])
-                break
-        assert port, "server did not start:\n" + "".join(self.lines[-30:])
-        self.url = f"127.0.0.1:{port}"
-        threading.Thread(target=lambda: self.lines.extend(self.p.stdout), daemon=True).start()
+        super().__init__("--model", model_dir, "--port", "0", "--dtype", "fp32", "--grace-s", GRACE_S,
+                         "--max-sequence-length", "512", "--metrics-port", self.metrics_port, *extra,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+        self.p, self.lines, self.url = self.proc, self.log, self.grpc
 
     def metric(self, name: str) -> float:
         text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()

@@ -10,8 +10,6 @@ import math
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -20,7 +18,7 @@ import pytest
 import requests
 
 from teacher_server.client import ScoreSettings, TeacherClient
-from tests.teacher_helpers import reference_logprobs
+from tests.teacher_helpers import TeacherProcess, reference_logprobs
 
 TOKEN = "http-s3cret"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -28,54 +26,22 @@ K = 5
 TOL = 2e-5
 
 
-class _Teacher:
-    """`opd teacher --http-port 0` as a user starts it; the two port lines mark it ready."""
-
-    def __init__(self, model_dir):
-        env = dict(os.environ, PYTHONUNBUFFERED="1", OPD_TEACHER_TOKEN=TOKEN)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.metrics = f"http://127.0.0.1:{s.getsockname()[1]}/metrics"
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--port", "0", "--http-port", "0",
-             "--dtype", "fp32", "--max-top-k", "32", "--served-model-name", "teacher-x",
-             "--metrics-port", self.metrics.split(":")[2].split("/")[0]],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.log, self.grpc, self.http = [], None, None
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                self.log.append(line)
-                if line.startswith("opd teacher: HTTP"):
-                    self.http = f"http://127.0.0.1:{int(line.rsplit(':', 1)[1])}"
-                if line.startswith("opd teacher: serving"):
-                    self.grpc = f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(180) or not (self.grpc and self.http):
-            self.stop()
-            raise RuntimeError("opd teacher did not start:\n" + "".join(self.log[-30:]))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def _teacher(model_dir):
+    """`opd teacher --http-port 0` as a user starts it; ready once both its ports are printed."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        metrics_port = s.getsockname()[1]
+    t = TeacherProcess("--model", model_dir, "--port", "0", "--http-port", "0", "--dtype", "fp32",
+                       "--max-top-k", "32", "--served-model-name", "teacher-x", "--metrics-port", metrics_port,
+                       env=dict(os.environ, OPD_TEACHER_TOKEN=TOKEN), need_http=True)
+    t.metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+    return t
 
 
 @pytest.fixture(scope="module")
 def teacher(tiny_model_dir):
-    t = _Teacher(tiny_model_dir)
-    try:
+    with _teacher(tiny_model_dir) as t:   # stopped at the end; it must exit with status 0
         yield t
-    finally:
-        t.stop()
-    assert t.proc.returncode == 0, "".join(t.log[-20:])
 
 
 def _seqs():

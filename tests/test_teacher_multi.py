@@ -8,8 +8,6 @@ a one-model server and a several-model server run the very same forwards: result
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 import threading
 import urllib.request
@@ -23,7 +21,7 @@ from teacher_server import codec
 from teacher_server.client import ScoreSettings, TeacherClient, TeacherRequestError
 from teacher_server.service import CHANNEL_OPTIONS, SERVICE
 from teacher_server.wire import pb
-from tests.teacher_helpers import reference_logprobs, running_server
+from tests.teacher_helpers import TeacherProcess, reference_logprobs, running_server
 
 TOKEN = "multi-s3cret"
 EXACT = ScoreSettings(top_k=8, statistics=("sampled", "topk", "tail", "logsumexp"), value_encoding="fp32",
@@ -357,26 +355,14 @@ def test_opd_teacher_serves_several_models_over_grpc_and_http(models):
 
     from teacher_server.metrics import parse_text
 
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         metrics_port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "opd", "teacher", "--model", f"t={teacher}", "--model",
-                             f"s={student}", "--port", "0", "--http-port", "0", "--dtype", "fp32",
-                             "--max-batch-tokens", "64", "--metrics-port", str(metrics_port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    log, ports = [], {}
+    proc = TeacherProcess("--model", f"t={teacher}", "--model", f"s={student}", "--port", "0", "--http-port", "0",
+                          "--dtype", "fp32", "--max-batch-tokens", "64", "--metrics-port", metrics_port,
+                          need_http=True)
     try:
-        for line in proc.stdout:
-            log.append(line)
-            if line.startswith("opd teacher: HTTP"):
-                ports["http"] = int(line.rsplit(":", 1)[1])
-            if line.startswith("opd teacher: serving s "):
-                ports["grpc"] = int(line.rsplit(":", 1)[1])
-                break
-        assert "grpc" in ports and "http" in ports, "".join(log[-20:])
-        threading.Thread(target=lambda: log.extend(proc.stdout), daemon=True).start()   # keep the pipe drained
-        url, http = f"127.0.0.1:{ports['grpc']}", f"http://127.0.0.1:{ports['http']}"
+        url, http = proc.grpc, proc.http
         seqs, starts = _seqs(7, n=2)
         for name, d in (("t", teacher), ("s", student)):
             res = _score(url, name, seqs, starts, token=None)
@@ -424,8 +410,7 @@ def test_opd_teacher_serves_several_models_over_grpc_and_http(models):
         assert m['opd_teacher_model_weight_version{model="s"}'] == 0
         assert m["opd_teacher_engine_sequences_total"] >= 9     # both models' batches count
     finally:
-        proc.terminate()
-        proc.wait(30)
+        proc.stop()
 
 
 @pytest.mark.parametrize("argv,message", [

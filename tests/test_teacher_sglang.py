@@ -12,11 +12,7 @@ forward, within the bound docs/sglang-scoring.md states for fp32 teachers.
 from __future__ import annotations
 
 import argparse
-import os
-import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 
@@ -38,7 +34,7 @@ from teacher_server.engine import ScoreItem
 from teacher_server.service import CHANNEL_OPTIONS, SERVICE
 from teacher_server.wire import pb
 from tests import sglang_reference
-from tests.teacher_helpers import reference_logprobs, running_server
+from tests.teacher_helpers import TeacherProcess, reference_logprobs, running_server
 
 K = 8
 BOUND = 1e-4      # |SGLang-fronted - HF engine| for an fp32 teacher (docs/sglang-scoring.md)
@@ -103,54 +99,22 @@ def hf(tiny_model_dir):
         yield url
 
 
-class Teacher:
-    """`opd teacher --engine sglang` as a user starts it; the 'serving' line marks it ready."""
+def _teacher(model_dir, url, *extra):
+    """`opd teacher --engine sglang` as a user starts it, in front of the stand-in at `url`."""
+    from rollout.launcher import free_port
 
-    def __init__(self, model_dir, url, *extra):
-        from rollout.launcher import free_port
-
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.metrics_port = free_port("127.0.0.1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "opd", "teacher", "--model", model_dir, "--engine", "sglang", "--sglang-url", url,
-             "--port", "0", "--max-top-k", "32", "--cache-mb", "16", "--batch-wait-ms", "100", "--grace-s", "2", "--http-port", "0",
-             "--metrics-port", str(self.metrics_port), *extra],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        self.log, self.grpc, self.http = [], None, None
-        ready = threading.Event()
-
-        def read():
-            for line in self.proc.stdout:
-                self.log.append(line)
-                if line.startswith("opd teacher: HTTP"):
-                    self.http = f"http://127.0.0.1:{int(line.rsplit(':', 1)[1])}"
-                if line.startswith("opd teacher: serving"):
-                    self.grpc = f"127.0.0.1:{int(line.rsplit(':', 1)[1])}"
-                    ready.set()
-            ready.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(120) or not self.grpc:
-            self.stop()
-            raise RuntimeError("opd teacher --engine sglang did not start:\n" + "".join(self.log[-30:]))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+    metrics_port = free_port("127.0.0.1")
+    t = TeacherProcess("--model", model_dir, "--engine", "sglang", "--sglang-url", url, "--port", "0",
+                       "--max-top-k", "32", "--cache-mb", "16", "--batch-wait-ms", "100", "--grace-s", "2",
+                       "--http-port", "0", "--metrics-port", metrics_port, *extra, timeout=120)
+    t.metrics_port = metrics_port
+    return t
 
 
 @pytest.fixture(scope="module")
 def teacher(standin, tiny_model_dir):
-    t = Teacher(tiny_model_dir, standin.url)
-    try:
+    with _teacher(tiny_model_dir, standin.url) as t:   # stopped at the end; it must exit with status 0
         yield t
-    finally:
-        t.stop()
-    assert t.proc.returncode == 0, "".join(t.log[-20:])
 
 
 def _seqs():

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 from teacher_server.client import ScoreSettings, TeacherClient
-from tests.teacher_helpers import running_server
+from tests.teacher_helpers import TeacherProcess, running_server
 
 TOL = 1e-5
 
@@ -122,20 +122,11 @@ def test_cli_tp2_over_grpc_equals_one_rank_and_a_lost_rank_stops_it(tiny_model_d
     """`opd teacher --tp 2` (spawning rank 1 itself) answers like the one-rank server, a repeat
     comes from the cache; then rank 1 is killed: rank 0 notices, sets NOT_SERVING (its log says so),
     drains and exits 1."""
-    proc = subprocess.Popen([sys.executable, "-m", "opd", "teacher", "--model", tiny_model_dir, "--port", "0",
-                             "--dtype", "fp32", "--tp", "2", "--packing", "on", "--prefix-min-tokens", "8",
-                             "--cache-mb", "8", "--grace-s", "2"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-    lines = []
+    teacher = TeacherProcess("--model", tiny_model_dir, "--port", "0", "--dtype", "fp32", "--tp", "2", "--packing", "on",
+                             "--prefix-min-tokens", "8", "--cache-mb", "8", "--grace-s", "2", env=_env())
+    proc = teacher.proc
     try:
-        port = None
-        for line in proc.stdout:
-            lines.append(line)
-            if "serving" in line and "on 127.0.0.1:" in line:
-                port = int(line.rsplit(":", 1)[1])
-                break
-        assert port, "server did not start:\n" + "".join(lines[-40:])
-        url = f"127.0.0.1:{port}"
+        url = teacher.grpc
         with TeacherClient(url) as c:
             vocab = c.info().vocab_size
         got = _score_all(url, vocab)
@@ -150,7 +141,7 @@ def test_cli_tp2_over_grpc_equals_one_rank_and_a_lost_rank_stops_it(tiny_model_d
         followers = _children(proc.pid)
         assert len(followers) == 1, followers
         os.kill(followers[0], 9)
-        rest = proc.communicate(timeout=60)[0]
+        rest = teacher.output(timeout=60)
         assert proc.returncode == 1, rest[-3000:]
         assert "rank 1 exited with status -9; NOT_SERVING, shutting down" in rest, rest[-3000:]
         assert "opd teacher: stopped" in rest, rest[-3000:]

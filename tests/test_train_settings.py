@@ -27,6 +27,7 @@ import torch
 
 from student_trainer.config import DIVERGENCES, load_config
 from tests.teacher_helpers import running_server
+from tests.trainer_helpers import capture_steps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,18 +75,6 @@ def _args(student, out, *extra, url=None):
     if not any(e.startswith("data.path=") for e in extra):
         base.append("data.task=arithmetic")
     return base + list(extra)
-
-
-def _capture(trainer) -> dict:
-    """The StepData (rollouts + teacher statistics) of every step the trainer produces."""
-    got, produce = {}, trainer.producer.produce
-
-    def wrapped(step):
-        got[step] = produce(step)
-        return got[step]
-
-    trainer.producer.produce = wrapped
-    return got
 
 
 def _rows(out) -> list[dict]:
@@ -196,7 +185,7 @@ def test_warmup_schedule_tip_eval_outputs_and_resume(models, teacher_url, tmp_pa
              "loss.token_keep_ratio=0.5", "run.eval_every=2", "run.eval_prompts=4", "run.progress=true",
              "run.tensorboard=true", "rollout.max_new_tokens=10"]
     a = Trainer(load_config(None, _args(student, out, *extra, "run.steps=2", url=teacher_url)))
-    got = _capture(a)
+    got = capture_steps(a)
     try:
         a.run()
     finally:
@@ -204,7 +193,7 @@ def test_warmup_schedule_tip_eval_outputs_and_resume(models, teacher_url, tmp_pa
     b = Trainer(load_config(None, _args(student, out, *extra, "run.steps=3", "run.plot=true", url=teacher_url)),
                 resume=True)  # the plot at the end of the resumed run draws all three steps
     assert b.start_step == 2
-    got_b = _capture(b)
+    got_b = capture_steps(b)
     try:
         b.run()
     finally:
@@ -353,7 +342,7 @@ def _one_step_on_the_file(cfg, student, weights_after: bool = False):
     from student_trainer.trainer import Trainer
 
     tr = Trainer(cfg)
-    got = _capture(tr)
+    got = capture_steps(tr)
     ref = Reference(student)
     try:
         m = tr.run()
@@ -460,7 +449,7 @@ def test_sft_objective_needs_no_teacher(models, tmp_path):
     _, student = models
     tr = Trainer(load_config(None, _args(student, tmp_path / "sft", "loss.objective=sft", "run.steps=1")))
     assert tr.teacher is None
-    got = _capture(tr)
+    got = capture_steps(tr)
     ref = Reference(student)
     try:
         m = tr.run()
@@ -485,7 +474,7 @@ def test_bf16_default_zero3_and_gradient_checkpointing(models, teacher_url, tmp_
     cfg = load_config(None, args)
     assert cfg.model.dtype == "bf16"
     tr = Trainer(cfg)
-    got = _capture(tr)
+    got = capture_steps(tr)
     try:
         st = tr.engine.module.student
         params = list(st.parameters())

@@ -16,6 +16,7 @@ import torch
 
 from student_trainer.config import ConfigError, load_config
 from tests.teacher_helpers import reference_logprobs, running_server
+from tests.trainer_helpers import capture_steps
 
 
 @pytest.fixture(scope="module")
@@ -35,17 +36,6 @@ def _args(student, out, *extra):
             "data.prompts_per_step=4", "rollout.n=2", "optim.lr=1e-3", "run.plot=false", "run.export_hf=false",
             "run.progress=false", "run.tensorboard=false", "teacher.max_backoff_s=0.5",
             "teacher.value_encoding=fp32", *extra]
-
-
-def _capture(trainer) -> dict:
-    got, produce = {}, trainer.producer.produce
-
-    def wrapped(step):
-        got[step] = produce(step)
-        return got[step]
-
-    trainer.producer.produce = wrapped
-    return got
 
 
 def _student_logprobs(student_dir, ids, prompt_len, temperature):
@@ -98,7 +88,7 @@ def test_two_teachers_routed_by_task(teachers, tmp_path):
                  f"teacher.url={url_a}", f"teacher.routes.sort.url={url_b}", "teacher.routes.sort.top_k=8", "teacher.routes.sort.temperature=2.0",
                  "teacher.routes.sort.weight=3.0", "optim.lr=1e-9")  # (the weights barely move: one reference)
     tr = Trainer(load_config(None, args))
-    got = _capture(tr)
+    got = capture_steps(tr)
     try:
         assert tr.teacher is tr.producer.teachers["default"].client
         tr.run()
@@ -232,7 +222,7 @@ def test_privileged_context_with_a_frozen_self_teacher(models, tmp_path):
     with running_server(student) as (_, url):
         tr = Trainer(load_config(None, _args(student, tmp_path / "p", "data.task=arithmetic", f"teacher.url={url}",
                                              f"teacher.prompt_template={template}", "run.steps=1", "optim.lr=1e-9")))
-        got = _capture(tr)
+        got = capture_steps(tr)
         try:
             m = tr.run()
             prompts = tr.data.batch(0, 4)
@@ -291,7 +281,7 @@ def test_file_rows_route_and_fill_the_template(teachers, tmp_path):
     tr = Trainer(load_config(None, _args(student, tmp_path / "f", f"data.path={data}", "run.steps=1",
                                          f"teacher.routes.x.url={url_a}", "teacher.routes.x.prompt_template="
                                          "{prompt}\nHint: {hint}", f"teacher.routes.y.url={url_b}")))
-    got = _capture(tr)
+    got = capture_steps(tr)
     try:
         tr.run()
         prompts = tr.data.batch(0, 4)
