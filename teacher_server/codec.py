@@ -277,9 +277,10 @@ _TORCH_OF = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat1
 def decode_weight_into(t: pb.Tensor, out) -> tuple[int, int]:
     """Write weight piece `t` into the first elements of `out` (a 1-D CPU torch tensor: the part of
     a parameter's host copy still to be filled), converted to out's dtype; returns how many
-    elements it wrote and the bytes of data it read (as sent: compressed for zstd). Raises ValueError for a dtype that is not a weight dtype, a shape that is
-    not 1-D or longer than `out`, or broken data. One copy when the wire dtype is out's dtype (the
-    common case); the data is never inflated beyond `out`'s size (see `_unpack_raw`)."""
+    elements it wrote and the bytes of data it read (as sent: compressed for zstd). Raises
+    ValueError for a dtype that is not a weight dtype, a shape that is not 1-D or longer than
+    `out`, or broken data. One copy when the wire dtype is out's dtype (the common case); the data
+    is never inflated beyond `out`'s size (see `_unpack_raw`)."""
     import torch
 
     if t.dtype not in WEIGHT_DTYPES:

@@ -378,7 +378,8 @@ def test_weight_messages_are_the_messages_protobuf_builds(compression):
 
     g = torch.Generator().manual_seed(0)
     tensors = [("a", torch.randn(3, 5, generator=g)), ("b", torch.randn(1000, generator=g).to(torch.bfloat16)),
-               ("c", torch.randn(7, 300, generator=g).half()), ("d", torch.randn(300, generator=g, dtype=torch.float64))]
+               ("c", torch.randn(7, 300, generator=g).half()),
+               ("d", torch.randn(300, generator=g, dtype=torch.float64))]   # goes as float32
     for bucket in (16, 1000, 1 << 20):
         msgs = list(_weight_messages(tensors, 3, "m", True, bucket, compression))
         assert len(msgs) == 1 if bucket == 1 << 20 else len(msgs) > 1
