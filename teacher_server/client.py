@@ -408,6 +408,9 @@ _PIECE_DATA = pb.TensorPiece.DESCRIPTOR.fields_by_name["data"].number
 _TENSOR_DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
 
 
+_KEEP_SMALL = 1 << 20   # a tensor's last piece below this is copied to keep filling the message
+
+
 def _weight_messages(named_tensors, version: int, model: str, partial: bool, bucket_bytes: int,
                      compression: int) -> Iterator[bytes]:
     """Serialized UpdateWeightsRequests of at most `bucket_bytes` of tensor data each (a tensor
@@ -415,12 +418,16 @@ def _weight_messages(named_tensors, version: int, model: str, partial: bool, buc
     the flattened tensor). protobuf serializes every field but the tensors' data; each piece's
     data is framed after its message's other fields (fields may come in any order on the wire), so
     it is copied once, from the tensor's memory into the message, instead of once for every level
-    of message nesting and again to serialize."""
+    of message nesting and again to serialize. No tensor's memory is read after the next one is
+    taken from `named_tensors` (the caller may free or reuse it then, as ZeRO-3 buckets do): at a
+    tensor's end a message with 1 MiB or more of its data still to copy ends early; less is
+    copied out, and the message goes on filling."""
     head = pb.UpdateWeightsRequest(model=model, version=version, partial=partial).SerializeToString()
     parts, size, sent = [head], 0, False
     for name, t in named_tensors:
         flat = t.detach().reshape(-1)
         numel, item, off = flat.numel(), max(1, flat.element_size()), 0
+        borrowed = []   # indices in `parts` of this tensor's memory, not copied yet
         while True:
             per = max(1, (bucket_bytes - size) // item)
             tensor, data = codec.weight_parts(flat[off:off + per], compression)
@@ -429,13 +436,20 @@ def _weight_messages(named_tensors, version: int, model: str, partial: bool, buc
             piece = pb.TensorPiece(name=name, shape=list(t.shape), offset=off).SerializeToString()
             piece += _len_key(_PIECE_DATA, len(tensor) + nbytes)
             parts += [_len_key(_REQ_TENSORS, len(piece) + len(tensor) + nbytes), piece, tensor, data]
+            borrowed.append(len(parts) - 1)
             size += min(per, numel - off) * item
             off += per
             if size >= bucket_bytes:
                 yield b"".join(parts)
-                parts, size, sent = [head], 0, True
+                parts, size, sent, borrowed = [head], 0, True, []
             if off >= numel:
                 break
+        if borrowed and sum(memoryview(parts[i]).nbytes for i in borrowed) >= _KEEP_SMALL:
+            yield b"".join(parts)
+            parts, size, sent = [head], 0, True
+        else:
+            for i in borrowed:
+                parts[i] = bytes(parts[i])
     if len(parts) > 1 or not sent:
         yield b"".join(parts)
 

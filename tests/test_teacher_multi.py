@@ -404,6 +404,33 @@ def test_weight_messages_are_the_messages_protobuf_builds(compression):
             assert torch.equal(got[name], want), name
 
 
+def test_weight_messages_read_no_tensor_after_the_next_is_taken():
+    """A caller may free or reuse a tensor's memory once the next one is taken (the trainer's ZeRO-3
+    buckets do): here each tensor is overwritten with NaN as soon as the next is asked for, and
+    the messages still carry the original values (small tensors are copied into the message that
+    goes on filling; a large one ends its message)."""
+    from teacher_server.client import _weight_messages
+
+    g = torch.Generator().manual_seed(2)
+    want = [(f"t{i}", torch.randn(n, generator=g)) for i, n in enumerate([5, 300_000, 7, 11, 400_000, 3])]
+
+    def reused():
+        prev = None
+        for name, t in want:
+            if prev is not None:
+                prev.fill_(float("nan"))
+            prev = t.clone()
+            yield name, prev
+
+    msgs = [pb.UpdateWeightsRequest.FromString(m) for m in _weight_messages(reused(), 1, "m", False, 4 << 20, 0)]
+    assert [[p.name for p in m.tensors] for m in msgs] == [["t0", "t1"], ["t2", "t3", "t4"], ["t5"]]
+    for m in msgs:
+        for p in m.tensors:
+            out = torch.empty(int(p.shape[0]))
+            codec.decode_weight_into(p.data, out)
+            assert torch.equal(out, dict(want)[p.name]), p.name
+
+
 def test_decode_weight_into_takes_byte_shuffled_pieces_and_converts_dtypes():
     """Pieces from older clients (byte-shuffled without compression) decode to the same values; a
     wire dtype other than the parameter's is converted as torch converts it; a piece longer than
