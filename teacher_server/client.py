@@ -342,9 +342,11 @@ class TeacherClient:
         the model's `named_parameters()`; any device and float dtype, sent exactly in their own
         dtype) and call them `version` (an integer above the model's current one). `model`: the
         served model (None: this client's `model`). Every parameter must be sent unless `partial`.
-        Streamed in messages of about `bucket_mb` MiB (a larger tensor goes in pieces), one
-        endpoint after the other; the server swaps them in between two batches once the whole
-        stream arrived and checked out, so a failed update leaves the old weights serving.
+        Streamed in messages of at most `bucket_mb` MiB of tensor data (a larger tensor goes in
+        pieces; a message ends early after a tensor of 1 MiB or more, so no tensor is read after
+        the next is taken from `named_tensors`), one endpoint after the other; the server swaps
+        them in between two batches once the whole stream arrived and checked out, so a failed
+        update leaves the old weights serving.
         Returns each endpoint's answer. Raises TeacherRequestError for a refused update (bad name,
         shape, dtype, version; a server that cannot update that model), grpc.RpcError otherwise.
         Not retried."""
