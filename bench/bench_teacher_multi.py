@@ -15,6 +15,10 @@ one device); the push is host-staged (gRPC on 127.0.0.1), so it measures seriali
 
     PYTHONPATH=. python bench/bench_teacher_multi.py --out bench_teacher_multi.json          # CUDA, qwen3-1.7b
     PYTHONPATH=. python bench/bench_teacher_multi.py --shape tiny --device cpu --seqs 8 --seq-len 128  # smoke
+    PYTHONPATH=. python bench/bench_teacher_multi.py --rows update --shape mid --device cpu --dtype bf16  # push only
+
+--rows update runs the push alone: a one-model server, and the pushed tensors are a copy of that
+model's own parameters (same bytes, sizes and names as the two-model run's push of b into a).
 """
 
 from __future__ import annotations
@@ -40,6 +44,9 @@ SHAPES = {
                      num_key_value_heads=8, head_dim=128, intermediate_size=12288, max_position_embeddings=40960),
     "qwen3-1.7b": dict(vocab_size=151936, hidden_size=2048, num_hidden_layers=28, num_attention_heads=16,
                        num_key_value_heads=8, head_dim=128, intermediate_size=6144, max_position_embeddings=40960),
+    # ~218M parameters (436 MB in bf16): big enough for the push's per-byte costs to dominate, cheap on a CPU
+    "mid": dict(vocab_size=32768, hidden_size=1024, num_hidden_layers=12, num_attention_heads=16,
+                num_key_value_heads=8, head_dim=64, intermediate_size=3072, max_position_embeddings=8192),
     "tiny": dict(vocab_size=4096, hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                  head_dim=32, intermediate_size=384, max_position_embeddings=8192),
 }
@@ -53,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--seqs", type=int, default=64)
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rows", default="all", choices=["all", "update"],
+                   help="all: the scoring rows and the push; update: the UpdateWeights push alone")
+    p.add_argument("--bucket-mb", type=float, default=64.0, help="update_weights' message size (MiB)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     return p.parse_args(argv)
 
@@ -98,17 +108,8 @@ def score(url, model, seqs):
         c.score(seqs, [len(s) // 2 for s in seqs])
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
-    rng = np.random.default_rng(0)
-    vocab = SHAPES[args.shape]["vocab_size"]
-    seqs = [rng.integers(0, vocab, args.seq_len) for _ in range(args.seqs)]
-    tokens = args.seqs * args.seq_len
-    rows = []
-    root = Path(tempfile.mkdtemp(prefix="opd-bench-multi-"))
-    a_dir, b_dir = model_dirs(root, args.shape)
-
+def score_rows(args, rows, seqs, tokens, a_dir, b_dir):
+    """The single, multi-one and multi-mixed rows; returns the two-model server, still serving."""
     srv, url = serve(args, [("a", a_dir)])
     s = timed(lambda: score(url, "a", seqs), args.repeats)
     rows.append({"row": "single", "seconds": s, "tokens_per_s": tokens / s})
@@ -130,25 +131,48 @@ def main(argv=None) -> int:
 
     s = timed(mixed, args.repeats)
     rows.append({"row": "multi-mixed", "seconds": s, "tokens_per_s": tokens / s})
+    return srv
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    rng = np.random.default_rng(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    seqs = [rng.integers(0, vocab, args.seq_len) for _ in range(args.seqs)]
+    tokens = args.seqs * args.seq_len
+    rows = []
+    root = Path(tempfile.mkdtemp(prefix="opd-bench-multi-"))
+    a_dir, b_dir = model_dirs(root, args.shape)
+
+    if args.rows == "all":
+        srv = score_rows(args, rows, seqs, tokens, a_dir, b_dir)
+        params = dict(srv.engine.engine_for("b").model.named_parameters())   # b's weights, on the device
+    else:
+        srv, _ = serve(args, [("a", a_dir)])
+        params = {n: p.detach().clone() for n, p in srv.engine.engine_for("a").model.named_parameters()}
+    url = f"127.0.0.1:{srv.port}"
     from teacher_server.client import TeacherClient
 
-    params = dict(srv.engine.engine_for("b").model.named_parameters())   # b's weights, on the device
     nbytes = sum(p.numel() * p.element_size() for p in params.values())
     pushes = []
     with TeacherClient(url, model="a") as c:
         for v in range(1, args.repeats + 2):
             t = time.perf_counter()
-            (resp,) = c.update_weights(params.items(), version=v)
+            (resp,) = c.update_weights(params.items(), version=v, bucket_mb=args.bucket_mb)
             pushes.append((time.perf_counter() - t, resp.apply_seconds))
     wall = statistics.median(p[0] for p in pushes[1:])
     pause = statistics.median(p[1] for p in pushes[1:])
+    best = min(p[0] for p in pushes[1:])
     rows.append({"row": "update", "seconds": wall, "bytes": nbytes, "mb_per_s": nbytes / wall / 1e6,
-                 "apply_seconds": pause})
+                 "apply_seconds": pause, "best_seconds": best, "best_mb_per_s": nbytes / best / 1e6,
+                 "bucket_mb": args.bucket_mb})
     srv.stop(1)
 
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"# {args.shape}, {args.dtype}, {dev}; {args.seqs} x {args.seq_len} tokens; median of {args.repeats}")
+    print(f"# {args.shape}, {args.dtype}, {dev}; {args.seqs} x {args.seq_len} tokens; median of {args.repeats}"
+          f" (update: {nbytes / 1e6:.0f} MB in {args.bucket_mb:g} MiB messages; best {best:.3f} s, "
+          f"{nbytes / best / 1e6:.0f} MB/s)")
     print(f"{'row':<12} {'seconds':>9} {'tokens/s':>11} {'MB/s':>8} {'pause s':>8}")
     for r in rows:
         print(f"{r['row']:<12} {r['seconds']:>9.3f} {r.get('tokens_per_s', float('nan')):>11.0f} "

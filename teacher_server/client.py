@@ -148,8 +148,8 @@ class _Endpoint:
                                                  response_deserializer=pb.TeacherInfo.FromString)
         self.score = self.channel.stream_stream(f"/{SERVICE}/Score", request_serializer=pb.ScoreRequest.SerializeToString,
                                                 response_deserializer=pb.ScoreResult.FromString)
-        self.update_weights = self.channel.stream_unary(
-            f"/{SERVICE}/UpdateWeights", request_serializer=pb.UpdateWeightsRequest.SerializeToString,
+        self.update_weights = self.channel.stream_unary(   # requests come serialized (`_weight_messages`)
+            f"/{SERVICE}/UpdateWeights", request_serializer=None,
             response_deserializer=pb.UpdateWeightsResponse.FromString)
         self.health = health_pb2_grpc.HealthStub(self.channel)
         self.down_until = 0.0
@@ -342,9 +342,11 @@ class TeacherClient:
         the model's `named_parameters()`; any device and float dtype, sent exactly in their own
         dtype) and call them `version` (an integer above the model's current one). `model`: the
         served model (None: this client's `model`). Every parameter must be sent unless `partial`.
-        Streamed in messages of about `bucket_mb` MiB (a larger tensor goes in pieces), one
-        endpoint after the other; the server swaps them in between two batches once the whole
-        stream arrived and checked out, so a failed update leaves the old weights serving.
+        Streamed in messages of at most `bucket_mb` MiB of tensor data (a larger tensor goes in
+        pieces; a message ends early after a tensor of 1 MiB or more, so no tensor is read after
+        the next is taken from `named_tensors`), one endpoint after the other; the server swaps
+        them in between two batches once the whole stream arrived and checked out, so a failed
+        update leaves the old weights serving.
         Returns each endpoint's answer. Raises TeacherRequestError for a refused update (bad name,
         shape, dtype, version; a server that cannot update that model), grpc.RpcError otherwise.
         Not retried."""
@@ -388,24 +390,70 @@ class _NotServing(Exception):
     pass
 
 
+def _varint(v: int) -> bytes:
+    out = bytearray()
+    while v > 0x7F:
+        out.append(v & 0x7F | 0x80)
+        v >>= 7
+    out.append(v)
+    return bytes(out)
+
+
+def _len_key(field: int, size: int) -> bytes:
+    """The key (`field`, wire type 2: length-delimited) and the length `size` that open a bytes or
+    message field in the protobuf wire format."""
+    return _varint(field << 3 | 2) + _varint(size)
+
+
+_REQ_TENSORS = pb.UpdateWeightsRequest.DESCRIPTOR.fields_by_name["tensors"].number
+_PIECE_DATA = pb.TensorPiece.DESCRIPTOR.fields_by_name["data"].number
+_TENSOR_DATA = pb.Tensor.DESCRIPTOR.fields_by_name["data"].number
+
+
+_KEEP_SMALL = 1 << 20   # a tensor's last piece below this is copied to keep filling the message
+
+
 def _weight_messages(named_tensors, version: int, model: str, partial: bool, bucket_bytes: int,
-                     compression: int) -> Iterator[pb.UpdateWeightsRequest]:
-    """UpdateWeightsRequests of about `bucket_bytes` of tensor data each; a tensor larger than
-    that goes in pieces (consecutive element ranges of the flattened tensor)."""
-    msg, size, sent = pb.UpdateWeightsRequest(model=model, version=version, partial=partial), 0, False
+                     compression: int) -> Iterator[bytes]:
+    """Serialized UpdateWeightsRequests of at most `bucket_bytes` of tensor data each (a tensor
+    that does not fit in what is left of a message goes in pieces: consecutive element ranges of
+    the flattened tensor). protobuf serializes every field but the tensors' data; each piece's
+    data is framed after its message's other fields (fields may come in any order on the wire), so
+    it is copied once, from the tensor's memory into the message, instead of once for every level
+    of message nesting and again to serialize. No tensor's memory is read after the next one is
+    taken from `named_tensors` (the caller may free or reuse it then, as ZeRO-3 buckets do): at a
+    tensor's end a message with 1 MiB or more of its data still to copy ends early; less is
+    copied out, and the message goes on filling."""
+    head = pb.UpdateWeightsRequest(model=model, version=version, partial=partial).SerializeToString()
+    parts, size, sent = [head], 0, False
     for name, t in named_tensors:
         flat = t.detach().reshape(-1)
-        per = max(1, bucket_bytes // max(1, flat.element_size()))
-        for off in range(0, max(1, flat.numel()), per):
-            part = flat[off:off + per]
-            msg.tensors.append(pb.TensorPiece(name=name, shape=list(t.shape), offset=off,
-                                              data=codec.encode_weight(part, compression)))
-            size += part.numel() * part.element_size()
+        numel, item, off = flat.numel(), max(1, flat.element_size()), 0
+        borrowed = []   # indices in `parts` of this tensor's memory, not copied yet
+        while True:
+            per = max(1, (bucket_bytes - size) // item)
+            tensor, data = codec.weight_parts(flat[off:off + per], compression)
+            nbytes = memoryview(data).nbytes
+            tensor = tensor.SerializeToString() + _len_key(_TENSOR_DATA, nbytes)
+            piece = pb.TensorPiece(name=name, shape=list(t.shape), offset=off).SerializeToString()
+            piece += _len_key(_PIECE_DATA, len(tensor) + nbytes)
+            parts += [_len_key(_REQ_TENSORS, len(piece) + len(tensor) + nbytes), piece, tensor, data]
+            borrowed.append(len(parts) - 1)
+            size += min(per, numel - off) * item
+            off += per
             if size >= bucket_bytes:
-                yield msg
-                msg, size, sent = pb.UpdateWeightsRequest(model=model, version=version, partial=partial), 0, True
-    if msg.tensors or not sent:
-        yield msg
+                yield b"".join(parts)
+                parts, size, sent, borrowed = [head], 0, True, []
+            if off >= numel:
+                break
+        if borrowed and sum(memoryview(parts[i]).nbytes for i in borrowed) >= _KEEP_SMALL:
+            yield b"".join(parts)
+            parts, size, sent = [head], 0, True
+        else:
+            for i in borrowed:
+                parts[i] = bytes(parts[i])
+    if len(parts) > 1 or not sent:
+        yield b"".join(parts)
 
 
 class AsyncTeacherClient:

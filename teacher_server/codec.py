@@ -107,10 +107,11 @@ def _decompress_exact(data: bytes, size: int) -> bytes:
     return bytes(out)
 
 
-def _unpack_raw(t: pb.Tensor, max_elements: int | None = None) -> np.ndarray:
-    """The tensor's array. The declared shape and dtype fix the byte count before anything is
-    decoded; `max_elements` (when given) bounds the shape, and zstd data is inflated to exactly
-    that byte count, never further (see `_decompress_exact`)."""
+def _unpack_raw(t: pb.Tensor, max_elements: int | None = None, data: bytes | None = None) -> np.ndarray:
+    """The tensor's array (`data`: t.data, when the caller read it already). The declared shape
+    and dtype fix the byte count before anything is decoded; `max_elements` (when given) bounds
+    the shape, and zstd data is inflated to exactly that byte count, never further (see
+    `_decompress_exact`). Plain data that needs no unshuffling is viewed, not copied (read-only)."""
     if t.dtype not in _NP_DTYPES:
         raise ValueError(f"tensor dtype {t.dtype} is not one of {sorted(_NP_DTYPES)}")
     np_dtype = np.dtype(_NP_DTYPES[t.dtype]).newbyteorder("<")
@@ -124,7 +125,7 @@ def _unpack_raw(t: pb.Tensor, max_elements: int | None = None) -> np.ndarray:
     if n > limit:
         raise ValueError(f"tensor shape {list(shape)} holds {n} elements; at most {limit} allowed here")
     need = n * np_dtype.itemsize
-    data = t.data
+    data = t.data if data is None else data
     if t.compression == pb.ZSTD:
         data = _decompress_exact(data, need)
     elif t.compression != pb.COMPRESSION_NONE:
@@ -238,22 +239,48 @@ def tensor_nbytes(t: pb.Tensor) -> int:
 WEIGHT_DTYPES = (pb.FLOAT32, pb.FLOAT16, pb.BFLOAT16)   # the dtypes weight pieces travel in
 
 
-def encode_weight(t, compression: int = pb.COMPRESSION_NONE, level: int = 3) -> pb.Tensor:
-    """A torch tensor's elements, flattened, as a 1-D Tensor in its own dtype (bf16 as its bits;
-    other float dtypes as float32). Exact: no rounding on the way."""
+def weight_parts(t, compression: int = pb.COMPRESSION_NONE, level: int = 3):
+    """A torch tensor's elements, flattened, for the wire: (`Tensor` message without its data,
+    the data as a buffer). The buffer is the tensor's own memory (a CPU tensor in bf16, fp16 or
+    fp32 is not copied; other float dtypes go as float32, a GPU tensor is copied to the host), so
+    a caller may frame it into a message without another copy (`client._weight_messages`).
+    Uncompressed data travels in element order (byte shuffling only helps zstd, and costs a
+    strided copy on each side); zstd data is byte-shuffled, then compressed. Exact: no rounding."""
     import torch
 
-    flat = t.detach().reshape(-1).cpu()
-    if flat.dtype == torch.bfloat16:
-        return _pack(flat.view(torch.int16).numpy().view(np.uint16), pb.BFLOAT16, compression, level, True)
-    if flat.dtype == torch.float16:
-        return _pack(flat.numpy(), pb.FLOAT16, compression, level, True)
-    return _pack(flat.float().numpy(), pb.FLOAT32, compression, level, True)
+    flat = t.detach().reshape(-1)
+    if flat.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        flat = flat.float()
+    flat = flat.cpu().contiguous()
+    dtype = {torch.bfloat16: pb.BFLOAT16, torch.float16: pb.FLOAT16, torch.float32: pb.FLOAT32}[flat.dtype]
+    if compression == pb.COMPRESSION_NONE:
+        head = pb.Tensor(shape=[flat.numel()], dtype=dtype, compression=compression)
+        return head, flat.view(torch.uint8).numpy().data
+    arr = flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy()
+    packed = _pack(arr, dtype, compression, level, True)
+    data = packed.data
+    packed.ClearField("data")
+    return packed, data
 
 
-def decode_weight(t: pb.Tensor, max_elements: int):
-    """A weight piece -> 1-D torch tensor (float32, float16 or bfloat16). Raises ValueError for
-    another dtype, a shape that is not 1-D or longer than `max_elements`, or broken data."""
+def encode_weight(t, compression: int = pb.COMPRESSION_NONE, level: int = 3) -> pb.Tensor:
+    """A torch tensor's elements, flattened, as a 1-D Tensor in its own dtype (bf16 as its bits;
+    other float dtypes as float32); see `weight_parts`. Exact: no rounding on the way."""
+    head, data = weight_parts(t, compression, level)
+    head.data = bytes(data)
+    return head
+
+
+_TORCH_OF = {pb.FLOAT32: "float32", pb.FLOAT16: "float16", pb.BFLOAT16: "bfloat16"}
+
+
+def decode_weight_into(t: pb.Tensor, out) -> tuple[int, int]:
+    """Write weight piece `t` into the first elements of `out` (a 1-D CPU torch tensor: the part of
+    a parameter's host copy still to be filled), converted to out's dtype; returns how many
+    elements it wrote and the bytes of data it read (as sent: compressed for zstd). Raises
+    ValueError for a dtype that is not a weight dtype, a shape that is not 1-D or longer than
+    `out`, or broken data. One copy when the wire dtype is out's dtype (the common case); the data
+    is never inflated beyond `out`'s size (see `_unpack_raw`)."""
     import torch
 
     if t.dtype not in WEIGHT_DTYPES:
@@ -261,7 +288,28 @@ def decode_weight(t: pb.Tensor, max_elements: int):
                          f"{', '.join(_dtype_name(d) for d in WEIGHT_DTYPES)}")
     if len(t.shape) != 1:
         raise ValueError(f"shape {list(t.shape)[:9]} must be 1-D (a piece of the flattened tensor)")
-    arr = _unpack_raw(t, max_elements)
-    if t.dtype == pb.BFLOAT16:
-        return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
-    return torch.from_numpy(arr.copy())
+    data = t.data   # (each read of a bytes field copies it: once)
+    arr = _unpack_raw(t, out.numel(), data)   # read-only over `data` unless it had to decode
+    n = arr.size
+    dst = out[:n]
+    wire = getattr(torch, _TORCH_OF[t.dtype])
+    if wire == out.dtype:
+        if wire == torch.bfloat16:   # as its bits (numpy has no bfloat16)
+            np.copyto(dst.view(torch.int16).numpy(), arr.view("<i2"), casting="equiv")
+        else:
+            np.copyto(dst.numpy(), arr, casting="equiv")
+    else:   # another float dtype than the parameter's: torch converts (round to nearest even)
+        host = arr.view("<i2") if wire == torch.bfloat16 else arr
+        src = torch.from_numpy(host.astype(host.dtype.newbyteorder("=")))   # a writable copy, native order
+        dst.copy_(src.view(torch.bfloat16) if wire == torch.bfloat16 else src)
+    return n, len(data)
+
+
+def all_finite(x) -> bool:
+    """Whether every element of float tensor `x` (non-empty) is finite: its minimum and maximum
+    both are (`torch.aminmax` propagates NaN), one vectorised pass that needs no mask the size of
+    `x` (several times faster than `torch.isfinite(x).all()` on the CPU)."""
+    import torch
+
+    lo, hi = torch.aminmax(x)
+    return bool(torch.isfinite(lo)) and bool(torch.isfinite(hi))

@@ -515,20 +515,21 @@ class _WeightUpdate:
         if piece.offset != done:
             raise InvalidRequest(f"{where}.offset: {piece.offset} for {name!r}; expected {done} (pieces of a "
                                  f"tensor come in order)")
-        try:
-            data = codec.decode_weight(piece.data, max_elements=n_all - done)
-        except ValueError as exc:
-            raise InvalidRequest(f"{where}.data ({name!r}): {exc}") from None
-        if data.numel() == 0:
-            raise InvalidRequest(f"{where}.data ({name!r}): empty piece")
-        if not torch.isfinite(data).all():
-            raise InvalidRequest(f"{where}.data ({name!r}): holds NaN or infinite values")
         flat = self.staged.get(name)
         if flat is None:
             flat = self.staged[name] = torch.empty(n_all, dtype=param.dtype)
-        flat[done:done + data.numel()] = data.to(param.dtype)
-        self.filled[name] = done + data.numel()
-        self.bytes += len(piece.data.data)
+        try:   # straight into the host copy, in the parameter's dtype
+            n, nbytes = codec.decode_weight_into(piece.data, flat[done:])
+        except ValueError as exc:
+            raise InvalidRequest(f"{where}.data ({name!r}): {exc}") from None
+        if n == 0:
+            raise InvalidRequest(f"{where}.data ({name!r}): empty piece")
+        # checked as stored, in the parameter's dtype: a finite value that overflows it is refused too
+        if not codec.all_finite(flat[done:done + n]):
+            raise InvalidRequest(f"{where}.data ({name!r}): holds NaN or infinite values "
+                                 f"(as {str(param.dtype).removeprefix('torch.')}, the parameter's dtype)")
+        self.filled[name] = done + n
+        self.bytes += nbytes
 
     def apply(self) -> pb.UpdateWeightsResponse:
         if self.served is None:

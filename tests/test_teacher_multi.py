@@ -347,6 +347,139 @@ def test_a_broken_update_stream_changes_nothing_and_auth_is_required(updatable, 
     assert srv.engine.engine_for("a").model.lm_head.weight.equal(new["lm_head.weight"])
 
 
+def test_a_value_that_overflows_the_parameters_dtype_is_refused(models):
+    """The finite check runs on the values as stored: float32 3.4e38 is finite but rounds to inf in
+    bfloat16 (largest finite 3.3895e38, half-way to the next power 3.3961e38), so a bf16 server
+    refuses it, as it refuses NaN."""
+    teacher, _ = models
+    with running_server(teacher, dtype="bf16") as (srv, url):
+        head = srv.engine.model.lm_head.weight
+        before = head.detach().clone()
+        t = torch.zeros(head.shape)
+        t[5, 6] = 3.4e38
+        with TeacherClient(url) as c:
+            with pytest.raises(TeacherRequestError, match=r"\('lm_head\.weight'\): holds NaN or infinite values "
+                                                          r"\(as bfloat16, the parameter's dtype\)"):
+                c.update_weights([("lm_head.weight", t)], version=1, partial=True)
+            t[5, 6] = 3.39e38   # rounds to bf16's largest finite value: taken
+            (resp,) = c.update_weights([("lm_head.weight", t)], version=1, partial=True)
+        assert resp.version == 1 and head.dtype == torch.bfloat16
+        assert head[5, 6].item() == torch.finfo(torch.bfloat16).max and not head.equal(before)
+
+
+# ---- the wire format of UpdateWeights --------------------------------------------------------------
+
+@pytest.mark.parametrize("compression", [pb.COMPRESSION_NONE, pb.ZSTD])
+def test_weight_messages_are_the_messages_protobuf_builds(compression):
+    """The client frames each piece's data into the serialized request itself (one copy); what it
+    sends must parse to the very message protobuf would build, hold at most bucket bytes of data a
+    message, and carry every element exactly."""
+    from teacher_server.client import _weight_messages
+
+    g = torch.Generator().manual_seed(0)
+    tensors = [("a", torch.randn(3, 5, generator=g)), ("b", torch.randn(1000, generator=g).to(torch.bfloat16)),
+               ("c", torch.randn(7, 300, generator=g).half()),
+               ("d", torch.randn(300, generator=g, dtype=torch.float64))]   # goes as float32
+    for bucket in (16, 1000, 1 << 20):
+        msgs = list(_weight_messages(tensors, 3, "m", True, bucket, compression))
+        assert len(msgs) == 1 if bucket == 1 << 20 else len(msgs) > 1
+        got = {}
+        for raw in msgs:
+            req = pb.UpdateWeightsRequest.FromString(raw)
+            assert (req.model, req.version, req.partial) == ("m", 3, True)
+            data_bytes = 0
+            for piece in req.tensors:
+                whole = dict(tensors)[piece.name]
+                flat = whole.reshape(-1).float() if whole.dtype == torch.float64 else whole.reshape(-1)
+                out = got.setdefault(piece.name, torch.full((flat.numel(),), float("nan"), dtype=flat.dtype))
+                n, _ = codec.decode_weight_into(piece.data, out[piece.offset:])
+                want = pb.TensorPiece(name=piece.name, shape=list(whole.shape), offset=piece.offset,
+                                      data=codec.encode_weight(flat[piece.offset:piece.offset + n], compression))
+                assert piece == want
+                assert piece.data.byte_shuffled == (compression == pb.ZSTD and n > 1)   # it only helps zstd
+                data_bytes += n * flat.element_size()
+            assert data_bytes <= bucket
+        for name, whole in tensors:
+            want = whole.reshape(-1).float() if whole.dtype == torch.float64 else whole.reshape(-1)
+            assert torch.equal(got[name], want), name
+
+
+def test_weight_messages_read_no_tensor_after_the_next_is_taken():
+    """A caller may free or reuse a tensor's memory once the next one is taken (the trainer's ZeRO-3
+    buckets do): here each tensor is overwritten with NaN as soon as the next is asked for, and
+    the messages still carry the original values (small tensors are copied into the message that
+    goes on filling; a large one ends its message)."""
+    from teacher_server.client import _weight_messages
+
+    g = torch.Generator().manual_seed(2)
+    want = [(f"t{i}", torch.randn(n, generator=g)) for i, n in enumerate([5, 300_000, 7, 11, 400_000, 3])]
+
+    def reused():
+        prev = None
+        for name, t in want:
+            if prev is not None:
+                prev.fill_(float("nan"))
+            prev = t.clone()
+            yield name, prev
+
+    msgs = [pb.UpdateWeightsRequest.FromString(m) for m in _weight_messages(reused(), 1, "m", False, 4 << 20, 0)]
+    assert [[p.name for p in m.tensors] for m in msgs] == [["t0", "t1"], ["t2", "t3", "t4"], ["t5"]]
+    for m in msgs:
+        for p in m.tensors:
+            out = torch.empty(int(p.shape[0]))
+            codec.decode_weight_into(p.data, out)
+            assert torch.equal(out, dict(want)[p.name]), p.name
+
+
+def test_decode_weight_into_takes_byte_shuffled_pieces_and_converts_dtypes():
+    """Pieces from older clients (byte-shuffled without compression) decode to the same values; a
+    wire dtype other than the parameter's is converted as torch converts it; a piece longer than
+    the room left is refused before it is decoded."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(257, generator=g) * 1000
+    for t, wire in ((x.to(torch.bfloat16), pb.BFLOAT16), (x.half(), pb.FLOAT16), (x, pb.FLOAT32)):
+        bits = t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+        old = codec._pack(bits, wire, pb.COMPRESSION_NONE, 3, True)
+        assert old.byte_shuffled
+        for into in (torch.bfloat16, torch.float16, torch.float32):
+            out = torch.empty(300, dtype=into)
+            assert codec.decode_weight_into(old, out) == (257, 257 * t.element_size())
+            assert torch.equal(out[:257], t.to(into))
+        with pytest.raises(ValueError, match=r"holds 257 elements; at most 256 allowed"):
+            codec.decode_weight_into(old, torch.empty(256, dtype=t.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_all_finite_agrees_with_the_definition_on_every_bit_pattern(dtype):
+    """Against the definition (finite unless all exponent bits are set), on every 16-bit pattern:
+    all finite ones together are finite; each NaN and infinity alone, at a position that walks
+    through the vectorised body and the tail of a 33-element tensor, is not."""
+    exp_mask = 0x7F80 if dtype == torch.bfloat16 else 0x7C00
+    patterns = np.arange(1 << 16, dtype=np.uint16)
+    finite = (patterns & exp_mask) != exp_mask
+    assert codec.all_finite(torch.from_numpy(patterns[finite].view(np.int16)).view(dtype))
+    base = torch.linspace(-2, 2, 33).to(dtype)
+    bad = patterns[~finite].view(np.int16)
+    assert len(bad) == (256 if dtype == torch.bfloat16 else 2048)
+    for i, p in enumerate(bad):
+        x = base.clone()
+        x.view(torch.int16)[i % 33] = int(p)
+        assert not codec.all_finite(x), hex(int(p) & 0xFFFF)
+
+
+def test_all_finite_float32_edges():
+    f = torch.finfo(torch.float32)
+    for v, ok in ((f.max, True), (-f.max, True), (f.tiny, True), (1e-45, True), (-0.0, True), (float("inf"), False),
+                  (float("-inf"), False), (float("nan"), False)):
+        for where in (0, 16, 1000):
+            x = torch.zeros(1001)
+            x[where] = v
+            assert codec.all_finite(x) == ok, (v, where)
+    x = torch.zeros(64)
+    x.view(torch.int32)[7] = -1   # a negative NaN with every mantissa bit set
+    assert not codec.all_finite(x)
+
+
 # ---- the entry point -------------------------------------------------------------------------------
 
 def test_opd_teacher_serves_several_models_over_grpc_and_http(models):
