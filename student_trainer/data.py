@@ -120,16 +120,6 @@ def builtin_source(tokenizer, tasks: str | Sequence[str], seed: int = 0, n_train
                         rows=[row for _, _, row in train_items], where=f"data.task {','.join(names)}")
 
 
-def arithmetic_source(tokenizer, seed: int = 0, n_train: int = 4096, n_eval: int = 128) -> PromptSource:
-    """The built-in task of `opd demo` (rollout.tasks.arithmetic): addition with a worked answer."""
-    return builtin_source(tokenizer, "arithmetic", seed=seed, n_train=n_train, n_eval=n_eval)
-
-
-def task_source(tokenizer, task: str, seed: int = 0, n_train: int = 4096, n_eval: int = 128) -> PromptSource:
-    """A built-in synthetic task of `rollout.tasks` ("sort", "reverse", ...), graded by its own grader."""
-    return builtin_source(tokenizer, task, seed=seed, n_train=n_train, n_eval=n_eval)
-
-
 def file_source(data_cfg, tokenizer, reward_name: str = "math", rows: bool = False) -> PromptSource:
     """Prompts from a JSONL/Parquet file (rollout.data layouts); graded by a named reward.
     `rows`: keep each prompt's record (teacher routing / prompt templates read it), with

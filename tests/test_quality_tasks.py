@@ -139,7 +139,7 @@ def test_trainer_task_source_builtin_names():
 
 def test_task_source_prompts_and_rewards():
     from opd.tiny import build_tokenizer
-    from student_trainer.data import task_source
+    from student_trainer.data import builtin_source
 
     pytest.importorskip("transformers")
     import tempfile
@@ -149,7 +149,7 @@ def test_task_source_prompts_and_rewards():
     with tempfile.TemporaryDirectory() as d:
         build_tokenizer(d, vocab_size=512)
         tok = AutoTokenizer.from_pretrained(d)
-    src = task_source(tok, "reverse", seed=0, n_train=64, n_eval=16)
+    src = builtin_source(tok, "reverse", seed=0, n_train=64, n_eval=16)
     assert len(src.train) == 64 and len(src.eval) == 16
     p = src.batch(0, 4)[0]
     assert src.reward(f"Answer: {p.answer}", p) == 1.0
