@@ -118,6 +118,8 @@ WARM_STEPS = {"arithmetic": 150, "sort": 80, "reverse": 110, "calc": 180, "chain
 # 300 steps gave 0.051 held-out accuracy (docs/quality.md), far below the 0.9 minimum; 1500 is a
 # guess that is NOT calibrated yet.
 TEACHER_STEPS = {"chain": 1500}
+# Per task: the teacher's model size (opd.tiny.SIZES; default the demo teacher's, 0.9M parameters).
+TEACHER_SIZE: dict[str, str] = {}
 
 # The default covers each claim of issue #5 (OPD vs GRPO vs off-policy SFT, TIP 50%, PACED,
 # forward->reverse KL) on three task families in ~20 minutes on 2 cores.
@@ -277,21 +279,24 @@ def _same_job(run_dir: Path, job: dict) -> bool:
 # 3. evaluation (the one place that grades a model; rollout/evaluate.py will take its place)
 
 
-def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None) -> float:
-    """Greedy accuracy graded by the task's own grader; multi-turn tasks go through the tool loop."""
+def task_accuracy(model, tok, task, examples, max_new_tokens: int | None = None, device: str = "cpu") -> float:
+    """Greedy accuracy graded by the task's own grader; multi-turn tasks go through the tool loop.
+    `model` is a model (evaluated where it is) or a directory (loaded on `device`)."""
     from rollout.evaluate import model_accuracy
 
-    return model_accuracy(model, tok, examples, task.grade, tools=task.tools, max_new_tokens=max_new_tokens)
+    return model_accuracy(model, tok, examples, task.grade, tools=task.tools, max_new_tokens=max_new_tokens,
+                          device=device)
 
 
-def bench_accuracy(model, tok, task_name: str, n: int, max_new_tokens: int | None = None) -> tuple[float, dict]:
+def bench_accuracy(model, tok, task_name: str, n: int, max_new_tokens: int | None = None,
+                   device: str = "cpu") -> tuple[float, dict]:
     """Held-out greedy accuracy of a bench task: (overall, {family: accuracy}); a mix "A+B" is
     graded on `n` eval problems of each family by the family's own grader (and tools), overall =
     the mean over the families."""
     from rollout.tasks import get_task
 
-    by = {f: task_accuracy(model, tok, get_task(f), get_task(f).make_examples("eval", n, seed=0), max_new_tokens)
-          for f in families(task_name)}
+    by = {f: task_accuracy(model, tok, get_task(f), get_task(f).make_examples("eval", n, seed=0), max_new_tokens,
+                           device) for f in families(task_name)}
     return statistics.fmean(by.values()), by
 
 
@@ -344,8 +349,9 @@ class TeacherSpec:
 class WarmSpec:
     """The default warm start: a fixed number of SFT steps (cosine schedule) per task."""
     task: str
-    seed: int                      # the student init is StudentSettings(seed=1 + seed)
+    seed: int                      # the student init is StudentSettings(seed=1 + seed, size=size)
     steps: int = 60
+    size: str = "student"          # opd.tiny.SIZES
     batch_size: int = 16
     lr: float = 3e-3
     vocab_size: int = 512
@@ -356,7 +362,8 @@ class WarmTargetSpec:
     """The alternative warm start (--warm-target): SFT until a probe accuracy is reached."""
     task: str
     seed: int
-    target: float = 0.3            # SFT until the greedy accuracy on probe problems reaches this
+    target: float = 0.3
+    size: str = "student"            # SFT until the greedy accuracy on probe problems reaches this
     check_every: int = 10
     max_steps: int = 600
     batch_size: int = 16
@@ -365,20 +372,28 @@ class WarmTargetSpec:
     vocab_size: int = 512
 
 
-def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
-    """Train (first call) or load (cached) a tiny teacher for `spec.task` with opd.sft's helper."""
+def _kind(name: str, device: str) -> str:
+    """A cache entry's kind: a model trained on a GPU is a different entry from the CPU's (its bits
+    differ), so the key names the device type when it is not the CPU."""
+    dev = device.split(":")[0]
+    return name if dev == "cpu" else f"{name}-{dev}"
+
+
+def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print, device: str = "cpu") -> Path:
+    """Train (first call) or load (cached) a tiny teacher for `spec.task` with opd.sft's helper,
+    on `device` (the cache key names a non-CPU device)."""
     from opd import model_cache, sft
     from opd.tiny import random_model
     from rollout.tasks import get_task
 
-    out = Path(cache_dir) / model_cache.cache_key(f"teacher-{spec.task}", spec)
+    out = Path(cache_dir) / model_cache.cache_key(_kind(f"teacher-{spec.task}", device), spec)
     if (out / "opd_demo.json").exists():
         log(f"teacher[{spec.task}]: cached at {out} (accuracy {model_cache.read_info(out).get('accuracy')})")
         return out
     task = get_task(spec.task)
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tok = model_cache.load_tokenizer(model_cache.tokenizer_dir(cache_dir, spec.vocab_size))
-    model = random_model(tok, spec.size, spec.seed)
+    model = random_model(tok, spec.size, spec.seed).to(device)
     train = task.make_examples("train", spec.steps * spec.batch_size, seed=spec.seed)
     evals = task.make_examples("eval", spec.eval_size, seed=spec.seed)
     t0 = time.time()
@@ -387,30 +402,32 @@ def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print) -> Path:
         model, tok, spec, train, lambda m: task_accuracy(m, tok, task, evals),
         lambda n, r: task.make_examples("train", n, seed=spec.seed, sample_seed=spec.seed + 2000 + r),
         name=f"teacher[{spec.task}]", log=log, t0=t0, log_every=100)
-    return model_cache.save_model(out, model, tok, {"role": "teacher", "task": spec.task, "settings": asdict(spec),
-                                                  "accuracy": acc, "eval_size": len(evals),
-                                                  "train_seconds": round(seconds, 1)})
+    return model_cache.save_model(out, model.cpu(), tok, {"role": "teacher", "task": spec.task,
+                                                        "settings": asdict(spec), "device": device,
+                                                        "accuracy": acc, "eval_size": len(evals),
+                                                        "train_seconds": round(seconds, 1)})
 
 
-def _warm_start(cache_dir: Path, spec, train_at_all: bool):
+def _warm_start(cache_dir: Path, spec, train_at_all: bool, device: str = "cpu"):
     """Shared start of the two warm-student preparations: the seed's random-init demo student's
     path when there is nothing to train, the cached warm student's path when it exists, else
     (task, tokenizer, model loaded from the init, output directory) to train and save."""
     from opd import demo_models, model_cache
 
-    init = demo_models.prepare_student(cache_dir, seed=1 + spec.seed, vocab_size=spec.vocab_size, log=None)
+    init = demo_models.prepare_student(cache_dir, seed=1 + spec.seed, vocab_size=spec.vocab_size, size=spec.size,
+                                       log=None)
     if not train_at_all:
         return init
-    out = Path(cache_dir) / model_cache.cache_key(f"warm-{spec.task}", spec)
+    out = Path(cache_dir) / model_cache.cache_key(_kind(f"warm-{spec.task}", device), spec)
     if (out / "opd_demo.json").exists():
         return out
     from transformers import AutoModelForCausalLM
 
     tok = model_cache.load_tokenizer(init)
-    return bench_task(spec.task), tok, AutoModelForCausalLM.from_pretrained(str(init)), out
+    return bench_task(spec.task), tok, AutoModelForCausalLM.from_pretrained(str(init)).to(device), out
 
 
-def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print) -> Path:
+def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print, device: str = "cpu") -> Path:
     """The seed's random-init demo student after `spec.steps` SFT steps (sft.sft_train: AdamW,
     warm-up + cosine) on reference solutions of the task (train split, a sample of its own per seed);
     cached. steps=0: the random init."""
@@ -418,7 +435,7 @@ def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print) -> Path:
 
     from opd import model_cache, sft
 
-    got = _warm_start(cache_dir, spec, train_at_all=spec.steps > 0)
+    got = _warm_start(cache_dir, spec, train_at_all=spec.steps > 0, device=device)
     if isinstance(got, Path):
         return got
     task, tok, model, out = got
@@ -427,11 +444,11 @@ def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print) -> Path:
     sft.sft_train(model, tok, train, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
                         warmup_steps=min(10, spec.steps))
     log(f"warm student[{spec.task}, seed {spec.seed}]: {spec.steps} SFT steps x {spec.batch_size}")
-    return model_cache.save_model(out, model, tok, {"role": "student", "task": spec.task, "settings": asdict(spec),
+    return model_cache.save_model(out, model.cpu(), tok, {"role": "student", "task": spec.task, "settings": asdict(spec),
                                                   "warm_steps": spec.steps})
 
 
-def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=print) -> Path:
+def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=print, device: str = "cpu") -> Path:
     """The seed's random-init demo student, SFT'd on reference solutions of the task (train split,
     a sample of its own per seed; AdamW, constant lr after 10 warm-up steps) until its greedy accuracy
     on `probe_size` other train problems reaches `target` (checked every `check_every` steps); cached.
@@ -440,7 +457,7 @@ def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=pr
 
     from opd import model_cache, sft
 
-    got = _warm_start(cache_dir, spec, train_at_all=spec.target > 0)
+    got = _warm_start(cache_dir, spec, train_at_all=spec.target > 0, device=device)
     if isinstance(got, Path):
         return got
     task, tok, model, out = got
@@ -461,8 +478,9 @@ def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=pr
                 break
     model.eval()
     log(f"warm student[{spec.task}, seed {spec.seed}]: {step} SFT steps x {spec.batch_size}, probe accuracy {acc:.3f}")
-    return model_cache.save_model(out, model, tok, {"role": "student", "task": spec.task, "settings": asdict(spec),
-                                                  "warm_steps": step, "probe_accuracy": acc})
+    return model_cache.save_model(out, model.cpu(), tok, {"role": "student", "task": spec.task,
+                                                        "settings": asdict(spec), "warm_steps": step,
+                                                        "probe_accuracy": acc})
 
 
 def format_rate(model_dir: str, task, n: int) -> float:
@@ -493,32 +511,37 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     from rollout.tasks import get_task
 
     _deterministic(conf["prep_threads"])
+    dev = conf.get("device", "cpu")  # with --device cuda the preparation trains and evaluates on the GPU
     fams, dirs, mnt = families(task_name), {}, 0
     for f in fams:
         task = get_task(f)
         spec = TeacherSpec(f, steps=conf.get("teacher_steps") or TEACHER_STEPS.get(f, 300),
+                           size=conf.get("teacher_size") or TEACHER_SIZE.get(f, _DEMO_TEACHER.size),
                            min_accuracy=conf.get("teacher_min_accuracy", 0.9))
-        dirs[f] = prepare_task_teacher(cache, spec)
+        dirs[f] = prepare_task_teacher(cache, spec, device=dev)
         tok = model_cache.load_tokenizer(dirs[f])
         evals = task.make_examples("eval", conf["eval_size"], seed=0)
         # room for the longest reference trajectory (+ eos) and some slack, over train and eval problems
         mnt = max(mnt, max_new_tokens_for(tok, evals),
                   max_new_tokens_for(tok, task.make_examples("train", 512, seed=0)))
-    own = {f: bench_accuracy(str(dirs[f]), tok, f, conf["eval_size"], mnt)[0] for f in fams}
+    own = {f: bench_accuracy(str(dirs[f]), tok, f, conf["eval_size"], mnt, dev)[0] for f in fams}
     info = {"dir": str(dirs[fams[0]]), "accuracy": statistics.fmean(own.values()), "max_new_tokens": mnt,
             "students": {}}
     if len(fams) > 1:
         info["families"] = {f: {"dir": str(dirs[f]), "accuracy": own[f]} for f in fams}
         info["first_teacher_by_family"] = {f: own[f] if f == fams[0] else
-                                           bench_accuracy(str(dirs[fams[0]]), tok, f, conf["eval_size"], mnt)[0]
+                                           bench_accuracy(str(dirs[fams[0]]), tok, f, conf["eval_size"], mnt, dev)[0]
                                            for f in fams}
     warm_target = conf.get("warm_target")
     for seed in conf["seeds"]:
         if warm_target is not None:
-            st = prepare_warm_student_to_target(cache, WarmTargetSpec(task_name, seed, target=warm_target))
+            st = prepare_warm_student_to_target(cache, WarmTargetSpec(task_name, seed, target=warm_target,
+                                                                      size=conf.get("student_size", "student")),
+                                                device=dev)
         else:
-            st = prepare_warm_student(cache, WarmSpec(task_name, seed, steps=conf["warm_steps"][task_name]))
-        acc, by = bench_accuracy(str(st), tok, task_name, conf["eval_size"], mnt)
+            st = prepare_warm_student(cache, WarmSpec(task_name, seed, steps=conf["warm_steps"][task_name],
+                                                      size=conf.get("student_size", "student")), device=dev)
+        acc, by = bench_accuracy(str(st), tok, task_name, conf["eval_size"], mnt, dev)
         info["students"][str(seed)] = {"dir": str(st), "warm_steps": model_cache.read_info(st).get("warm_steps", 0),
                                        "accuracy": acc, **({"by_family": by} if len(fams) > 1 else {})}
     info["student_before"] = statistics.mean(s["accuracy"] for s in info["students"].values())
@@ -609,7 +632,7 @@ def run_one(job: dict) -> dict:
     wall = time.time() - t0
     t1 = time.time()
     tok = model_cache.load_tokenizer(out / "hf")
-    acc, by = bench_accuracy(str(out / "hf"), tok, job["task"], job["eval_size"], job["max_new_tokens"])
+    acc, by = bench_accuracy(str(out / "hf"), tok, job["task"], job["eval_size"], job["max_new_tokens"], job["device"])
     rec = {k: job[k] for k in ("task", "method", "seed", "lr")}
     rec.update({"accuracy": acc, "wall_s": round(wall, 1), "init_s": round(t_init, 1),
                 "eval_s": round(time.time() - t1, 1), "tokens": seen["tokens"], "steps": seen["steps"],
@@ -652,9 +675,15 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                         "probe problems reaches this (evens out the starts of the seeds; slower to prepare)")
     p.add_argument("--teacher-steps", type=int, help="teacher SFT steps, every task (default per task: 300, "
                    f"except {TEACHER_STEPS}; changes the cache key)")
+    p.add_argument("--teacher-size", help="the teachers' model size, every task (opd.tiny.SIZES; default per task: "
+                   f"{_DEMO_TEACHER.size}, except {TEACHER_SIZE}; changes the cache key)")
+    p.add_argument("--student-size", default="student", help="the students' model size (opd.tiny.SIZES)")
     p.add_argument("--teacher-min-accuracy", type=float, default=0.9)
-    p.add_argument("--device", default="cpu", help="the student's device in every run: cpu or cuda (the teacher "
-                   "servers, the preparation and the held-out evals stay on the CPU)")
+    p.add_argument("--device", default="cpu", help="the student's device in every run, and of the preparation "
+                   "(teacher and warm-student SFT) and the held-out evals: cpu or cuda (the teacher servers stay on "
+                   "the CPU; a model trained on a GPU is cached apart from the CPU's)")
+    p.add_argument("--teacher-device", default="cpu", help="the teacher servers' device: cpu or cuda (each job "
+                   "slot's servers are processes of their own: with cuda, each holds a CUDA context)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each a forked child with its own teacher "
                    "servers); give each --threads cores")
     p.add_argument("--threads", type=int, default=2, help="torch threads of each run")
@@ -692,10 +721,16 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     if args.warm_target is not None:
         conf["warm_target"] = args.warm_target
     conf.update(lr=args.lr, threads=args.threads, prep_threads=args.prep_threads or args.threads,
-                teacher_steps=args.teacher_steps,
+                teacher_steps=args.teacher_steps, teacher_size=args.teacher_size, teacher_device=args.teacher_device,
+                student_size=args.student_size,
                 teacher_min_accuracy=args.teacher_min_accuracy, device=args.device, jobs=args.jobs,
                 flat_window=args.flat_window, flat_delta=args.flat_delta,
                 evals_per_run=args.evals_per_run or (20 if conf["until_flat"] else 3))
+    from opd.tiny import SIZES
+
+    for flag, size in (("--teacher-size", args.teacher_size), ("--student-size", args.student_size)):
+        if size is not None and size not in SIZES:
+            p.error(f"{flag} {size!r}: choose from {', '.join(SIZES)}")
     for m in conf["methods"]:
         if m not in METHODS:
             p.error(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
@@ -719,8 +754,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         if not any(applies(m, t) for t in conf["tasks"]):
             p.error(f"method {m!r} runs on {scope_words[METHOD_SCOPE.get(m, 'task')]}; --tasks "
                     f"{','.join(conf['tasks'])} has none")
-    if args.device != "cpu" and not args.device.startswith("cuda"):
-        p.error(f"--device {args.device!r}: choose cpu or cuda (cuda:N)")
+    for flag, dev in (("--device", args.device), ("--teacher-device", args.teacher_device)):
+        if dev != "cpu" and not dev.startswith("cuda"):
+            p.error(f"{flag} {dev!r}: choose cpu or cuda (cuda:N)")
     if args.jobs < 1 or args.threads < 1 or args.flat_window < 1 or (args.prep_threads or 1) < 1:
         p.error("--jobs, --threads, --prep-threads and --flat-window must be >= 1")
     return args, conf
@@ -790,13 +826,26 @@ class Bench:
 
     def teacher_url(self, name: str, model_dir, slot: int, log: Path | None = None) -> str:
         """The URL of the slot's teacher server `name` on `model_dir` (started on first use)."""
-        from opd.demo import start_teacher_process
-
-        if (name, slot) not in self.servers:
-            os.environ["OMP_NUM_THREADS"] = str(self.conf["threads"])  # the server's threads
-            self.servers[name, slot] = start_teacher_process(Path(model_dir),
-                                                             log or self.out / f"teacher_{name}_{slot}.log")
+        self.start_servers({(name, slot): model_dir}, log)
         return self.servers[name, slot][1]
+
+    def start_servers(self, want: dict, log: Path | None = None) -> None:
+        """Start the servers `want` ((name, slot) -> model directory) that are not running, side by
+        side (a server's start is mostly imports: ~5-20 s each on a busy machine, which one after the
+        other would keep the job slots idle), and wait until each serves."""
+        from opd.demo import launch_teacher_process, wait_teacher_process
+
+        os.environ["OMP_NUM_THREADS"] = str(self.conf["threads"])  # the servers' threads
+        new = {key: launch_teacher_process(Path(d), self.conf.get("teacher_device", "cpu"))
+               for key, d in want.items() if key not in self.servers}
+        try:
+            for (name, slot), proc in new.items():
+                self.servers[name, slot] = wait_teacher_process(proc, log or self.out / f"teacher_{name}_{slot}.log")
+        finally:  # one failed to start: stop the others launched here that are not serving yet
+            for key, proc in new.items():
+                if key not in self.servers and proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(30)
 
     def shared_servers(self, job: dict) -> dict[str, str]:
         """The task-teacher servers a job asks (name -> model directory; kept per job slot and
@@ -882,6 +931,9 @@ class Bench:
                   f"({rec['stop']}) {rec['wall_s']:.0f}s (init {rec['init_s']:.0f}s, eval {rec['eval_s']:.0f}s) "
                   f"rss {rec['peak_rss_mb']:.0f}MB ({time.time() - self.t0:.0f}s so far)", flush=True)
 
+        # the first jobs' servers, one per job slot, all at once (the pool gives job i slot i)
+        self.start_servers({(name, slot): d for slot, job in enumerate(todo[:self.conf["jobs"]])
+                            for name, d in self.shared_servers(job).items()})
         run_pool(todo, self.conf["jobs"], start, done)
         return got
 

@@ -54,11 +54,21 @@ def add_arguments(p):
 
 def start_teacher_process(model_dir: Path, log_path: Path):
     """Start `opd teacher` on `model_dir` as its own process; returns (process, "127.0.0.1:PORT")."""
+    return wait_teacher_process(launch_teacher_process(model_dir), log_path)
+
+
+def launch_teacher_process(model_dir: Path, device: str = "cpu") -> subprocess.Popen:
+    """Start `opd teacher` on `model_dir` (fp32, on `device`) and return at once
+    (`wait_teacher_process` waits until it serves): several servers can then start side by side."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    logf = open(log_path, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "opd", "teacher", "--model", str(model_dir), "--port", "0",
-                             "--dtype", "fp32", "--log-level", "WARNING"],
+    return subprocess.Popen([sys.executable, "-m", "opd", "teacher", "--model", str(model_dir), "--port", "0",
+                             "--dtype", "fp32", "--device", device, "--log-level", "WARNING"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+
+def wait_teacher_process(proc: subprocess.Popen, log_path: Path):
+    """Copy a launched server's output to `log_path` until it serves; (process, "127.0.0.1:PORT")."""
+    logf = open(log_path, "w")
     for line in proc.stdout:
         logf.write(line)
         logf.flush()

@@ -46,7 +46,8 @@ def sft_step(model, tokenizer, batch, opt, sched):
     import torch
     import torch.nn.functional as F
 
-    ids, att, lmask = collate(tokenizer, batch)
+    dev = next(model.parameters()).device
+    ids, att, lmask = (t.to(dev) for t in collate(tokenizer, batch))
     logits = model(input_ids=ids, attention_mask=att).logits[:, :-1]
     tmask = lmask[:, 1:]
     loss = F.cross_entropy(logits[tmask].float(), ids[:, 1:][tmask])

@@ -107,10 +107,11 @@ def greedy_accuracy(engine, tokenizer, prompts, references, grade, max_new_token
 
 
 def model_accuracy(model, tokenizer, examples, grade, *, tools=(), max_new_tokens: int | None = None,
-                   max_batch_size: int = 512) -> float:
+                   max_batch_size: int = 512, device: str = "cpu") -> float:
     """Greedy accuracy of `model` (a transformers model, or a HF directory: then `tokenizer` may be
-    None) on built-in task examples (`rollout.tasks`), graded by `grade(text, example)`; through the
-    tool loop when `tools` names any. 0.0 without examples. The model's train/eval mode is kept."""
+    None; it is loaded on `device`) on built-in task examples (`rollout.tasks`), graded by
+    `grade(text, example)`; through the tool loop when `tools` names any. 0.0 without examples.
+    The model's train/eval mode is kept."""
     from rollout.local_engine import LocalEngine
     from rollout.tasks.encoding import max_new_tokens_for, prompt_ids
     from rollout.tasks.tool_engine import ToolEngine
@@ -119,7 +120,7 @@ def model_accuracy(model, tokenizer, examples, grade, *, tools=(), max_new_token
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         tokenizer = tokenizer or AutoTokenizer.from_pretrained(str(model))
-        model = AutoModelForCausalLM.from_pretrained(str(model))
+        model = AutoModelForCausalLM.from_pretrained(str(model)).to(device)
     if not examples:
         return 0.0
     was_training = model.training
