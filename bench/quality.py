@@ -507,12 +507,12 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     from), `first_teacher_by_family` the first family's teacher on each family (what one-teacher
     distills from); one student per seed, warm-started on the families' interleaved references."""
     from opd import model_cache
-    from rollout.tasks.encoding import max_new_tokens_for
+    from rollout.tasks.encoding import encode, max_new_tokens_for
     from rollout.tasks import get_task
 
     _deterministic(conf["prep_threads"])
     dev = conf.get("device", "cpu")  # with --device cuda the preparation trains and evaluates on the GPU
-    fams, dirs, mnt = families(task_name), {}, 0
+    fams, dirs, mnt, ref_lens = families(task_name), {}, 0, []
     for f in fams:
         task = get_task(f)
         spec = TeacherSpec(f, steps=conf.get("teacher_steps") or TEACHER_STEPS.get(f, 300),
@@ -524,9 +524,10 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
         # room for the longest reference trajectory (+ eos) and some slack, over train and eval problems
         mnt = max(mnt, max_new_tokens_for(tok, evals),
                   max_new_tokens_for(tok, task.make_examples("train", 512, seed=0)))
+        ref_lens += [len(encode(tok, ex)[1]) for ex in evals]
     own = {f: bench_accuracy(str(dirs[f]), tok, f, conf["eval_size"], mnt, dev)[0] for f in fams}
     info = {"dir": str(dirs[fams[0]]), "accuracy": statistics.fmean(own.values()), "max_new_tokens": mnt,
-            "students": {}}
+            "reference_tokens": round(statistics.fmean(ref_lens), 1), "students": {}}
     if len(fams) > 1:
         info["families"] = {f: {"dir": str(dirs[f]), "accuracy": own[f]} for f in fams}
         info["first_teacher_by_family"] = {f: own[f] if f == fams[0] else
@@ -869,8 +870,11 @@ class Bench:
     def job(self, task_name: str, method: str, seed: int, lr: float, run_dir: Path) -> dict:
         conf, info = self.conf, self.teachers[task_name]
         mnt = info["max_new_tokens"]
-        # expected steps: the budget over sequences per step at about half the max length
-        exp_steps = max(2, conf["token_budget"] // (conf["samples_per_step"] * max(1, mnt // 2)))
+        # expected steps: the budget over sequences per step at the mean length of the reference
+        # responses (those of the task's eval problems; a preparation from before that was recorded:
+        # half the max length)
+        per_seq = info.get("reference_tokens") or mnt // 2
+        exp_steps = max(2, int(conf["token_budget"] // (conf["samples_per_step"] * max(1, per_seq))))
         steps_cap = exp_steps * 4
         return {"task": task_name, "method": method, "seed": seed, "lr": lr, "out": str(run_dir),
                 "student": info["students"][str(seed)]["dir"], "url": None, "routes": None, "device": conf["device"],
