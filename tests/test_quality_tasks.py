@@ -412,6 +412,9 @@ def test_t_interval_threshold_flatness_and_lr_choice():
     (["--tasks", "sort+sort"], ["'sort+sort'", "names a family twice"]),
     (["--tasks", "sort+reverse", "--warm-target", "0.3"], ["--warm-target", "'sort+reverse'", "--warm-steps"]),
     (["--jobs", "0"], ["--jobs", ">= 1"]),
+    (["--teacher-device", "gpu"], ["--teacher-device", "'gpu'", "cpu or cuda"]),
+    (["--teacher-size", "huge"], ["--teacher-size", "'huge'", "demo_teacher"]),
+    (["--student-size", "huge"], ["--student-size", "'huge'", "student"]),
 ])
 def test_quality_bench_rejects_bad_flags_before_any_work(args, words, capsys, tmp_path):
     from bench import quality
@@ -462,3 +465,61 @@ def test_quality_bench_leaves_out_a_task_whose_preparation_fails(tmp_path, monke
     assert quality.FULL["tasks"][-1] == "chain"  # the module's configuration is not mutated
     _, conf = quality.parse_args(["--tasks", "chain", "--methods", "rkl", "--seeds", "0"])
     assert not quality.Bench(conf, tmp_path, tmp_path / "cache").prepare()  # nothing left: the driver stops
+
+
+def test_expected_steps_follow_the_reference_length(tmp_path):
+    """The steps a budget is expected to take (the fkl2rkl switch at half of them, the eval spacing
+    and the step cap) come from the mean reference response length of the task: on chain (~138
+    tokens) half the max length would put the switch at the very end of the run."""
+    from bench import quality
+
+    _, conf = quality.parse_args(["--tasks", "chain", "--methods", "fkl2rkl", "--seeds", "0",
+                                  "--token-budget", "200000", "--evals-per-run", "20"])
+    bench = quality.Bench(conf, tmp_path, tmp_path / "cache")
+    info = {"dir": "t", "max_new_tokens": 147, "reference_tokens": 138.2, "students": {"0": {"dir": "s"}}}
+    bench.teachers["chain"] = info
+    job = bench.job("chain", "fkl2rkl", 0, 3e-4, tmp_path / "r")
+    exp = 200000 // (32 * 138.2)                          # 45 steps of 32 sequences of ~138 tokens
+    assert job["steps_cap"] == 4 * exp and job["eval_every"] == exp // 20
+    assert "loss.fkl_to_rkl_switch_step=22" in job["overrides"]
+    del info["reference_tokens"]                          # a preparation recorded before: half the max length
+    assert bench.job("chain", "fkl2rkl", 0, 3e-4, tmp_path / "r")["steps_cap"] == 4 * (200000 // (32 * 73))
+
+
+def test_quality_calibrate_prints_and_records_curves(tmp_path, capsys):
+    """bench/quality_calibrate.py: each candidate's SFT curve (held-out greedy accuracy every
+    --every steps) in a table and the JSON; bad candidates exit 2 naming the flag."""
+    import json
+
+    from bench import quality_calibrate as qc
+
+    with pytest.raises(SystemExit) as e:
+        qc.main(["--teacher", "huge:10"])
+    assert e.value.code == 2 and "--teacher 'huge:10'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        qc.main(["--task", "chain"])
+    assert e.value.code == 2 and "at least one" in capsys.readouterr().err
+    out = tmp_path / "c.json"
+    assert qc.main(["--task", "sort", "--teacher", "test:2", "--student", "test:2", "--seeds", "0,1", "--every", "1",
+                    "--eval-size", "4", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "| test (" in text and "teachers: greedy accuracy" in text and "students: greedy accuracy" in text
+    got = json.loads(out.read_text())
+    assert [(r["kind"], r["seed"]) for r in got["results"]] == [("teacher", 0), ("student", 0), ("student", 1)]
+    assert all([p["step"] for p in r["curve"]] == [1, 2] and 0.0 <= r["curve"][-1]["accuracy"] <= 1.0
+               for r in got["results"])
+
+
+def test_opd_turns_hub_kernels_off_unless_asked(tmp_path):
+    """transformers >= 5.25 fetches layer kernels from the Hub at from_pretrained when `kernels` is
+    installed (fails offline): importing opd sets USE_HUB_KERNELS=NO, a user's own value wins."""
+    import os
+    import subprocess
+    import sys
+
+    code = "import opd, os; print(os.environ['USE_HUB_KERNELS'])"
+    env = {k: v for k, v in os.environ.items() if k != "USE_HUB_KERNELS"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "NO"
+    assert subprocess.run([sys.executable, "-c", code], env={**env, "USE_HUB_KERNELS": "YES"}, capture_output=True,
+                          text=True, check=True).stdout.strip() == "YES"
