@@ -511,14 +511,17 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     from rollout.tasks import get_task
 
     _deterministic(conf["prep_threads"])
-    dev = conf.get("device", "cpu")  # with --device cuda the preparation trains and evaluates on the GPU
+    # with --device cuda the preparation trains and evaluates on the GPU; --prep-device names where the
+    # teacher and warm students are trained (and cached) when that differs from the runs' device
+    dev = conf.get("device", "cpu")
+    train_dev = conf.get("prep_device") or dev
     fams, dirs, mnt, ref_lens = families(task_name), {}, 0, []
     for f in fams:
         task = get_task(f)
         spec = TeacherSpec(f, steps=conf.get("teacher_steps") or TEACHER_STEPS.get(f, 300),
                            size=conf.get("teacher_size") or TEACHER_SIZE.get(f, _DEMO_TEACHER.size),
                            min_accuracy=conf.get("teacher_min_accuracy", 0.9))
-        dirs[f] = prepare_task_teacher(cache, spec, device=dev)
+        dirs[f] = prepare_task_teacher(cache, spec, device=train_dev)
         tok = model_cache.load_tokenizer(dirs[f])
         evals = task.make_examples("eval", conf["eval_size"], seed=0)
         # room for the longest reference trajectory (+ eos) and some slack, over train and eval problems
@@ -538,10 +541,10 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
         if warm_target is not None:
             st = prepare_warm_student_to_target(cache, WarmTargetSpec(task_name, seed, target=warm_target,
                                                                       size=conf.get("student_size", "student")),
-                                                device=dev)
+                                                device=train_dev)
         else:
             st = prepare_warm_student(cache, WarmSpec(task_name, seed, steps=conf["warm_steps"][task_name],
-                                                      size=conf.get("student_size", "student")), device=dev)
+                                                      size=conf.get("student_size", "student")), device=train_dev)
         acc, by = bench_accuracy(str(st), tok, task_name, conf["eval_size"], mnt, dev)
         info["students"][str(seed)] = {"dir": str(st), "warm_steps": model_cache.read_info(st).get("warm_steps", 0),
                                        "accuracy": acc, **({"by_family": by} if len(fams) > 1 else {})}
@@ -683,6 +686,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--device", default="cpu", help="the student's device in every run, and of the preparation "
                    "(teacher and warm-student SFT) and the held-out evals: cpu or cuda (the teacher servers stay on "
                    "the CPU; a model trained on a GPU is cached apart from the CPU's)")
+    p.add_argument("--prep-device", help="where the teachers and warm students are trained (default --device); a "
+                   "model trained on a GPU is cached apart, so --prep-device cuda on a CPU machine reuses a cache "
+                   "prepared on a GPU (the preparation's evals run on --device)")
     p.add_argument("--teacher-device", default="cpu", help="the teacher servers' device: cpu or cuda (each job "
                    "slot's servers are processes of their own: with cuda, each holds a CUDA context)")
     p.add_argument("--jobs", type=int, default=1, help="runs at once (each a forked child with its own teacher "
@@ -723,6 +729,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         conf["warm_target"] = args.warm_target
     conf.update(lr=args.lr, threads=args.threads, prep_threads=args.prep_threads or args.threads,
                 teacher_steps=args.teacher_steps, teacher_size=args.teacher_size, teacher_device=args.teacher_device,
+                prep_device=args.prep_device or args.device,
                 student_size=args.student_size,
                 teacher_min_accuracy=args.teacher_min_accuracy, device=args.device, jobs=args.jobs,
                 flat_window=args.flat_window, flat_delta=args.flat_delta,
@@ -755,7 +762,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         if not any(applies(m, t) for t in conf["tasks"]):
             p.error(f"method {m!r} runs on {scope_words[METHOD_SCOPE.get(m, 'task')]}; --tasks "
                     f"{','.join(conf['tasks'])} has none")
-    for flag, dev in (("--device", args.device), ("--teacher-device", args.teacher_device)):
+    for flag, dev in (("--device", args.device), ("--teacher-device", args.teacher_device),
+                      ("--prep-device", args.prep_device or "cpu")):
         if dev != "cpu" and not dev.startswith("cuda"):
             p.error(f"{flag} {dev!r}: choose cpu or cuda (cuda:N)")
     if args.jobs < 1 or args.threads < 1 or args.flat_window < 1 or (args.prep_threads or 1) < 1:

@@ -413,6 +413,7 @@ def test_t_interval_threshold_flatness_and_lr_choice():
     (["--tasks", "sort+reverse", "--warm-target", "0.3"], ["--warm-target", "'sort+reverse'", "--warm-steps"]),
     (["--jobs", "0"], ["--jobs", ">= 1"]),
     (["--teacher-device", "gpu"], ["--teacher-device", "'gpu'", "cpu or cuda"]),
+    (["--prep-device", "tpu"], ["--prep-device", "'tpu'", "cpu or cuda"]),
     (["--teacher-size", "huge"], ["--teacher-size", "'huge'", "demo_teacher"]),
     (["--student-size", "huge"], ["--student-size", "'huge'", "student"]),
 ])
