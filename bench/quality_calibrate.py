@@ -115,12 +115,14 @@ def table(results: list[dict]) -> str:
         if not rows:
             continue
         steps = sorted({pt["step"] for r in rows for pt in r["curve"]})
-        lines += [f"\n{kind}s: greedy accuracy on held-out problems after N SFT steps", "",
-                  "| size (params) | seed | " + " | ".join(str(s) for s in steps) + " | train s |",
-                  "|---|---|" + "---|" * len(steps) + "---|"]
+        sched = "cosine to the run's steps" if kind == "teacher" else "constant after 10 warm-up steps"
+        lines += [f"\n{kind}s: greedy accuracy on held-out problems after N SFT steps "
+                  f"(batch {rows[0]['batch']}, lr {rows[0]['lr']:g}, {sched})", "",
+                  "| size (params) | steps | seed | " + " | ".join(str(s) for s in steps) + " | train s |",
+                  "|---|---|---|" + "---|" * len(steps) + "---|"]
         for r in rows:
             at = {pt["step"]: pt["accuracy"] for pt in r["curve"]}
-            lines.append(f"| {r['size']} ({r['params'] / 1e6:.2f}M) | {r['seed']} | "
+            lines.append(f"| {r['size']} ({r['params'] / 1e6:.2f}M) | {r['steps']} | {r['seed']} | "
                          + " | ".join(f"{at[s]:.3f}" if s in at else "" for s in steps)
                          + f" | {r['curve'][-1]['train_s']:.0f} |")
     return "\n".join(lines)
