@@ -671,6 +671,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--lr", type=float, default=3e-4, help="student learning rate (constant after 5 warm-up steps)")
     p.add_argument("--lr-grid", help="comma-separated learning rates: per task and method, run the first seed at "
                    "each, keep the one with the best final accuracy (ties: the smaller) for all seeds")
+    p.add_argument("--method-lr", help="comma-separated METHOD=LR: these methods run every seed at this rate and "
+                   "skip the grid (e.g. the rates a shorter run's grid chose, for a longer budget)")
     p.add_argument("--until-flat", action=argparse.BooleanOptionalAction, default=None,
                    help="stop a run when its eval curve is flat (the last --flat-window evals gain no more than "
                         "--flat-delta over the best before them) or the token budget ends")
@@ -726,6 +728,17 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     conf.setdefault("lr_grid", [])
     if any(x <= 0 for x in conf["lr_grid"]):
         p.error(f"--lr-grid {args.lr_grid!r}: learning rates must be > 0")
+    conf["method_lr"] = {}
+    for item in (args.method_lr.split(",") if args.method_lr else []):
+        name, _, rate = item.partition("=")
+        try:
+            conf["method_lr"][name] = float(rate)
+        except ValueError:
+            p.error(f"--method-lr {item!r}: expected METHOD=LR, e.g. rkl=3e-3")
+        if name not in conf["methods"]:
+            p.error(f"--method-lr {item!r}: {name!r} is not one of the methods run ({','.join(conf['methods'])})")
+        if not 0 < conf["method_lr"][name] < float("inf"):
+            p.error(f"--method-lr {item!r}: the learning rate must be a finite number > 0")
     if args.until_flat is not None:  # --until-flat / --no-until-flat (default: on with --full)
         conf["until_flat"] = args.until_flat
     conf.setdefault("until_flat", False)
@@ -961,10 +974,11 @@ class Bench:
         grid for the report and (task, method) -> the chosen rate; both empty without a grid."""
         conf, first = self.conf, self.conf["seeds"][0]
         lr_grid, chosen = {}, {}
-        if not conf["lr_grid"]:
+        if not conf["lr_grid"] or all(m in conf["method_lr"] for m in conf["methods"]):
             return lr_grid, chosen
         jobs = [self.job(t, m, first, lr, self.out / t / m / f"lr_{lr:g}" / f"seed{first}")
-                for t in conf["tasks"] for m in conf["methods"] if applies(m, t) for lr in conf["lr_grid"]]
+                for t in conf["tasks"] for m in conf["methods"] if applies(m, t) and m not in conf["method_lr"]
+                for lr in conf["lr_grid"]]
         got = self.execute(jobs)
         for t in conf["tasks"]:
             for m in conf["methods"]:
@@ -984,11 +998,12 @@ class Bench:
         conf, jobs = self.conf, []
         for t in conf["tasks"]:
             for m in conf["methods"]:
-                if not applies(m, t) or (conf["lr_grid"] and (t, m) not in chosen):
+                fixed = conf["method_lr"].get(m)
+                if not applies(m, t) or (conf["lr_grid"] and fixed is None and (t, m) not in chosen):
                     continue  # every grid run of this method failed
-                lr = chosen.get((t, m), conf["lr"])
+                lr = fixed or chosen.get((t, m), conf["lr"])
                 for seed in conf["seeds"]:
-                    reuse = conf["lr_grid"] and seed == conf["seeds"][0]
+                    reuse = conf["lr_grid"] and fixed is None and seed == conf["seeds"][0]
                     jobs.append(self.job(t, m, seed, lr, self.out / t / m /
                                          (f"lr_{lr:g}/seed{seed}" if reuse else f"seed{seed}")))
         got = self.execute(jobs)

@@ -121,6 +121,9 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
              f"seeds [95% Student-t interval]; Δ: paired gain over each seed's start, mean ± sample std; "
              f"to 50% / 80%: median student tokens (and wall seconds) over the seeds whose curve reached "
              f"that fraction of the teacher's accuracy (k/n: how many did).", ""]
+    if conf.get("method_lr"):
+        lines += ["Learning rates set by --method-lr (no grid for these): "
+                  + ", ".join(f"{labels.get(m, m)} {v:g}" for m, v in conf["method_lr"].items()) + ".", ""]
     if conf.get("failed_tasks"):
         lines += [f"Left out (preparation failed, see prep_TASK.log): {', '.join(conf['failed_tasks'])}.", ""]
     for task in conf["tasks"]:
@@ -147,6 +150,7 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
         lines.append("")
         if t.get("families"):
             lines += family_lines(records, task, t, conf["methods"], labels)
+        lines += paired_lines(records, task, conf["methods"], labels)
         grid = (lr_grid or {}).get(task)
         if grid:
             lines += [f"Learning-rate grid ({task}, seed {conf['seeds'][0]}, final held-out accuracy; "
@@ -160,6 +164,47 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
                              f" | {g['chosen']:g} |")
             lines.append("")
     return "\n".join(lines)
+
+
+# The methods every other one is compared with, seed by seed: on-policy distillation's main form,
+# off-policy SFT on teacher samples and RL from the task reward.
+ANCHORS = ("rkl", "sft", "grpo")
+
+
+def paired_differences(records: list[dict], task: str, a: str, b: str) -> list[tuple[int, float]]:
+    """(seed, accuracy of `a` - accuracy of `b`) over the seeds both methods finished on `task`."""
+    acc = {}
+    for r in records:
+        if r["task"] == task and r["method"] in (a, b):
+            acc.setdefault(r["method"], {})[r["seed"]] = r["accuracy"]
+    return [(s, acc[a][s] - acc[b][s]) for s in sorted(set(acc.get(a, {})) & set(acc.get(b, {})))]
+
+
+def paired_lines(records: list[dict], task: str, methods: list[str], labels: dict[str, str]) -> list[str]:
+    """Each method against each anchor (ANCHORS) run on the same seeds: the mean paired difference of
+    the final accuracy with its 95% t-interval (in bold when it excludes 0), the seeds on which the
+    method is ahead, and the per-seed differences. Nothing when fewer than two seeds pair up."""
+    rows = []
+    for anchor in (m for m in ANCHORS if m in methods):
+        for m in methods:
+            if m == anchor or (m in ANCHORS and ANCHORS.index(m) < ANCHORS.index(anchor)):
+                continue  # each pair once
+            d = paired_differences(records, task, m, anchor)
+            if len(d) < 2:
+                continue
+            xs = [x for _, x in d]
+            mean, h = t_interval(xs)
+            cell = f"{mean:+.3f} [{mean - h:+.3f}, {mean + h:+.3f}]"
+            if mean - h > 0 or mean + h < 0:
+                cell = f"**{cell}**"
+            rows.append(f"| {labels.get(m, m)} - {labels.get(anchor, anchor)} | {cell} | "
+                        f"{sum(x > 0 for x in xs)}/{len(xs)} | {', '.join(f'{x:+.3f}' for x in xs)} |")
+    if not rows:
+        return []
+    return [f"Paired differences ({task}): final accuracy of one method minus another's on the same seed (same "
+            "start, same teacher), mean [95% t-interval over the seeds; bold: excludes 0], the seeds where the "
+            "first is ahead, and each seed's difference (seeds in order):", "",
+            "| comparison | mean difference [95% CI] | ahead | per seed |", "|---|---|---|---|", *rows, ""]
 
 
 def family_lines(records: list[dict], task: str, t: dict, methods: list[str], labels: dict[str, str]) -> list[str]:

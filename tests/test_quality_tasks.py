@@ -273,7 +273,7 @@ def test_quality_bench_is_reproducible(tmp_path):
     base = [sys.executable, str(root / "bench" / "quality.py"), "--tasks", "chain", "--methods", "rkl,grpo",
             "--seeds", "0,1", "--token-budget", "500", "--samples-per-step", "8", "--eval-size", "8",
             "--teacher-steps", "4", "--teacher-min-accuracy", "0", "--warm-steps", "0", "--threads", "1",
-            "--jobs", "2", "--until-flat", "--lr-grid", "1e-3", "--cache-dir", str(cache)]
+            "--jobs", "2", "--until-flat", "--lr-grid", "1e-3", "--method-lr", "grpo=2e-3", "--cache-dir", str(cache)]
     # torch's default extension directory: the CPU Adam build is shared with the rest of the suite
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -292,10 +292,16 @@ def test_quality_bench_is_reproducible(tmp_path):
                                                                           ("rkl", 1)]
         assert res["lr_grid"]["chain"]["rkl"]["chosen"] == 1e-3
         assert (out / "chain" / "rkl" / "lr_0.001" / "seed0" / "record.json").exists()  # grid run = seed-0 run
+        # --method-lr: grpo skips the grid and runs every seed at its own rate
+        assert "grpo" not in res["lr_grid"]["chain"] and not (out / "chain" / "grpo" / "lr_0.001").exists()
+        assert {x["lr"] for x in res["records"] if x["method"] == "grpo"} == {2e-3}
+        assert json.loads((out / "chain" / "grpo" / "seed0" / "config.json").read_text())["optim"]["lr"] == 2e-3
         assert all(x["stop"] in ("budget", "flat", "steps") and x["curve"] for x in res["records"])
         assert res["teachers"]["chain"]["start"] == "cold (random init)"
         md = (out / "results.md").read_text()
         assert "tokens to 50%" in md and "Learning-rate grid" in md and "95% Student-t" in md
+        assert "set by --method-lr (no grid for these): GRPO from rewards (n=4) 0.002" in md
+        assert "| GRPO from rewards (n=4) - OPD reverse KL |" in md  # the paired table, seeds 0 and 1
         assert len({(x["task"], x["seed"]) for x in res["records"]}) == 2
     assert got[0] == got[1]
 
@@ -416,6 +422,9 @@ def test_t_interval_threshold_flatness_and_lr_choice():
     (["--prep-device", "tpu"], ["--prep-device", "'tpu'", "cpu or cuda"]),
     (["--teacher-size", "huge"], ["--teacher-size", "'huge'", "demo_teacher"]),
     (["--student-size", "huge"], ["--student-size", "'huge'", "student"]),
+    (["--methods", "rkl", "--method-lr", "rkl=fast"], ["--method-lr", "'rkl=fast'", "METHOD=LR"]),
+    (["--methods", "rkl", "--method-lr", "sft=1e-3"], ["--method-lr", "'sft'", "not one of the methods run", "rkl"]),
+    (["--methods", "rkl", "--method-lr", "rkl=-1"], ["--method-lr", "'rkl=-1'", "finite number > 0"]),
 ])
 def test_quality_bench_rejects_bad_flags_before_any_work(args, words, capsys, tmp_path):
     from bench import quality
@@ -426,6 +435,29 @@ def test_quality_bench_rejects_bad_flags_before_any_work(args, words, capsys, tm
     err = capsys.readouterr().err
     assert all(w in err for w in words), err
     assert not (tmp_path / "out").exists()  # nothing was prepared or written
+
+
+def test_paired_differences_table():
+    """Method minus anchor on the seeds both finished, a 95% t-interval with n - 1 degrees of freedom
+    (hand-computed: mean 0.3, sd 0.158114, t_{0.975,4} = 2.776445 -> half-width 0.196320), each pair
+    once, bold only when the interval excludes 0."""
+    from bench import quality_report as R
+
+    def rec(method, seed, acc):
+        return {"task": "chain", "method": method, "seed": seed, "accuracy": acc}
+
+    recs = ([rec("rkl", s, 0.2) for s in range(5)] + [rec("sft", s, 0.2 + 0.1 * (s + 1)) for s in range(5)]
+            + [rec("grpo", s, 0.2 + (0.1 if s % 2 else -0.1)) for s in range(4)] + [rec("fkl", 0, 0.9)])
+    d = R.paired_differences(recs, "chain", "sft", "rkl")
+    assert [s for s, _ in d] == list(range(5)) and [x for _, x in d] == pytest.approx([0.1, 0.2, 0.3, 0.4, 0.5])
+    assert R.paired_differences(recs, "chain", "fkl", "sft") == [(0, pytest.approx(0.6))]
+    lines = R.paired_lines(recs, "chain", ["rkl", "sft", "grpo", "fkl"], {"sft": "SFT"})
+    rows = [x for x in lines if x.startswith("| ") and " - " in x]
+    assert rows[0] == "| SFT - rkl | **+0.300 [+0.104, +0.496]** | 5/5 | +0.100, +0.200, +0.300, +0.400, +0.500 |"
+    assert rows[1] == "| grpo - rkl | +0.000 [-0.184, +0.184] | 2/4 | -0.100, +0.100, -0.100, +0.100 |"
+    # grpo - SFT once (not SFT - grpo too); fkl pairs on one seed only: no row
+    assert [r.split(" | ")[0] for r in rows] == ["| SFT - rkl", "| grpo - rkl", "| grpo - SFT"]
+    assert R.paired_lines(recs, "chain", ["fkl", "sft"], {}) == []
 
 
 def test_quality_bench_full_configuration():
