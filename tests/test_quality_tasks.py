@@ -556,3 +556,48 @@ def test_opd_turns_hub_kernels_off_unless_asked(tmp_path):
                           check=True).stdout.strip() == "NO"
     assert subprocess.run([sys.executable, "-c", code], env={**env, "USE_HUB_KERNELS": "YES"}, capture_output=True,
                           text=True, check=True).stdout.strip() == "YES"
+
+
+def test_chain_probe_reads_steps_and_injects_errors():
+    """bench/quality_chain_probe.py: the parsing and the error injection, exact values by hand."""
+    from bench import quality_chain_probe as P
+
+    digits = (3, 8, 5, 2, 9)  # sums 3, 11, 16, 18, 27
+    assert P.parse_steps("3+8=11, 11+5=16, x, 18+9=27. Answer: 27") == [(3, 8, 11), (11, 5, 16), None, (18, 9, 27)]
+    # own: step 2 wrong (11+5=17), step 3 carries it and is locally right, step 4 is right from 19
+    st = P.own_stats("3+8=11, 11+5=17, 17+2=19, 19+9=28. Answer: 28", digits)
+    assert st == {"steps": 4, "local": 3, "carried": 4, "correct": False}
+    # steps 2 and 3 do not carry the sum before them (their arithmetic on what they wrote is right)
+    st = P.own_stats("3+8=11, 12+5=17, 16+2=18, 18+9=27. Answer: 27", digits)
+    assert st == {"steps": 4, "local": 4, "carried": 2, "correct": True}
+    assert P.own_stats("3+8=11, 11+4=15", digits)["local"] == 1  # the wrong digit of the problem
+    assert P.injected_prefix(digits, 1, 1) == ("3+8=12, ", 12)
+    assert P.injected_prefix(digits, 3, -1) == ("3+8=11, 11+5=16, 16+2=17, ", 17)
+    c = P.continuation_stats("17+9=26. Answer: 26", digits, 3, 17, -1)  # carries the error, consistent with it
+    assert c == {"carries": True, "restores": False, "recovers": False, "consistent": True}
+    c = P.continuation_stats("18+9=27. Answer: 27", digits, 3, 17, -1)  # restores the true sum, recovers
+    assert c == {"carries": False, "restores": True, "recovers": True, "consistent": False}
+
+
+def test_chain_probe_runs_on_a_model_and_refuses_bad_flags(tmp_path, capsys):
+    import json
+
+    from bench import quality_chain_probe as P
+    from opd import demo_models
+
+    d = demo_models.prepare_student(tmp_path, seed=1, log=None)
+    out = tmp_path / "probe.json"
+    assert P.main(["--model", f"init={d}", "--n", "4", "--error-steps", "1,14", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    r = res["results"]["init"]
+    assert res["error_steps"] == [1, 14] and r["n"] == 4 and set(r["injected"]) == {"1", "14"}
+    assert 0 <= r["own"]["accuracy"] <= 1 and set(r["injected"]["14"]) == {"carries", "restores", "recovers",
+                                                                            "consistent"}
+    assert "| init |" in capsys.readouterr().out
+    for args, words in ((["--model", "x"], ["--model", "NAME=HF_DIR"]),
+                        (["--model", f"x={tmp_path}"], ["no config.json"]),
+                        (["--model", f"x={d}", "--error-steps", "0,3"], ["--error-steps", "1-14"])):
+        with pytest.raises(SystemExit) as e:
+            P.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and all(w in err for w in words), err
