@@ -350,6 +350,10 @@ class TeacherSpec:
     eval_size: int = _DEMO_TEACHER.eval_size
     min_accuracy: float = _DEMO_TEACHER.min_accuracy
     extra_rounds: int = _DEMO_TEACHER.extra_rounds
+    # chain only: this fraction of the SFT examples shows an error in a step's sum (masked out of the
+    # loss) and the continuation from the true sum (rollout.tasks.chain.with_recovery): a teacher
+    # that can steer back after a student's mistake. None: plain references (not in the cache key).
+    recovery: float | None = None
 
 
 @dataclass(frozen=True)
@@ -401,13 +405,22 @@ def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print, device: 
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tok = model_cache.load_tokenizer(model_cache.tokenizer_dir(cache_dir, spec.vocab_size))
     model = random_model(tok, spec.size, spec.seed).to(device)
-    train = task.make_examples("train", spec.steps * spec.batch_size, seed=spec.seed)
+    def train_examples(n: int, sample_seed: int | None = None) -> list:
+        exs = task.make_examples("train", n, seed=spec.seed, sample_seed=sample_seed)
+        if spec.recovery:
+            from rollout.tasks.chain import with_recovery
+
+            exs = with_recovery(exs, spec.recovery, seed=spec.seed if sample_seed is None else sample_seed)
+        return exs
+
+    train = train_examples(spec.steps * spec.batch_size)
     evals = task.make_examples("eval", spec.eval_size, seed=spec.seed)
     t0 = time.time()
-    log(f"teacher[{spec.task}]: training {spec.size} for {spec.steps} steps x {spec.batch_size}")
+    log(f"teacher[{spec.task}]: training {spec.size} for {spec.steps} steps x {spec.batch_size}"
+        + (f", {spec.recovery:.0%} of the examples with an error and the way back" if spec.recovery else ""))
     acc, seconds = sft.train_to_accuracy(
         model, tok, spec, train, lambda m: task_accuracy(m, tok, task, evals),
-        lambda n, r: task.make_examples("train", n, seed=spec.seed, sample_seed=spec.seed + 2000 + r),
+        lambda n, r: train_examples(n, sample_seed=spec.seed + 2000 + r),
         name=f"teacher[{spec.task}]", log=log, t0=t0, log_every=100)
     return model_cache.save_model(out, model.cpu(), tok, {"role": "teacher", "task": spec.task,
                                                         "settings": asdict(spec), "device": device,
@@ -527,7 +540,8 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
         task = get_task(f)
         spec = TeacherSpec(f, steps=conf.get("teacher_steps") or TEACHER_STEPS.get(f, 300),
                            size=conf.get("teacher_size") or TEACHER_SIZE.get(f, _DEMO_TEACHER.size),
-                           min_accuracy=conf.get("teacher_min_accuracy", 0.9))
+                           min_accuracy=conf.get("teacher_min_accuracy", 0.9),
+                           recovery=conf.get("teacher_recovery") if f == "chain" else None)
         dirs[f] = prepare_task_teacher(cache, spec, device=train_dev)
         tok = model_cache.load_tokenizer(dirs[f])
         evals = task.make_examples("eval", conf["eval_size"], seed=0)
@@ -538,6 +552,8 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     own = {f: bench_accuracy(str(dirs[f]), tok, f, conf["eval_size"], mnt, dev)[0] for f in fams}
     info = {"dir": str(dirs[fams[0]]), "accuracy": statistics.fmean(own.values()), "max_new_tokens": mnt,
             "reference_tokens": round(statistics.fmean(ref_lens), 1), "students": {}}
+    if conf.get("teacher_recovery") and "chain" in fams:
+        info["teacher_recovery"] = conf["teacher_recovery"]
     if len(fams) > 1:
         info["families"] = {f: {"dir": str(dirs[f]), "accuracy": own[f]} for f in fams}
         info["first_teacher_by_family"] = {f: own[f] if f == fams[0] else
@@ -692,6 +708,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                    f"{_DEMO_TEACHER.size}, except {TEACHER_SIZE}; changes the cache key)")
     p.add_argument("--student-size", default="student", help="the students' model size (opd.tiny.SIZES)")
     p.add_argument("--teacher-min-accuracy", type=float, default=0.9)
+    p.add_argument("--teacher-recovery", type=float, help="chain only: train its teacher with this fraction "
+                   "(0-1) of examples that show an error in a step's sum (masked out of the loss) and the way "
+                   "back from the true sum, so the teacher can steer a student back after its own mistake")
     p.add_argument("--device", default="cpu", help="the student's device in every run, and of the preparation "
                    "(teacher and warm-student SFT) and the held-out evals: cpu or cuda (the teacher servers stay on "
                    "the CPU; a model trained on a GPU is cached apart from the CPU's)")
@@ -747,6 +766,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                               sum(WARM_STEPS.get(f, 0) for f in families(t))) for t in conf["tasks"]}
     if args.warm_target is not None:
         conf["warm_target"] = args.warm_target
+    if args.teacher_recovery is not None:
+        if not 0 < args.teacher_recovery < 1:
+            p.error(f"--teacher-recovery {args.teacher_recovery}: a fraction of the teacher's examples, 0 < P < 1")
+        if not any("chain" in families(t) for t in conf["tasks"]):
+            p.error(f"--teacher-recovery: only the chain task has recovery examples; --tasks {','.join(conf['tasks'])}")
+        conf["teacher_recovery"] = args.teacher_recovery
     conf.update(lr=args.lr, threads=args.threads, prep_threads=args.prep_threads or args.threads,
                 teacher_steps=args.teacher_steps, teacher_size=args.teacher_size, teacher_device=args.teacher_device,
                 prep_device=args.prep_device or args.device,

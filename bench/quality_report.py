@@ -131,7 +131,9 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
         starts = {int(k): v["accuracy"] for k, v in t.get("students", {}).items()}
         teacher_acc = t.get("accuracy", float("nan"))
         start_kind = t.get("start", "warm")
-        lines += [f"### {task} (teacher {teacher_acc:.3f}; {start_kind} student, before "
+        recovery = (f", trained with {t['teacher_recovery']:.0%} recovery examples" if t.get("teacher_recovery")
+                    else "")
+        lines += [f"### {task} (teacher {teacher_acc:.3f}{recovery}; {start_kind} student, before "
                   f"{t.get('student_before', float('nan')):.3f})", "",
                   "| method | lr | accuracy [95% CI] | Δ vs start | tokens to 50% | tokens to 80% | s to 50% | "
                   "s to 80% | tokens used | stop | wall s | peak RSS MB |",

@@ -20,10 +20,12 @@ CACHE_VERSION = 1
 
 
 def cache_key(kind: str, settings) -> str:
-    """The directory name of a prepared model: `kind` and a hash of its settings (and size spec)."""
+    """The directory name of a prepared model: `kind` and a hash of its settings (and size spec).
+    A setting that is None is left out of the hash, so a field added later with default None keeps
+    the keys of everything cached before it."""
     from opd.tiny import SIZES
 
-    payload = {"kind": kind, "version": CACHE_VERSION, **asdict(settings)}
+    payload = {"kind": kind, "version": CACHE_VERSION, **{k: v for k, v in asdict(settings).items() if v is not None}}
     size = payload.get("size")
     if size in SIZES:
         payload["size_spec"] = asdict(SIZES[size])

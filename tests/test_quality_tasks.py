@@ -273,7 +273,8 @@ def test_quality_bench_is_reproducible(tmp_path):
     base = [sys.executable, str(root / "bench" / "quality.py"), "--tasks", "chain", "--methods", "rkl,grpo",
             "--seeds", "0,1", "--token-budget", "500", "--samples-per-step", "8", "--eval-size", "8",
             "--teacher-steps", "4", "--teacher-min-accuracy", "0", "--warm-steps", "0", "--threads", "1",
-            "--jobs", "2", "--until-flat", "--lr-grid", "1e-3", "--method-lr", "grpo=2e-3", "--cache-dir", str(cache)]
+            "--jobs", "2", "--until-flat", "--lr-grid", "1e-3", "--method-lr", "grpo=2e-3", "--teacher-recovery", "0.5",
+            "--cache-dir", str(cache)]
     # torch's default extension directory: the CPU Adam build is shared with the rest of the suite
     from torch.utils.cpp_extension import get_default_build_root
 
@@ -302,6 +303,10 @@ def test_quality_bench_is_reproducible(tmp_path):
         assert "tokens to 50%" in md and "Learning-rate grid" in md and "95% Student-t" in md
         assert "set by --method-lr (no grid for these): GRPO from rewards (n=4) 0.002" in md
         assert "| GRPO from rewards (n=4) - OPD reverse KL |" in md  # the paired table, seeds 0 and 1
+        # --teacher-recovery: the chain teacher was trained on recovery examples, and says so
+        assert res["teachers"]["chain"]["teacher_recovery"] == 0.5 and "with 50% recovery examples" in md
+        tdir = Path(res["teachers"]["chain"]["dir"])
+        assert json.loads((tdir / "opd_demo.json").read_text())["settings"]["recovery"] == 0.5
         assert len({(x["task"], x["seed"]) for x in res["records"]}) == 2
     assert got[0] == got[1]
 
@@ -422,6 +427,8 @@ def test_t_interval_threshold_flatness_and_lr_choice():
     (["--prep-device", "tpu"], ["--prep-device", "'tpu'", "cpu or cuda"]),
     (["--teacher-size", "huge"], ["--teacher-size", "'huge'", "demo_teacher"]),
     (["--student-size", "huge"], ["--student-size", "'huge'", "student"]),
+    (["--tasks", "chain", "--teacher-recovery", "1.5"], ["--teacher-recovery", "1.5", "0 < P < 1"]),
+    (["--tasks", "sort", "--teacher-recovery", "0.2"], ["--teacher-recovery", "only the chain task", "sort"]),
     (["--methods", "rkl", "--method-lr", "rkl=fast"], ["--method-lr", "'rkl=fast'", "METHOD=LR"]),
     (["--methods", "rkl", "--method-lr", "sft=1e-3"], ["--method-lr", "'sft'", "not one of the methods run", "rkl"]),
     (["--methods", "rkl", "--method-lr", "rkl=-1"], ["--method-lr", "'rkl=-1'", "finite number > 0"]),
@@ -601,3 +608,58 @@ def test_chain_probe_runs_on_a_model_and_refuses_bad_flags(tmp_path, capsys):
             P.main(args)
         err = capsys.readouterr().err
         assert e.value.code == 2 and all(w in err for w in words), err
+
+
+def test_chain_recovery_examples_mask_the_error_and_go_on_from_the_true_sum():
+    """A teacher example that shows the way back after a wrong sum: the corrupted prefix is in the
+    response but out of the loss; the continuation starts from the true sum; same prompt and answer."""
+    from opd.tiny import build_tokenizer
+    from rollout.tasks.chain import ChainExample, ChainRecoveryExample, make_chain_examples, with_recovery
+    from rollout.tasks.encoding import encode, prompt_ids
+
+    ex = ChainRecoveryExample((3, 8, 5, 2, 9), step=2, delta=-1)  # sums 3, 11, 16, 18, 27
+    assert ex.prefix == "3+8=11, 11+5=15, " and ex.continuation == "16+2=18, 18+9=27. Answer: 27"
+    assert ex.answer == "27" and ex.messages == ChainExample((3, 8, 5, 2, 9)).messages
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = build_tokenizer(d)
+    p, ids, mask = encode(tok, ex)
+    assert p == prompt_ids(tok, ChainExample((3, 8, 5, 2, 9)))
+    assert ids == list(tok.encode(ex.response, add_special_tokens=False)) + [tok.eos_token_id]
+    n_prefix = len(tok.encode(ex.prefix, add_special_tokens=False))
+    assert mask == [0] * n_prefix + [1] * (len(ids) - n_prefix)
+    assert tok.decode([i for i, m in zip(ids, mask) if m], skip_special_tokens=True) == ex.continuation
+    for bad in (dict(step=0, delta=1), dict(step=4, delta=1), dict(step=1, delta=0), dict(step=1, delta=-12)):
+        with pytest.raises(ValueError):
+            ChainRecoveryExample((3, 8, 5, 2, 9), **bad)
+    # a fraction of the problems, the same problems, deterministic per seed
+    exs = make_chain_examples("train", 400, seed=0)
+    mixed = with_recovery(exs, 0.25, seed=3)
+    rec = [m for m in mixed if isinstance(m, ChainRecoveryExample)]
+    assert 70 <= len(rec) <= 130 and [m.digits for m in mixed] == [e.digits for e in exs]
+    assert all(1 <= m.step <= 14 and 1 <= abs(m.delta) <= 3 for m in rec)
+    assert mixed == with_recovery(exs, 0.25, seed=3) and with_recovery(exs, 0.0) == exs
+    with pytest.raises(ValueError):
+        with_recovery(exs, 1.5)
+
+
+def test_cache_key_leaves_out_settings_that_are_none():
+    """A setting added later with default None keeps the keys of what was cached before it."""
+    from dataclasses import dataclass
+
+    from bench.quality import TeacherSpec
+    from opd.model_cache import cache_key
+
+    @dataclass
+    class Old:
+        task: str = "chain"
+        steps: int = 600
+
+    @dataclass
+    class New(Old):
+        recovery: float | None = None
+
+    assert cache_key("teacher-chain", New()) == cache_key("teacher-chain", Old())
+    assert cache_key("teacher-chain", New(recovery=0.2)) != cache_key("teacher-chain", Old())
+    assert cache_key("t", TeacherSpec("chain")) != cache_key("t", TeacherSpec("chain", recovery=0.2))

@@ -66,6 +66,76 @@ class ChainExample:
                 "solution": self.solution, "digits": list(self.digits)}
 
 
+@dataclass(frozen=True)
+class ChainRecoveryExample:
+    """A teacher training example that shows how to steer back after a mistake: the worked response
+    through step `step` (1-based; step k adds the (k+1)-th operand) with that step's sum off by
+    `delta`, then the rest of the response from the true sums (the next step's left operand is the
+    right sum, not the wrong one just written) and the true answer. `encode` masks the corrupted
+    prefix out of the loss, so a model learns the continuation only: after `a+d=W` with W != a + d,
+    go on from a + d. Same prompt, answer and grader as `ChainExample`."""
+    digits: tuple
+    step: int
+    delta: int
+
+    def __post_init__(self):
+        if not 1 <= self.step <= len(self.digits) - 2:
+            raise ValueError(f"step must be in 1..{len(self.digits) - 2} (a step must follow it), got {self.step}")
+        if self.delta == 0 or sum(self.digits[: self.step + 1]) + self.delta < 0:
+            raise ValueError(f"delta must be non-zero and leave the wrong sum >= 0, got {self.delta}")
+
+    question = ChainExample.question
+    messages = ChainExample.messages
+    answer = ChainExample.answer
+    partial_sums = ChainExample.partial_sums
+
+    @property
+    def prefix(self) -> str:
+        """The corrupted start of the response, through the wrong sum and ", "."""
+        sums, k = self.partial_sums, self.step
+        steps = [f"{sums[i - 1]}+{self.digits[i]}={sums[i]}" for i in range(1, k)]
+        steps.append(f"{sums[k - 1]}+{self.digits[k]}={sums[k] + self.delta}")
+        return ", ".join(steps) + ", "
+
+    @property
+    def continuation(self) -> str:
+        """The rest of the response from the true sums, with the true answer."""
+        sums = self.partial_sums
+        steps = [f"{sums[i - 1]}+{self.digits[i]}={sums[i]}" for i in range(self.step + 1, len(self.digits))]
+        return ", ".join(steps) + f". Answer: {self.answer}"
+
+    @property
+    def response(self) -> str:
+        return self.prefix + self.continuation
+
+    def encode(self, tokenizer) -> tuple[list[int], list[int], list[int]]:
+        """(prompt ids, response ids through eos, loss mask: 0 on the corrupted prefix, 1 after)."""
+        from rollout.tasks.encoding import prompt_ids
+
+        head = list(tokenizer.encode(self.prefix, add_special_tokens=False))
+        tail = list(tokenizer.encode(self.continuation, add_special_tokens=False)) + [tokenizer.eos_token_id]
+        return prompt_ids(tokenizer, self), head + tail, [0] * len(head) + [1] * len(tail)
+
+
+def with_recovery(examples: list, fraction: float, seed: int = 0, max_delta: int = 3) -> list:
+    """`examples` with a `fraction` of them (chosen at random) replaced by `ChainRecoveryExample`s
+    of the same problem: an error at a random step (1..n-2) of +-1..`max_delta` in that step's sum."""
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"fraction must be in [0, 1], got {fraction}")
+    rng = random.Random(f"chain-recovery:{seed}")
+    out = []
+    for ex in examples:
+        if rng.random() >= fraction:
+            out.append(ex)
+            continue
+        step = rng.randint(1, len(ex.digits) - 2)
+        delta = rng.choice([d for d in range(-max_delta, max_delta + 1) if d != 0])
+        if sum(ex.digits[: step + 1]) + delta < 0:
+            delta = -delta
+        out.append(ChainRecoveryExample(ex.digits, step, delta))
+    return out
+
+
 def make_chain_examples(split: str, n: int, seed: int = 0, sample_seed: int | None = None,
                         lengths: tuple[int, int] = LENGTHS) -> list[ChainExample]:
     """`n` problems of `split`: `lengths[0]`..`lengths[1]` operands, each 1-9. Eval problems are
