@@ -405,6 +405,7 @@ def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print, device: 
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tok = model_cache.load_tokenizer(model_cache.tokenizer_dir(cache_dir, spec.vocab_size))
     model = random_model(tok, spec.size, spec.seed).to(device)
+
     def train_examples(n: int, sample_seed: int | None = None) -> list:
         exs = task.make_examples("train", n, seed=spec.seed, sample_seed=sample_seed)
         if spec.recovery:
