@@ -366,6 +366,7 @@ class WarmSpec:
     batch_size: int = 16
     lr: float = 3e-3
     vocab_size: int = 512
+    hints: float | None = None     # see WarmTargetSpec
 
 
 @dataclass(frozen=True)
@@ -381,6 +382,23 @@ class WarmTargetSpec:
     lr: float = 3e-3
     probe_size: int = 64           # train-split problems (not the held-out eval problems)
     vocab_size: int = 512
+    # this fraction of the SFT examples asks with the self-distillation teacher's prompt (the question
+    # and its reference solution, SELF_TEMPLATE) and answers the same, so the warm student, shown
+    # that prompt, can serve as a self-teacher that reads the reference (--student-hints). The probe
+    # (the target) stays on plain prompts. None: plain examples only (not in the cache key).
+    hints: float | None = None
+
+
+def with_hints(task_name: str, examples: list, fraction: float, seed: int) -> list:
+    """`examples` with a `fraction` of them (chosen at random, seeded) asked with the
+    self-distillation teacher's prompt (SELF_TEMPLATE over the example's data row; the same text the
+    trainer's teacher.prompt_template gives the self-teacher) and the same response."""
+    import random
+
+    from student_trainer.data import privileged_example
+
+    rng = random.Random(f"hints:{task_name}:{seed}")
+    return [privileged_example(task_name, ex, SELF_TEMPLATE) if rng.random() < fraction else ex for ex in examples]
 
 
 def _kind(name: str, device: str) -> str:
@@ -461,6 +479,8 @@ def prepare_warm_student(cache_dir: Path, spec: WarmSpec, log=print, device: str
         return got
     task, tok, model, out = got
     train = task.make_examples("train", spec.steps * spec.batch_size, seed=0, sample_seed=7000 + spec.seed)
+    if spec.hints:
+        train = with_hints(spec.task, train, spec.hints, spec.seed)
     torch.manual_seed(spec.seed)
     sft.sft_train(model, tok, train, steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr,
                         warmup_steps=min(10, spec.steps))
@@ -483,6 +503,8 @@ def prepare_warm_student_to_target(cache_dir: Path, spec: WarmTargetSpec, log=pr
         return got
     task, tok, model, out = got
     train = task.make_examples("train", spec.max_steps * spec.batch_size, seed=0, sample_seed=7000 + spec.seed)
+    if spec.hints:
+        train = with_hints(spec.task, train, spec.hints, spec.seed)
     probe = task.make_examples("train", spec.probe_size, seed=0, sample_seed=9000 + spec.seed)
     torch.manual_seed(spec.seed)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.98), weight_decay=0.0)
@@ -555,6 +577,9 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
             "reference_tokens": round(statistics.fmean(ref_lens), 1), "students": {}}
     if conf.get("teacher_recovery") and "chain" in fams:
         info["teacher_recovery"] = conf["teacher_recovery"]
+    if conf.get("student_hints"):
+        info["student_hints"] = conf["student_hints"]
+    self_teacher = any("SELF" in METHODS[m][1] for m in conf["methods"] if applies(m, task_name))
     if len(fams) > 1:
         info["families"] = {f: {"dir": str(dirs[f]), "accuracy": own[f]} for f in fams}
         info["first_teacher_by_family"] = {f: own[f] if f == fams[0] else
@@ -564,14 +589,21 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     for seed in conf["seeds"]:
         if warm_target is not None:
             st = prepare_warm_student_to_target(cache, WarmTargetSpec(task_name, seed, target=warm_target,
-                                                                      size=conf.get("student_size", "student")),
+                                                                      size=conf.get("student_size", "student"),
+                                                                      hints=conf.get("student_hints")),
                                                 device=train_dev)
         else:
             st = prepare_warm_student(cache, WarmSpec(task_name, seed, steps=conf["warm_steps"][task_name],
-                                                      size=conf.get("student_size", "student")), device=train_dev)
+                                                      size=conf.get("student_size", "student"),
+                                                      hints=conf.get("student_hints")), device=train_dev)
         acc, by = bench_accuracy(str(st), tok, task_name, conf["eval_size"], mnt, dev)
         info["students"][str(seed)] = {"dir": str(st), "warm_steps": model_cache.read_info(st).get("warm_steps", 0),
                                        "accuracy": acc, **({"by_family": by} if len(fams) > 1 else {})}
+        if self_teacher and len(fams) == 1:  # the self-teacher's own accuracy: the warm student, shown the reference
+            hinted = [with_hints(task_name, [ex], 1.0, 0)[0] for ex in get_task(task_name).make_examples(
+                "eval", conf["eval_size"], seed=0)]
+            info["students"][str(seed)]["self_teacher_accuracy"] = task_accuracy(
+                str(st), tok, get_task(task_name), hinted, mnt, dev)
     info["student_before"] = statistics.mean(s["accuracy"] for s in info["students"].values())
     if warm_target is not None:
         info["start"] = f"warm (SFT to probe accuracy {warm_target})"
@@ -712,6 +744,10 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--teacher-recovery", type=float, help="chain only: train its teacher with this fraction "
                    "(0-1) of examples that show an error in a step's sum (masked out of the loss) and the way "
                    "back from the true sum, so the teacher can steer a student back after its own mistake")
+    p.add_argument("--student-hints", type=float, help="warm-start every student with this fraction (0-1) of "
+                   "its SFT examples asked with the self-distillation teacher's prompt (the question and its "
+                   "reference solution) and the same answer, so the self-teacher (the warm student shown the "
+                   "reference) can read it; single tasks without tools (changes the students' cache key)")
     p.add_argument("--device", default="cpu", help="the student's device in every run, and of the preparation "
                    "(teacher and warm-student SFT) and the held-out evals: cpu or cuda (the teacher servers stay on "
                    "the CPU; a model trained on a GPU is cached apart from the CPU's)")
@@ -773,6 +809,16 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         if not any("chain" in families(t) for t in conf["tasks"]):
             p.error(f"--teacher-recovery: only the chain task has recovery examples; --tasks {','.join(conf['tasks'])}")
         conf["teacher_recovery"] = args.teacher_recovery
+    if args.student_hints is not None:
+        if not 0 < args.student_hints < 1:
+            p.error(f"--student-hints {args.student_hints}: a fraction of the students' SFT examples, 0 < P < 1")
+        from rollout.tasks import TASKS as _TASKS
+
+        bad = [t for t in conf["tasks"] if "+" in t or (t in _TASKS and _TASKS[t].tools)]
+        if bad:
+            p.error(f"--student-hints: single tasks without tools only (the hinted prompt is one user message); "
+                    f"not {', '.join(bad)}")
+        conf["student_hints"] = args.student_hints
     conf.update(lr=args.lr, threads=args.threads, prep_threads=args.prep_threads or args.threads,
                 teacher_steps=args.teacher_steps, teacher_size=args.teacher_size, teacher_device=args.teacher_device,
                 prep_device=args.prep_device or args.device,

@@ -133,9 +133,17 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
         start_kind = t.get("start", "warm")
         recovery = (f", trained with {t['teacher_recovery']:.0%} recovery examples" if t.get("teacher_recovery")
                     else "")
-        lines += [f"### {task} (teacher {teacher_acc:.3f}{recovery}; {start_kind} student, before "
-                  f"{t.get('student_before', float('nan')):.3f})", "",
-                  "| method | lr | accuracy [95% CI] | Δ vs start | tokens to 50% | tokens to 80% | s to 50% | "
+        hints = (f" ({t['student_hints']:.0%} of its SFT examples with the reference in the prompt)"
+                 if t.get("student_hints") else "")
+        lines += [f"### {task} (teacher {teacher_acc:.3f}{recovery}; {start_kind} student{hints}, before "
+                  f"{t.get('student_before', float('nan')):.3f})", ""]
+        self_acc = {int(k): v["self_teacher_accuracy"] for k, v in t.get("students", {}).items()
+                    if "self_teacher_accuracy" in v}
+        if self_acc:
+            lines += ["Self-teacher (each seed's warm student shown the question and its reference solution), "
+                      f"held-out greedy accuracy: {statistics.fmean(self_acc.values()):.3f} ("
+                      + ", ".join(f"seed {k} {v:.3f}" for k, v in sorted(self_acc.items())) + ").", ""]
+        lines += ["| method | lr | accuracy [95% CI] | Δ vs start | tokens to 50% | tokens to 80% | s to 50% | "
                   "s to 80% | tokens used | stop | wall s | peak RSS MB |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for method, rs in method_rows(records, task, conf["methods"]).items():

@@ -91,6 +91,34 @@ def task_row(task: str, ex) -> dict:
     return {"task": task, "data_source": task, "question": ex.question, **get_task(task).metadata(ex)}
 
 
+@dataclass(frozen=True)
+class PromptedExample:
+    """A built-in task example asked with another user message (`text`), with the same response,
+    answer and grading as `base`: what a teacher with a prompt template is shown, as an example to
+    train or evaluate a model on (e.g. a self-distillation teacher that must read the reference in
+    its prompt). Its own `encode` is the plain prompt + response one: `base`'s multi-turn or masked
+    `encode`, if any, is not used."""
+    base: object
+    text: str
+
+    @property
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.text}]
+
+    def __getattr__(self, name: str):
+        if name in ("base", "text", "encode") or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(self.base, name)  # response, answer, solution, digits, ...: the grader's fields
+
+
+def privileged_example(task: str, ex, template: str) -> PromptedExample:
+    """`ex` of built-in task `task` asked with `template` filled from its data row (`task_row`): the
+    same text the trainer puts in a teacher's prompt with ``teacher.prompt_template`` (the producer
+    renders it as one user message through the chat template, as `rollout.tasks.encoding.prompt_ids`
+    does for this example)."""
+    return PromptedExample(ex, template.format_map(task_row(task, ex)))
+
+
 def builtin_source(tokenizer, tasks: str | Sequence[str], seed: int = 0, n_train: int = 4096,
                    n_eval: int = 128) -> PromptSource:
     """Built-in tasks of `rollout.tasks` ("arithmetic", "sort", ...; several: "arithmetic,sort"),

@@ -429,6 +429,10 @@ def test_t_interval_threshold_flatness_and_lr_choice():
     (["--student-size", "huge"], ["--student-size", "'huge'", "student"]),
     (["--tasks", "chain", "--teacher-recovery", "1.5"], ["--teacher-recovery", "1.5", "0 < P < 1"]),
     (["--tasks", "sort", "--teacher-recovery", "0.2"], ["--teacher-recovery", "only the chain task", "sort"]),
+    (["--tasks", "chain", "--student-hints", "1"], ["--student-hints", "1.0", "0 < P < 1"]),
+    (["--tasks", "sort+reverse", "--student-hints", "0.3"], ["--student-hints", "single tasks without tools",
+                                                             "sort+reverse"]),
+    (["--tasks", "calc", "--student-hints", "0.3"], ["--student-hints", "single tasks without tools", "calc"]),
     (["--methods", "rkl", "--method-lr", "rkl=fast"], ["--method-lr", "'rkl=fast'", "METHOD=LR"]),
     (["--methods", "rkl", "--method-lr", "sft=1e-3"], ["--method-lr", "'sft'", "not one of the methods run", "rkl"]),
     (["--methods", "rkl", "--method-lr", "rkl=-1"], ["--method-lr", "'rkl=-1'", "finite number > 0"]),
@@ -663,3 +667,74 @@ def test_cache_key_leaves_out_settings_that_are_none():
     assert cache_key("teacher-chain", New()) == cache_key("teacher-chain", Old())
     assert cache_key("teacher-chain", New(recovery=0.2)) != cache_key("teacher-chain", Old())
     assert cache_key("t", TeacherSpec("chain")) != cache_key("t", TeacherSpec("chain", recovery=0.2))
+
+
+def test_hinted_examples_ask_with_the_self_teachers_exact_prompt(tmp_path):
+    """--student-hints: a hinted warm-start example's prompt ids are exactly the ids the trainer's
+    producer scores a self-teacher's response after (Producer.teacher_prompt_ids over the prompt's
+    data row), with the plain example's response, answer and grade; a fraction of the problems,
+    deterministic per seed; a tool task's multi-turn encode is not borrowed."""
+    from types import SimpleNamespace
+
+    from bench.quality import SELF_TEMPLATE, with_hints
+    from opd.tiny import build_tokenizer
+    from rollout.tasks import get_task
+    from rollout.tasks.encoding import encode, prompt_ids
+    from student_trainer.data import PromptedExample, privileged_example, task_row
+    from student_trainer.producer import Producer
+
+    tok = build_tokenizer(tmp_path / "tok", vocab_size=512)
+    for name in ("chain", "sort"):
+        task = get_task(name)
+        exs = task.make_examples("train", 300, seed=0)
+        mixed = with_hints(name, exs, 0.3, seed=4)
+        hinted = [m for m in mixed if isinstance(m, PromptedExample)]
+        assert 50 <= len(hinted) <= 130 and [getattr(m, "base", m) for m in mixed] == exs
+        assert mixed == with_hints(name, exs, 0.3, seed=4) and mixed != with_hints(name, exs, 0.3, seed=5)
+        h = hinted[0]
+        fake = SimpleNamespace(tokenizer=tok, data=SimpleNamespace(where="test"),
+                               teachers={"t": SimpleNamespace(spec=SimpleNamespace(prompt_template=SELF_TEMPLATE,
+                                                                                   key="teacher"),
+                                                              chat_template=None)})
+        prompt = SimpleNamespace(metadata={"row": task_row(name, h.base)})
+        assert prompt_ids(tok, h) == Producer.teacher_prompt_ids(fake, "t", prompt)
+        assert h.text == f"{h.base.question}\nReference solution: {task_row(name, h.base)['solution']}"
+        p, r, mask = encode(tok, h)
+        assert (r, mask) == (encode(tok, h.base)[1], None) and p != prompt_ids(tok, h.base)
+        assert h.answer == h.base.answer and task.grade(h.base.response, h) == 1.0
+    calc = get_task("calc").make_examples("train", 1, seed=0)[0]
+    assert hasattr(calc, "encode") and not hasattr(privileged_example("calc", calc, "{question}"), "encode")
+
+
+@pytest.mark.timeout(600)
+def test_quality_bench_student_hints_train_a_self_teacher_that_is_measured(tmp_path):
+    """`--student-hints 0.5` on the bench's entry point: the warm students are trained on hinted
+    examples (their cache settings say so), the preparation measures each self-teacher's accuracy
+    under the reference prompt, and the report names both; a self-distillation run goes through."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from torch.utils.cpp_extension import get_default_build_root
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, str(root / "bench" / "quality.py"), "--tasks", "sort", "--methods",
+                        "selfdistill", "--seeds", "0", "--token-budget", "150", "--samples-per-step", "8",
+                        "--eval-size", "8", "--teacher-steps", "4", "--teacher-min-accuracy", "0",
+                        "--warm-steps", "3", "--student-hints", "0.5", "--threads", "1",
+                        "--cache-dir", str(tmp_path / "cache"), "--out", str(out)],
+                       cwd=root, capture_output=True, text=True, timeout=500,
+                       env=dict(os.environ, PYTHONHASHSEED="0",
+                                TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()))
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    t = res["teachers"]["sort"]
+    assert t["student_hints"] == 0.5 and 0.0 <= t["students"]["0"]["self_teacher_accuracy"] <= 1.0
+    settings = json.loads((Path(t["students"]["0"]["dir"]) / "opd_demo.json").read_text())["settings"]
+    assert settings["hints"] == 0.5 and settings["steps"] == 3
+    assert [x["method"] for x in res["records"]] == ["selfdistill"]
+    md = (out / "results.md").read_text()
+    assert "50% of its SFT examples with the reference in the prompt" in md and "Self-teacher (each seed's" in md
