@@ -579,7 +579,12 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
         info["teacher_recovery"] = conf["teacher_recovery"]
     if conf.get("student_hints"):
         info["student_hints"] = conf["student_hints"]
-    self_teacher = any("SELF" in METHODS[m][1] for m in conf["methods"] if applies(m, task_name))
+    # with a self-distillation method: the held-out problems as its self-teacher is asked them
+    hinted_evals = None
+    if len(fams) == 1 and any("SELF" in METHODS[m][1] for m in conf["methods"] if applies(m, task_name)):
+        from student_trainer.data import privileged_example
+
+        hinted_evals = [privileged_example(task_name, ex, SELF_TEMPLATE) for ex in evals]
     if len(fams) > 1:
         info["families"] = {f: {"dir": str(dirs[f]), "accuracy": own[f]} for f in fams}
         info["first_teacher_by_family"] = {f: own[f] if f == fams[0] else
@@ -599,11 +604,9 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
         acc, by = bench_accuracy(str(st), tok, task_name, conf["eval_size"], mnt, dev)
         info["students"][str(seed)] = {"dir": str(st), "warm_steps": model_cache.read_info(st).get("warm_steps", 0),
                                        "accuracy": acc, **({"by_family": by} if len(fams) > 1 else {})}
-        if self_teacher and len(fams) == 1:  # the self-teacher's own accuracy: the warm student, shown the reference
-            hinted = [with_hints(task_name, [ex], 1.0, 0)[0] for ex in get_task(task_name).make_examples(
-                "eval", conf["eval_size"], seed=0)]
+        if hinted_evals is not None:  # the self-teacher's own accuracy: the warm student, shown the reference
             info["students"][str(seed)]["self_teacher_accuracy"] = task_accuracy(
-                str(st), tok, get_task(task_name), hinted, mnt, dev)
+                str(st), tok, get_task(task_name), hinted_evals, mnt, dev)
     info["student_before"] = statistics.mean(s["accuracy"] for s in info["students"].values())
     if warm_target is not None:
         info["start"] = f"warm (SFT to probe accuracy {warm_target})"
@@ -809,16 +812,6 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
         if not any("chain" in families(t) for t in conf["tasks"]):
             p.error(f"--teacher-recovery: only the chain task has recovery examples; --tasks {','.join(conf['tasks'])}")
         conf["teacher_recovery"] = args.teacher_recovery
-    if args.student_hints is not None:
-        if not 0 < args.student_hints < 1:
-            p.error(f"--student-hints {args.student_hints}: a fraction of the students' SFT examples, 0 < P < 1")
-        from rollout.tasks import TASKS as _TASKS
-
-        bad = [t for t in conf["tasks"] if "+" in t or (t in _TASKS and _TASKS[t].tools)]
-        if bad:
-            p.error(f"--student-hints: single tasks without tools only (the hinted prompt is one user message); "
-                    f"not {', '.join(bad)}")
-        conf["student_hints"] = args.student_hints
     conf.update(lr=args.lr, threads=args.threads, prep_threads=args.prep_threads or args.threads,
                 teacher_steps=args.teacher_steps, teacher_size=args.teacher_size, teacher_device=args.teacher_device,
                 prep_device=args.prep_device or args.device,
@@ -845,6 +838,14 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
             p.error(f"--tasks: the mix {t!r} names a family twice")
         if "+" in t and args.warm_target is not None:
             p.error(f"--warm-target: not for a mix of task families ({t!r}); use --warm-steps")
+    if args.student_hints is not None:
+        if not 0 < args.student_hints < 1:
+            p.error(f"--student-hints {args.student_hints}: a fraction of the students' SFT examples, 0 < P < 1")
+        bad = [t for t in conf["tasks"] if "+" in t or TASKS[t].tools]
+        if bad:
+            p.error(f"--student-hints: single tasks without tools only (the hinted prompt is one user message); "
+                    f"not {', '.join(bad)}")
+        conf["student_hints"] = args.student_hints
     if not args.methods:  # the default / --full set, less what applies to none of the tasks, plus a mix's
         conf["methods"] = [m for m in conf["methods"] if any(applies(m, t) for t in conf["tasks"])]
         if any("+" in t for t in conf["tasks"]):
