@@ -12,7 +12,8 @@ Issue #20's methods: self-distillation (`selfdistill`: the teacher server serves
 start, prompted with the task's reference solution; `selfdistill-follow`: the same, refreshed with
 the student's weights every step), and on a mix of two task families (a task "A+B": the trainer's
 `data.task=A,B`, graded per family) `two-teacher` (each family routed to its own task teacher)
-against `one-teacher` (A's teacher for both). docs/quality.md describes them.
+against `one-teacher` (A's teacher for both) and `generalist` (one teacher of the same size trained on
+both families). docs/quality.md describes them.
 
 Every run (and every preparation) is a child process FORKED from a driver that has imported torch /
 transformers / DeepSpeed once (and, with `--device cuda`, has not initialized CUDA: each child does
@@ -27,7 +28,7 @@ accuracy, the curves, and with `--lr-grid` the learning-rate grid. Written to OU
 results.md, accuracy_vs_tokens.png.
 
     .venv/bin/python bench/quality.py                  # the default: 63 runs, ~20 min on 2 cores
-    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 6 tasks (one a mix) x 15 methods
+    .venv/bin/python bench/quality.py --full --jobs 8 --threads 2   # 6 tasks (one a mix) x 16 methods
                                                                     # where they apply x 5 seeds, lr grid, until flat
     .venv/bin/python bench/quality.py --full --device cuda --jobs 14 --threads 1   # the same, students on one GPU
     .venv/bin/python bench/quality.py --tasks chain --methods rkl,fkl,sft,grpo --seeds 0,1,2,3,4 \
@@ -52,7 +53,7 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,8 +72,10 @@ from opd.demo_models import TeacherSettings  # noqa: E402  (no torch import: saf
 # quarter of the prompts (every method samples the same number of sequences per step); "SELF": the
 # teacher server serves the run's own warm-start student (a server per run, started and stopped
 # with it); "ROUTES": on a mix of task families (a task "A+B"), each family's prompts go to that
-# family's task teacher (`teacher.routes.A.url=...`). Without "ROUTES" a mix's single teacher is the
-# first family's (A's). Which tasks a method runs on: METHOD_SCOPE.
+# family's task teacher (`teacher.routes.A.url=...`); "GENERALIST": on a mix, one teacher of the
+# specialists' size trained on the families' interleaved references (as many steps as the
+# specialists together, so as many examples of each family as its specialist saw). Without "ROUTES" or
+# "GENERALIST" a mix's single teacher is the first family's (A's). Which tasks a method runs on: METHOD_SCOPE.
 SELF_TEMPLATE = "{question}\nReference solution: {solution}"
 METHODS: dict[str, tuple[str, list[str]]] = {
     "rkl": ("OPD reverse KL", ["loss.divergence=reverse_kl"]),
@@ -99,10 +102,12 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     "two-teacher": ("two teachers: each family its own task teacher (teacher.routes)",
                     ["loss.divergence=reverse_kl", "ROUTES"]),
     "one-teacher": ("one teacher for both families: the first family's", ["loss.divergence=reverse_kl"]),
+    "generalist": ("one generalist teacher trained on both families", ["loss.divergence=reverse_kl", "GENERALIST"]),
 }
 LABELS = {name: label for name, (label, _) in METHODS.items()}
 # "task": single task families only; "mix": mixes only ("A+B"); "any": both. Unlisted: "task".
-METHOD_SCOPE = {"selfdistill": "any", "selfdistill-follow": "any", "two-teacher": "mix", "one-teacher": "mix"}
+METHOD_SCOPE = {"selfdistill": "any", "selfdistill-follow": "any", "two-teacher": "mix", "one-teacher": "mix",
+                "generalist": "mix"}
 
 
 def families(task: str) -> list[str]:
@@ -419,7 +424,7 @@ def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print, device: 
     if (out / "opd_demo.json").exists():
         log(f"teacher[{spec.task}]: cached at {out} (accuracy {model_cache.read_info(out).get('accuracy')})")
         return out
-    task = get_task(spec.task)
+    task = bench_task(spec.task)  # a mix "A+B": the generalist, on the families' interleaved references
     Path(cache_dir).mkdir(parents=True, exist_ok=True)
     tok = model_cache.load_tokenizer(model_cache.tokenizer_dir(cache_dir, spec.vocab_size))
     model = random_model(tok, spec.size, spec.seed).to(device)
@@ -433,12 +438,15 @@ def prepare_task_teacher(cache_dir: Path, spec: TeacherSpec, log=print, device: 
         return exs
 
     train = train_examples(spec.steps * spec.batch_size)
-    evals = task.make_examples("eval", spec.eval_size, seed=spec.seed)
+    # a mix: graded per family by the family's own grader, accuracy = the mean over the families
+    by_family = [(get_task(f), get_task(f).make_examples("eval", spec.eval_size, seed=spec.seed))
+                 for f in families(spec.task)]
+    evals = [e for _, exs in by_family for e in exs]
     t0 = time.time()
     log(f"teacher[{spec.task}]: training {spec.size} for {spec.steps} steps x {spec.batch_size}"
         + (f", {spec.recovery:.0%} of the examples with an error and the way back" if spec.recovery else ""))
     acc, seconds = sft.train_to_accuracy(
-        model, tok, spec, train, lambda m: task_accuracy(m, tok, task, evals),
+        model, tok, spec, train, lambda m: statistics.fmean(task_accuracy(m, tok, t, exs) for t, exs in by_family),
         lambda n, r: train_examples(n, sample_seed=spec.seed + 2000 + r),
         name=f"teacher[{spec.task}]", log=log, t0=t0, log_every=100)
     return model_cache.save_model(out, model.cpu(), tok, {"role": "teacher", "task": spec.task,
@@ -558,13 +566,13 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
     # teacher and warm students are trained (and cached) when that differs from the runs' device
     dev = conf.get("device", "cpu")
     train_dev = conf.get("prep_device") or dev
-    fams, dirs, mnt, ref_lens = families(task_name), {}, 0, []
+    fams, dirs, mnt, ref_lens, specs = families(task_name), {}, 0, [], {}
     for f in fams:
         task = get_task(f)
-        spec = TeacherSpec(f, steps=conf.get("teacher_steps") or TEACHER_STEPS.get(f, 300),
-                           size=conf.get("teacher_size") or TEACHER_SIZE.get(f, _DEMO_TEACHER.size),
-                           min_accuracy=conf.get("teacher_min_accuracy", 0.9),
-                           recovery=conf.get("teacher_recovery") if f == "chain" else None)
+        spec = specs[f] = TeacherSpec(f, steps=conf.get("teacher_steps") or TEACHER_STEPS.get(f, 300),
+                                      size=conf.get("teacher_size") or TEACHER_SIZE.get(f, _DEMO_TEACHER.size),
+                                      min_accuracy=conf.get("teacher_min_accuracy", 0.9),
+                                      recovery=conf.get("teacher_recovery") if f == "chain" else None)
         dirs[f] = prepare_task_teacher(cache, spec, device=train_dev)
         tok = model_cache.load_tokenizer(dirs[f])
         evals = task.make_examples("eval", conf["eval_size"], seed=0)
@@ -590,6 +598,14 @@ def prep_task(task_name: str, conf: dict, cache: Path, out_json: Path) -> None:
         info["first_teacher_by_family"] = {f: own[f] if f == fams[0] else
                                            bench_accuracy(str(dirs[fams[0]]), tok, f, conf["eval_size"], mnt, dev)[0]
                                            for f in fams}
+        if any("GENERALIST" in METHODS[m][1] for m in conf["methods"] if applies(m, task_name)):
+            # one teacher of the specialists' size on the families' interleaved references, as many
+            # steps as the specialists together (each family's examples as many as its specialist's)
+            first = specs[fams[0]]
+            gen = prepare_task_teacher(cache, replace(first, task=task_name, recovery=None,
+                                                      steps=sum(specs[f].steps for f in fams)), device=train_dev)
+            acc, by = bench_accuracy(str(gen), tok, task_name, conf["eval_size"], mnt, dev)
+            info["generalist"] = {"dir": str(gen), "accuracy": acc, "by_family": by}
     warm_target = conf.get("warm_target")
     for seed in conf["seeds"]:
         if warm_target is not None:
@@ -632,7 +648,7 @@ def _method_overrides(method: str, teacher: Path, steps_cap: int, half: int, sam
         if o == "GROUP":
             group = True
             continue
-        if o in ("SELF", "ROUTES"):  # the teacher servers: Bench.execute
+        if o in ("SELF", "ROUTES", "GENERALIST"):  # the teacher servers: Bench.execute
             continue
         ov.append(o.replace("{teacher}", str(teacher)).replace("{steps}", str(steps_cap)).replace("{half}", str(half)))
     n = 4 if group else 1
@@ -849,7 +865,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     if not args.methods:  # the default / --full set, less what applies to none of the tasks, plus a mix's
         conf["methods"] = [m for m in conf["methods"] if any(applies(m, t) for t in conf["tasks"])]
         if any("+" in t for t in conf["tasks"]):
-            conf["methods"] += [m for m in ("two-teacher", "one-teacher") if m not in conf["methods"]]
+            conf["methods"] += [m for m in ("two-teacher", "one-teacher", "generalist") if m not in conf["methods"]]
     scope_words = {"mix": "a mix of task families (--tasks A+B, e.g. sort+reverse)", "task": "single task families"}
     for m in conf["methods"]:
         if not any(applies(m, t) for t in conf["tasks"]):
@@ -952,12 +968,15 @@ class Bench:
     def shared_servers(self, job: dict) -> dict[str, str]:
         """The task-teacher servers a job asks (name -> model directory; kept per job slot and
         shared by that slot's runs one after the other): a task's teacher, for a mix the first
-        family's, or with "ROUTES" every family's. A self-teacher is the run's own (not shared)."""
+        family's, with "ROUTES" every family's, with "GENERALIST" the mix's generalist. A self-teacher is
+        the run's own (not shared)."""
         marks, info, fams = METHODS[job["method"]][1], self.teachers[job["task"]], families(job["task"])
         if "SELF" in marks:
             return {}
         if "ROUTES" in marks:
             return {f: info["families"][f]["dir"] for f in fams}
+        if "GENERALIST" in marks:
+            return {"generalist": info["generalist"]["dir"]}
         return {fams[0]: info["dir"]}
 
     def close(self, keys=None) -> None:
@@ -1018,8 +1037,9 @@ class Bench:
                 job = {**job, "url": self.teacher_url("self", job["student"], slot, run_dir / "teacher_self.log")}
             elif "ROUTES" in METHODS[job["method"]][1]:
                 job = {**job, "url": "", "routes": urls}
-            else:
-                job = {**job, "url": urls[families(job["task"])[0]]}
+            else:  # the one shared server it asks (a task's teacher, a mix's first family's or generalist)
+                (url,) = urls.values()
+                job = {**job, "url": url}
             (run_dir / "job.json").write_text(json.dumps(job, indent=1))
             return start_child(run_one, run_dir / "stdout.log", job)
 

@@ -224,7 +224,10 @@ def family_lines(records: list[dict], task: str, t: dict, methods: list[str], la
     lines = [f"Per family ({task}; the accuracy above is the mean over the families). Teachers: "
              + ", ".join(f"{f}'s on {f} {v['accuracy']:.3f}" for f, v in t["families"].items())
              + (f"; one-teacher uses {fams[0]}'s teacher for every family: "
-                + ", ".join(f"on {f} {first[f]:.3f}" for f in fams) if first else "") + ".", "",
+                + ", ".join(f"on {f} {first[f]:.3f}" for f in fams) if first else "")
+             + (f"; the generalist (one teacher trained on every family): "
+                + ", ".join(f"on {f} {t['generalist']['by_family'][f]:.3f}" for f in fams)
+                if t.get("generalist") else "") + ".", "",
              "| method | " + " | ".join(f"{f} [95% CI]" for f in fams) + " |", "|---|" + "---|" * len(fams)]
     starts = {f: [v["by_family"][f] for v in t.get("students", {}).values() if "by_family" in v] for f in fams}
     if all(starts.values()):

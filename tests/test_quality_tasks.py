@@ -316,7 +316,7 @@ def test_quality_bench_is_reproducible(tmp_path):
 
     out = tmp_path / "mix"
     r = subprocess.run(base[:2] + ["--tasks", "sort+reverse", "--methods",
-                                   "selfdistill,selfdistill-follow,two-teacher,one-teacher", "--seeds", "0",
+                                   "selfdistill,selfdistill-follow,two-teacher,one-teacher,generalist", "--seeds", "0",
                                    "--token-budget", "200", "--samples-per-step", "8", "--eval-size", "8",
                                    "--teacher-steps", "4", "--teacher-min-accuracy", "0", "--warm-steps", "0",
                                    "--threads", "1", "--jobs", "2", "--cache-dir", str(cache), "--out", str(out)],
@@ -325,7 +325,7 @@ def test_quality_bench_is_reproducible(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     recs = {x["method"]: x for x in res["records"]}
-    assert set(recs) == {"selfdistill", "selfdistill-follow", "two-teacher", "one-teacher"}
+    assert set(recs) == {"selfdistill", "selfdistill-follow", "two-teacher", "one-teacher", "generalist"}
     for x in recs.values():  # graded per family, overall = the mean
         assert x["task"] == "sort+reverse" and set(x["by_family"]) == {"sort", "reverse"}
         assert x["accuracy"] == (x["by_family"]["sort"] + x["by_family"]["reverse"]) / 2 and x["steps"] >= 1
@@ -345,6 +345,20 @@ def test_quality_bench_is_reproducible(tmp_path):
     cfg, rows, _ = run("one-teacher")
     assert cfg["teacher"]["routes"] == {} and cfg["teacher"]["url"]
     assert not any("teacher/sort/samples" in x for x in rows)
+    # the generalist: one teacher trained on both families' references for the specialists' steps
+    # together (4 + 4), graded per family, and it is the server the run was pointed at
+    gen = res["teachers"]["sort+reverse"]["generalist"]
+    assert set(gen["by_family"]) == {"sort", "reverse"}
+    assert gen["accuracy"] == (gen["by_family"]["sort"] + gen["by_family"]["reverse"]) / 2
+    ginfo = json.loads((Path(gen["dir"]) / "opd_demo.json").read_text())
+    assert ginfo["task"] == "sort+reverse" and ginfo["settings"]["steps"] == 8
+    assert Path(gen["dir"]) not in {Path(v["dir"]) for v in res["teachers"]["sort+reverse"]["families"].values()}
+    cfg, rows, d = run("generalist")  # pointed at the server that serves the generalist
+    assert cfg["teacher"]["routes"] == {} and cfg["teacher"]["url"]
+    port = cfg["teacher"]["url"].rsplit(":", 1)[1]
+    assert any(f"serving {Path(gen['dir']).name} " in line and line.endswith(f":{port}")
+               for p in out.glob("teacher_generalist_*.log") for line in p.read_text().splitlines())
+    assert "the generalist (one teacher trained on every family): on sort " in (out / "results.md").read_text()
     for method in ("selfdistill", "selfdistill-follow"):
         cfg, rows, d = run(method)  # the run's own start served as its teacher, prompted with the solution
         assert cfg["teacher"]["prompt_template"] == SELF_TEMPLATE
