@@ -947,10 +947,11 @@ class Bench:
         self.start_servers({(name, slot): model_dir}, log)
         return self.servers[name, slot][1]
 
-    def start_servers(self, want: dict, log: Path | None = None) -> None:
+    def start_servers(self, want: dict, log: Path | dict | None = None) -> None:
         """Start the servers `want` ((name, slot) -> model directory) that are not running, side by
         side (a server's start is mostly imports: ~5-20 s each on a busy machine, which one after the
-        other would keep the job slots idle), and wait until each serves."""
+        other would keep the job slots idle), and wait until each serves. `log`: the log file of
+        every server, or (name, slot) -> its log file (default OUT/teacher_NAME_SLOT.log)."""
         from opd.demo import launch_teacher_process, wait_teacher_process
 
         os.environ["OMP_NUM_THREADS"] = str(self.conf["threads"])  # the servers' threads
@@ -958,7 +959,8 @@ class Bench:
                for key, d in want.items() if key not in self.servers}
         try:
             for (name, slot), proc in new.items():
-                self.servers[name, slot] = wait_teacher_process(proc, log or self.out / f"teacher_{name}_{slot}.log")
+                path = log.get((name, slot)) if isinstance(log, dict) else log
+                self.servers[name, slot] = wait_teacher_process(proc, path or self.out / f"teacher_{name}_{slot}.log")
         finally:  # one failed to start: stop the others launched here that are not serving yet
             for key, proc in new.items():
                 if key not in self.servers and proc.poll() is None:
@@ -1026,8 +1028,11 @@ class Bench:
             need = self.shared_servers(job)
             for name in need:
                 left[name] -= 1
-            # this slot's servers that no job left to start asks are not needed any more
-            self.close([(n, s) for n, s in self.servers if s == slot and n not in need and not left.get(n)])
+            # this slot's servers that no job left to start asks are not needed any more (a self-teacher
+            # started ahead for this job is its own)
+            keep = {"self"} if "SELF" in METHODS[job["method"]][1] else set()
+            self.close([(n, s) for n, s in self.servers
+                        if s == slot and n not in need and n not in keep and not left.get(n)])
             run_dir = Path(job["out"])
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "record.json").unlink(missing_ok=True)
@@ -1056,9 +1061,15 @@ class Bench:
                   f"({rec['stop']}) {rec['wall_s']:.0f}s (init {rec['init_s']:.0f}s, eval {rec['eval_s']:.0f}s) "
                   f"rss {rec['peak_rss_mb']:.0f}MB ({time.time() - self.t0:.0f}s so far)", flush=True)
 
-        # the first jobs' servers, one per job slot, all at once (the pool gives job i slot i)
-        self.start_servers({(name, slot): d for slot, job in enumerate(todo[:self.conf["jobs"]])
-                            for name, d in self.shared_servers(job).items()})
+        # the first jobs' servers, one per job slot, all at once (the pool gives job i slot i), their
+        # self-teachers included (each logs to its run's directory, as when `start` starts it)
+        first = list(enumerate(todo[:self.conf["jobs"]]))
+        selfs = {("self", slot): job for slot, job in first if "SELF" in METHODS[job["method"]][1]}
+        for job in selfs.values():
+            Path(job["out"]).mkdir(parents=True, exist_ok=True)
+        self.start_servers({**{(name, slot): d for slot, job in first for name, d in self.shared_servers(job).items()},
+                            **{key: job["student"] for key, job in selfs.items()}},
+                           {key: Path(job["out"]) / "teacher_self.log" for key, job in selfs.items()})
         run_pool(todo, self.conf["jobs"], start, done)
         return got
 
