@@ -160,7 +160,7 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
         lines.append("")
         if t.get("families"):
             lines += family_lines(records, task, t, conf["methods"], labels)
-        lines += paired_lines(records, task, conf["methods"], labels)
+        lines += paired_lines(records, task, conf["methods"], labels, list(t.get("families") or ()))
         grid = (lr_grid or {}).get(task)
         if grid:
             lines += [f"Learning-rate grid ({task}, seed {conf['seeds'][0]}, final held-out accuracy; "
@@ -177,38 +177,44 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
 
 
 # The methods every other one is compared with, seed by seed: on-policy distillation's main form,
-# off-policy SFT on teacher samples and RL from the task reward.
-ANCHORS = ("rkl", "sft", "grpo")
+# off-policy SFT on teacher samples and RL from the task reward; on a mix of families, the routed
+# specialists.
+ANCHORS = ("rkl", "sft", "grpo", "two-teacher")
 
 
-def paired_differences(records: list[dict], task: str, a: str, b: str) -> list[tuple[int, float]]:
-    """(seed, accuracy of `a` - accuracy of `b`) over the seeds both methods finished on `task`."""
+def paired_differences(records: list[dict], task: str, a: str, b: str,
+                       family: str | None = None) -> list[tuple[int, float]]:
+    """(seed, accuracy of `a` - accuracy of `b`) over the seeds both methods finished on `task`;
+    with `family`, the accuracies on that family of a mix."""
     acc = {}
     for r in records:
         if r["task"] == task and r["method"] in (a, b):
-            acc.setdefault(r["method"], {})[r["seed"]] = r["accuracy"]
+            acc.setdefault(r["method"], {})[r["seed"]] = r["by_family"][family] if family else r["accuracy"]
     return [(s, acc[a][s] - acc[b][s]) for s in sorted(set(acc.get(a, {})) & set(acc.get(b, {})))]
 
 
-def paired_lines(records: list[dict], task: str, methods: list[str], labels: dict[str, str]) -> list[str]:
+def paired_lines(records: list[dict], task: str, methods: list[str], labels: dict[str, str],
+                 families: list[str] = ()) -> list[str]:
     """Each method against each anchor (ANCHORS) run on the same seeds: the mean paired difference of
     the final accuracy with its 95% t-interval (in bold when it excludes 0), the seeds on which the
-    method is ahead, and the per-seed differences. Nothing when fewer than two seeds pair up."""
+    method is ahead, and the per-seed differences; on a mix, the same on each of `families` too.
+    Nothing when fewer than two seeds pair up."""
     rows = []
     for anchor in (m for m in ANCHORS if m in methods):
         for m in methods:
             if m == anchor or (m in ANCHORS and ANCHORS.index(m) < ANCHORS.index(anchor)):
                 continue  # each pair once
-            d = paired_differences(records, task, m, anchor)
-            if len(d) < 2:
-                continue
-            xs = [x for _, x in d]
-            mean, h = t_interval(xs)
-            cell = f"{mean:+.3f} [{mean - h:+.3f}, {mean + h:+.3f}]"
-            if mean - h > 0 or mean + h < 0:
-                cell = f"**{cell}**"
-            rows.append(f"| {labels.get(m, m)} - {labels.get(anchor, anchor)} | {cell} | "
-                        f"{sum(x > 0 for x in xs)}/{len(xs)} | {', '.join(f'{x:+.3f}' for x in xs)} |")
+            for fam in (None, *families):
+                d = paired_differences(records, task, m, anchor, fam)
+                if len(d) < 2:
+                    continue
+                xs = [x for _, x in d]
+                mean, h = t_interval(xs)
+                cell = f"{mean:+.3f} [{mean - h:+.3f}, {mean + h:+.3f}]"
+                if mean - h > 0 or mean + h < 0:
+                    cell = f"**{cell}**"
+                rows.append(f"| {labels.get(m, m)} - {labels.get(anchor, anchor)}{f' (on {fam})' if fam else ''} | "
+                            f"{cell} | {sum(x > 0 for x in xs)}/{len(xs)} | {', '.join(f'{x:+.3f}' for x in xs)} |")
     if not rows:
         return []
     return [f"Paired differences ({task}): final accuracy of one method minus another's on the same seed (same "

@@ -483,6 +483,16 @@ def test_paired_differences_table():
     # grpo - SFT once (not SFT - grpo too); fkl pairs on one seed only: no row
     assert [r.split(" | ")[0] for r in rows] == ["| SFT - rkl", "| grpo - rkl", "| grpo - SFT"]
     assert R.paired_lines(recs, "chain", ["fkl", "sft"], {}) == []
+    # a mix: against the routed specialists, overall and on each family (the family's own accuracies)
+    mix = [{"task": "a+b", "method": m, "seed": s, "accuracy": (fa + fb) / 2, "by_family": {"a": fa, "b": fb}}
+           for s in range(3) for m, fa, fb in (("two-teacher", 0.5, 0.1 * s), ("generalist", 0.5, 0.1 * s + 0.2))]
+    assert R.paired_differences(mix, "a+b", "generalist", "two-teacher", "b") == [
+        (s, pytest.approx(0.2)) for s in range(3)]
+    rows = [x for x in R.paired_lines(mix, "a+b", ["two-teacher", "generalist"], {}, ["a", "b"]) if " - " in x]
+    assert [r.split(" | ")[:2] for r in rows] == [
+        ["| generalist - two-teacher", "**+0.100 [+0.100, +0.100]**"],
+        ["| generalist - two-teacher (on a)", "+0.000 [+0.000, +0.000]"],
+        ["| generalist - two-teacher (on b)", "**+0.200 [+0.200, +0.200]**"]]
 
 
 def test_quality_bench_full_configuration():
