@@ -865,7 +865,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     if not args.methods:  # the default / --full set, less what applies to none of the tasks, plus a mix's
         conf["methods"] = [m for m in conf["methods"] if any(applies(m, t) for t in conf["tasks"])]
         if any("+" in t for t in conf["tasks"]):
-            conf["methods"] += [m for m in ("two-teacher", "one-teacher", "generalist") if m not in conf["methods"]]
+            conf["methods"] += [m for m, scope in METHOD_SCOPE.items() if scope == "mix" and m not in conf["methods"]]
     scope_words = {"mix": "a mix of task families (--tasks A+B, e.g. sort+reverse)", "task": "single task families"}
     for m in conf["methods"]:
         if not any(applies(m, t) for t in conf["tasks"]):
@@ -944,14 +944,14 @@ class Bench:
 
     def teacher_url(self, name: str, model_dir, slot: int, log: Path | None = None) -> str:
         """The URL of the slot's teacher server `name` on `model_dir` (started on first use)."""
-        self.start_servers({(name, slot): model_dir}, log)
+        self.start_servers({(name, slot): model_dir}, {(name, slot): log} if log else None)
         return self.servers[name, slot][1]
 
-    def start_servers(self, want: dict, log: Path | dict | None = None) -> None:
+    def start_servers(self, want: dict, logs: dict | None = None) -> None:
         """Start the servers `want` ((name, slot) -> model directory) that are not running, side by
         side (a server's start is mostly imports: ~5-20 s each on a busy machine, which one after the
-        other would keep the job slots idle), and wait until each serves. `log`: the log file of
-        every server, or (name, slot) -> its log file (default OUT/teacher_NAME_SLOT.log)."""
+        other would keep the job slots idle), and wait until each serves. `logs`: (name, slot) -> its
+        log file (default OUT/teacher_NAME_SLOT.log)."""
         from opd.demo import launch_teacher_process, wait_teacher_process
 
         os.environ["OMP_NUM_THREADS"] = str(self.conf["threads"])  # the servers' threads
@@ -959,8 +959,8 @@ class Bench:
                for key, d in want.items() if key not in self.servers}
         try:
             for (name, slot), proc in new.items():
-                path = log.get((name, slot)) if isinstance(log, dict) else log
-                self.servers[name, slot] = wait_teacher_process(proc, path or self.out / f"teacher_{name}_{slot}.log")
+                path = (logs or {}).get((name, slot)) or self.out / f"teacher_{name}_{slot}.log"
+                self.servers[name, slot] = wait_teacher_process(proc, path)
         finally:  # one failed to start: stop the others launched here that are not serving yet
             for key, proc in new.items():
                 if key not in self.servers and proc.poll() is None:
