@@ -682,6 +682,7 @@ def run_one(job: dict) -> dict:
         *job["overrides"]]
     cfg = load_config(None, overrides)
     seen = {"tokens": 0, "steps": 0, "curve": [], "stop": "steps"}
+    by_family: dict[str, list] = {}
     t0 = time.time()
 
     def on_step(step, m):
@@ -690,8 +691,12 @@ def run_one(job: dict) -> dict:
         seen["steps"] = step
         if "eval_accuracy" in m:
             seen["curve"].append([seen["tokens"], float(m["eval_accuracy"]), round(time.time() - t0, 2)])
-            if job["until_flat"] and report.is_flat([c[1] for c in seen["curve"]], job["flat_window"],
-                                                    job["flat_delta"]):
+            for fam in families(job["task"]):  # a mix: the trainer's eval of each task among its prompts
+                if f"eval_accuracy/{fam}" in m:
+                    by_family.setdefault(fam, []).append([seen["tokens"], float(m[f"eval_accuracy/{fam}"])])
+            curves = list(by_family.values()) or [seen["curve"]]  # a mix: flat only when each family is
+            if job["until_flat"] and report.all_flat([[c[1] for c in cv] for cv in curves], job["flat_window"],
+                                                     job["flat_delta"]):
                 seen["stop"] = "flat"
                 raise _Stop
         if seen["tokens"] >= budget:
@@ -716,7 +721,8 @@ def run_one(job: dict) -> dict:
     rec.update({"accuracy": acc, "wall_s": round(wall, 1), "init_s": round(t_init, 1),
                 "eval_s": round(time.time() - t1, 1), "tokens": seen["tokens"], "steps": seen["steps"],
                 "stop": seen["stop"], "peak_rss_mb": round(_peak_rss_mb(), 1), "curve": seen["curve"],
-                "overrides": job["overrides"], **({"by_family": by} if len(by) > 1 else {})})
+                "overrides": job["overrides"], **({"by_family": by} if len(by) > 1 else {}),
+                **({"curve_by_family": by_family} if by_family else {})})
     (out / "record.json").write_text(json.dumps(rec, indent=1))
     return rec
 
@@ -743,7 +749,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
                    "skip the grid (e.g. the rates a shorter run's grid chose, for a longer budget)")
     p.add_argument("--until-flat", action=argparse.BooleanOptionalAction, default=None,
                    help="stop a run when its eval curve is flat (the last --flat-window evals gain no more than "
-                        "--flat-delta over the best before them) or the token budget ends")
+                        "--flat-delta over the best before them; on a mix, every family's curve) or the token "
+                        "budget ends")
     p.add_argument("--flat-window", type=int, default=FLAT_WINDOW, help="evals of the flatness rule")
     p.add_argument("--flat-delta", type=float, default=FLAT_DELTA, help="accuracy gain of the flatness rule")
     p.add_argument("--eval-size", type=int, help="held-out problems per final eval")

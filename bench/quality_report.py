@@ -8,7 +8,8 @@ tables and the plot.
 A run record (``record.json``) has ``task``, ``method``, ``seed``, ``lr``, ``accuracy`` (held-out
 greedy accuracy at the end), ``tokens``, ``wall_s``, ``steps``, ``stop`` ("budget" | "flat" |
 "steps"), ``peak_rss_mb`` and ``curve``: the trainer's evals as ``[student tokens, accuracy,
-seconds since the trainer started]`` (older records: without the seconds).
+seconds since the trainer started]`` (older records: without the seconds); on a mix also
+``curve_by_family``: family -> ``[student tokens, accuracy]`` at the same evals.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ def is_flat(accuracies: list[float], window: int, delta: float) -> bool:
     if window < 1 or len(accuracies) < window + 1:
         return False
     return max(accuracies[-window:]) <= max(accuracies[:-window]) + delta
+
+
+def all_flat(curves: list[list[float]], window: int, delta: float) -> bool:
+    """`--until-flat` on a mix: True when every family's eval curve is flat (`is_flat`), so a run is
+    not stopped on one family's plateau while another still climbs (one curve: `is_flat`)."""
+    return bool(curves) and all(is_flat(c, window, delta) for c in curves)
 
 
 def pick_lr(grid: dict[float, float]) -> float:
@@ -234,15 +241,34 @@ def family_lines(records: list[dict], task: str, t: dict, methods: list[str], la
              + (f"; the generalist (one teacher trained on every family): "
                 + ", ".join(f"on {f} {t['generalist']['by_family'][f]:.3f}" for f in fams)
                 if t.get("generalist") else "") + ".", "",
-             "| method | " + " | ".join(f"{f} [95% CI]" for f in fams) + " |", "|---|" + "---|" * len(fams)]
-    starts = {f: [v["by_family"][f] for v in t.get("students", {}).values() if "by_family" in v] for f in fams}
+             "| method | " + " | ".join(f"{f} [95% CI]" for f in fams)
+             + "".join(f" | {f}: tokens to {x:.0%}" for f in fams for x in THRESHOLDS) + " |",
+             "|---|" + "---|" * (len(fams) * (1 + len(THRESHOLDS)))]
+    students = t.get("students", {})
+    starts = {f: [v["by_family"][f] for v in students.values() if "by_family" in v] for f in fams}
     if all(starts.values()):
-        lines.append("| (start) | " + " | ".join(fmt_ci(starts[f]) for f in fams) + " |")
+        lines.append("| (start) | " + " | ".join(fmt_ci(starts[f]) for f in fams)
+                     + " | -" * (len(fams) * len(THRESHOLDS)) + " |")
     for method, rs in method_rows(records, task, methods).items():
         if all("by_family" in r for r in rs):
+            cells = []
+            for f in fams:  # against the family's own teacher, from the trainer's per-family evals
+                level = t["families"][f]["accuracy"]
+                fstart = {int(k): v["by_family"][f] for k, v in students.items() if "by_family" in v}
+                frs = [family_record(r, f) for r in rs]
+                cells += [threshold_cell(frs, fstart, x * level)[0]
+                          if level > 0 and all(r.get("curve_by_family") for r in rs) else "-" for x in THRESHOLDS]
             lines.append(f"| {labels.get(method, method)} | "
-                         + " | ".join(fmt_ci([r["by_family"][f] for r in rs]) for f in fams) + " |")
+                         + " | ".join(fmt_ci([r["by_family"][f] for r in rs]) for f in fams)
+                         + "".join(f" | {c}" for c in cells) + " |")
     return lines + [""]
+
+
+def family_record(rec: dict, family: str) -> dict:
+    """A mix's run record seen on one family: its final accuracy there and the trainer's evals of
+    that family (``curve_by_family``; no wall time per eval), for `trajectory` / `threshold_cell`."""
+    return {"seed": rec["seed"], "tokens": rec["tokens"], "accuracy": rec["by_family"][family],
+            "wall_s": rec["wall_s"], "curve": rec.get("curve_by_family", {}).get(family, [])}
 
 
 def mean_curve(recs: list[dict], start: dict[int, float], grid: list[float]) -> list[float]:

@@ -97,13 +97,20 @@ async def greedy_texts(engine, tokenizer, prompts, max_new_tokens: int) -> list[
     return texts
 
 
+def greedy_scores(engine, tokenizer, prompts, references, grade, max_new_tokens: int) -> list[float]:
+    """``grade(text, reference)`` of one greedy response per prompt, in prompt order. Blocking (runs
+    its own event loop)."""
+    if not prompts:
+        return []
+    texts = asyncio.run(greedy_texts(engine, tokenizer, prompts, max_new_tokens))
+    return [float(grade(t, ref)) for t, ref in zip(texts, references)]
+
+
 def greedy_accuracy(engine, tokenizer, prompts, references, grade, max_new_tokens: int) -> float:
     """Mean of ``grade(text, reference)`` over one greedy response per prompt; NaN without prompts.
     Blocking (runs its own event loop)."""
-    if not prompts:
-        return float("nan")
-    texts = asyncio.run(greedy_texts(engine, tokenizer, prompts, max_new_tokens))
-    return sum(float(grade(t, ref)) for t, ref in zip(texts, references)) / len(prompts)
+    scores = greedy_scores(engine, tokenizer, prompts, references, grade, max_new_tokens)
+    return sum(scores) / len(scores) if scores else float("nan")
 
 
 def model_accuracy(model, tokenizer, examples, grade, *, tools=(), max_new_tokens: int | None = None,

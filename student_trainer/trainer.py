@@ -309,7 +309,9 @@ class Trainer:
                 for name, d in data.counters.get("teachers", {}).items():
                     m.update({f"teacher/{name}/{k}": v for k, v in d.items()})
                 if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-                    m["eval_accuracy"] = self.evaluate()
+                    m["eval_accuracy"], by_source = self.evaluate_by_source()
+                    if len(by_source) > 1:  # a mix (data.task=a,b; a file of several data sources)
+                        m.update({f"eval_accuracy/{src}": acc for src, acc in by_source.items()})
                 self.log.step(m)
                 last = m
                 if cfg.run.save_every and (step + 1) % cfg.run.save_every == 0 and step + 1 < cfg.run.steps:
@@ -329,11 +331,23 @@ class Trainer:
     # ---- evaluation -------------------------------------------------------------------------------
     def evaluate(self, n: int | None = None) -> float:
         """Greedy accuracy of the current weights on held-out prompts, through the rollout engine."""
-        from rollout.evaluate import greedy_accuracy
+        return self.evaluate_by_source(n)[0]
+
+    def evaluate_by_source(self, n: int | None = None) -> tuple[float, dict[str, float]]:
+        """`evaluate`, and the accuracy on each data source among those prompts (a built-in task's
+        name; a file record's data_source), in the order the sources first appear. NaN and {}
+        without eval prompts."""
+        from rollout.evaluate import greedy_scores
 
         prompts = self.data.eval[: n or self.cfg.run.eval_prompts]
-        return greedy_accuracy(self.rollout, self.tokenizer, [p.prompt_ids for p in prompts], prompts,
+        scores = greedy_scores(self.rollout, self.tokenizer, [p.prompt_ids for p in prompts], prompts,
                                self.data.reward, self.cfg.rollout.max_new_tokens)
+        if not scores:
+            return float("nan"), {}
+        by: dict[str, list[float]] = {}
+        for p, sc in zip(prompts, scores):
+            by.setdefault(p.source, []).append(sc)
+        return sum(scores) / len(scores), {src: sum(v) / len(v) for src, v in by.items()}
 
     # ---- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, step: int) -> Path:

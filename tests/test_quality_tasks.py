@@ -329,6 +329,11 @@ def test_quality_bench_is_reproducible(tmp_path):
     for x in recs.values():  # graded per family, overall = the mean
         assert x["task"] == "sort+reverse" and set(x["by_family"]) == {"sort", "reverse"}
         assert x["accuracy"] == (x["by_family"]["sort"] + x["by_family"]["reverse"]) / 2 and x["steps"] >= 1
+        # the trainer's evals of each family (4 + 4 interleaved prompts), at the overall curve's points
+        fam = x["curve_by_family"]
+        assert set(fam) == {"sort", "reverse"} and x["curve"] and len(fam["sort"]) == len(x["curve"])
+        for c, s_, r_ in zip(x["curve"], fam["sort"], fam["reverse"]):
+            assert c[0] == s_[0] == r_[0] and c[1] == pytest.approx((s_[1] + r_[1]) / 2)
     assert set(res["teachers"]["sort+reverse"]["families"]) == {"sort", "reverse"}
     assert "Per family (sort+reverse" in (out / "results.md").read_text()
 
@@ -419,6 +424,11 @@ def test_t_interval_threshold_flatness_and_lr_choice():
     assert R.is_flat([0.1, 0.5, 0.51, 0.49, 0.52], 3, 0.02)
     assert not R.is_flat([0.1, 0.5, 0.51, 0.49, 0.53], 3, 0.02)
     assert R.is_flat([0.6, 0.2, 0.3, 0.4], 3, 0.02)        # below an earlier best is flat too
+    # a mix: flat only when every family's curve is (sort on its plateau, reverse still climbing)
+    sort_, rev = [0.8, 0.9, 0.9, 0.9, 0.9], [0.0, 0.0, 0.1, 0.3, 0.6]
+    assert R.is_flat(sort_, 3, 0.02) and not R.is_flat(rev, 3, 0.02)
+    assert not R.all_flat([sort_, rev], 3, 0.02) and R.all_flat([sort_, rev[:2] + [0.0] * 3], 3, 0.02)
+    assert R.all_flat([sort_], 3, 0.02) and not R.all_flat([], 3, 0.02)
     assert R.pick_lr({1e-4: 0.2, 3e-4: 0.5, 1e-3: 0.5}) == 3e-4
     assert R.pick_lr({1e-3: 0.0, 1e-4: 0.0}) == 1e-4
     # step-wise mean curve on a grid; a run that ended holds its final value
@@ -762,3 +772,32 @@ def test_quality_bench_student_hints_train_a_self_teacher_that_is_measured(tmp_p
     assert [x["method"] for x in res["records"]] == ["selfdistill"]
     md = (out / "results.md").read_text()
     assert "50% of its SFT examples with the reference in the prompt" in md and "Self-teacher (each seed's" in md
+
+
+def test_family_table_tokens_to_threshold():
+    """A mix's per-family table: each family's tokens to 50% / 80% of that family's own teacher,
+    from the trainer's per-family evals (median over the seeds that reached it); "-" for records
+    without per-family curves (older runs)."""
+    from bench import quality_report as R
+
+    t = {"families": {"a": {"accuracy": 1.0}, "b": {"accuracy": 0.5}},
+         "students": {"0": {"by_family": {"a": 0.4, "b": 0.0}}, "1": {"by_family": {"a": 0.6, "b": 0.0}}}}
+
+    def rec(seed, curve_a, curve_b, final):
+        return {"task": "a+b", "method": "two-teacher", "seed": seed, "tokens": 3000, "wall_s": 9.0,
+                "accuracy": sum(final) / 2, "by_family": {"a": final[0], "b": final[1]},
+                "curve_by_family": {"a": curve_a, "b": curve_b}}
+
+    recs = [rec(0, [[1000, 0.5], [2000, 0.9]], [[1000, 0.0], [2000, 0.3]], (0.9, 0.3)),   # b: 50% at 2000
+            rec(1, [[1000, 0.8], [2000, 0.8]], [[1000, 0.25], [2000, 0.5]], (0.85, 0.45))]  # b: 50% at 1000
+    lines = R.family_lines(recs, "a+b", t, ["two-teacher"], {})
+    head = next(x for x in lines if x.startswith("| method"))
+    assert head == ("| method | a [95% CI] | b [95% CI] | a: tokens to 50% | a: tokens to 80% | b: tokens to 50% "
+                    "| b: tokens to 80% |")
+    row = next(x for x in lines if x.startswith("| two-teacher"))
+    # a: 50% (0.5) at 1000 (seed 0) and at 0 (seed 1 starts at 0.6): median 500; 80%: 2000 and 1000
+    # b (teacher 0.5): 50% = 0.25 at 2000 and 1000; 80% = 0.4 at 2000 for seed 1 (seed 0 ends at 0.3)
+    assert row.split(" | ")[3:] == ["500 (2/2)", "1500 (2/2)", "1500 (2/2)", "2000 (1/2) |"]
+    old = [{k: v for k, v in r.items() if k != "curve_by_family"} for r in recs]
+    row = next(x for x in R.family_lines(old, "a+b", t, ["two-teacher"], {}) if x.startswith("| two-teacher"))
+    assert row.split(" | ")[3:] == ["-", "-", "-", "- |"]

@@ -231,6 +231,7 @@ def test_warmup_schedule_tip_eval_outputs_and_resume(models, teacher_url, tmp_pa
     # eval_every=2: greedy eval accuracy at step 2 only
     assert "eval_accuracy" not in rows[0] and "eval_accuracy" not in rows[2]
     assert 0.0 <= rows[1]["eval_accuracy"] <= 1.0
+    assert not [k for k in rows[1] if k.startswith("eval_accuracy/")]  # one task: no per-task copy
 
     # the progress line, with rate and ETA, once per step
     err = capsys.readouterr().err

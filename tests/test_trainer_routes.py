@@ -326,6 +326,45 @@ def test_mixed_tasks_interleave_and_grade_by_their_own_task(models):
     assert src.reward(so[0].response, src.train[0]) == 0.0 and src.reward(ar[0].response, src.train[1]) == 0.0
 
 
+def test_eval_accuracy_per_task_of_a_mix(teachers, tmp_path, monkeypatch):
+    """`opd train` on data.task=arithmetic,sort with run.eval_every=1: metrics.jsonl has the eval
+    accuracy of each task beside the overall one (what the quality bench's --until-flat reads on a
+    mix). The greedy texts are fixed here (the reference response for chosen eval prompts, "" for
+    the rest; the real decoding path is the single-task eval's, test_train_settings), so the
+    expected values are exact: arithmetic 2/3, sort 1/3, overall 1/2 on 6 interleaved prompts."""
+    from transformers import AutoTokenizer
+
+    import rollout.evaluate as ev
+    from opd import cli
+    from rollout.tasks import get_task
+    from rollout.tasks.encoding import prompt_ids
+
+    student = teachers["student"]
+    tok = AutoTokenizer.from_pretrained(student)
+    right = {}  # prompt ids -> the reference response, for arithmetic eval examples 0 and 1 and sort's 0
+    for name, picks in (("arithmetic", (0, 1)), ("sort", (0,))):
+        exs = get_task(name).make_examples("eval", 3, seed=0)
+        right.update({tuple(prompt_ids(tok, exs[i])): exs[i].response for i in picks})
+    seen = []
+
+    async def texts(engine, tokenizer, prompts, max_new_tokens):
+        seen.append(len(prompts))
+        return [right.get(tuple(p), "") for p in prompts]
+
+    monkeypatch.setattr(ev, "greedy_texts", texts)
+    out = tmp_path / "m"
+    code = cli.main(["train", *[f"--{a}" for a in _args(student, out, "data.task=arithmetic,sort", "run.steps=2",
+                                                        f"teacher.url={teachers['a'][1]}", "run.eval_every=1",
+                                                        "run.eval_prompts=6")], "--log-level", "WARNING"])
+    assert code == 0
+    assert seen == [6, 6]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["eval_accuracy"] == pytest.approx(0.5)
+        assert r["eval_accuracy/arithmetic"] == pytest.approx(2 / 3)
+        assert r["eval_accuracy/sort"] == pytest.approx(1 / 3)
+
+
 def test_refresh_every_pushes_the_student_to_the_teacher(models, tmp_path):
     """teacher.refresh_every=1 through `opd train`, against a server hosting the student's initial
     weights under a name (teacher.model): after two steps the server reports weight version 2 and
