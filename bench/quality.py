@@ -745,6 +745,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--lr", type=float, default=3e-4, help="student learning rate (constant after 5 warm-up steps)")
     p.add_argument("--lr-grid", help="comma-separated learning rates: per task and method, run the first seed at "
                    "each, keep the one with the best final accuracy (ties: the smaller) for all seeds")
+    p.add_argument("--grid-seeds", type=int, default=1,
+                   help="with --lr-grid: run the first N seeds at every rate and keep the rate with the best mean "
+                        "final accuracy over them (one seed's choice can be another seed's worst rate)")
     p.add_argument("--method-lr", help="comma-separated METHOD=LR: these methods run every seed at this rate and "
                    "skip the grid (e.g. the rates a shorter run's grid chose, for a longer budget)")
     p.add_argument("--until-flat", action=argparse.BooleanOptionalAction, default=None,
@@ -810,6 +813,9 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     conf.setdefault("lr_grid", [])
     if any(x <= 0 for x in conf["lr_grid"]):
         p.error(f"--lr-grid {args.lr_grid!r}: learning rates must be > 0")
+    if not 1 <= args.grid_seeds <= len(conf["seeds"]):
+        p.error(f"--grid-seeds {args.grid_seeds}: must be between 1 and the number of seeds ({len(conf['seeds'])})")
+    conf["grid_seeds"] = conf["seeds"][:args.grid_seeds]
     conf["method_lr"] = {}
     for item in (args.method_lr.split(",") if args.method_lr else []):
         name, _, rate = item.partition("=")
@@ -1081,30 +1087,39 @@ class Bench:
         return got
 
     def tune_lr(self) -> tuple[dict, dict]:
-        """The learning-rate grid: the first seed at every rate, per task and method. Returns the
-        grid for the report and (task, method) -> the chosen rate; both empty without a grid."""
-        conf, first = self.conf, self.conf["seeds"][0]
+        """The learning-rate grid: the grid seeds (the first --grid-seeds) at every rate, per task
+        and method; the rate with the best mean final accuracy over them is chosen (a rate where
+        a grid seed's run failed is not). Returns the grid for the report and (task, method) -> the
+        chosen rate; both empty without a grid."""
+        conf, gseeds = self.conf, self.conf.get("grid_seeds") or self.conf["seeds"][:1]
         lr_grid, chosen = {}, {}
         if not conf["lr_grid"] or all(m in conf["method_lr"] for m in conf["methods"]):
             return lr_grid, chosen
-        jobs = [self.job(t, m, first, lr, self.out / t / m / f"lr_{lr:g}" / f"seed{first}")
+        jobs = [self.job(t, m, seed, lr, self.out / t / m / f"lr_{lr:g}" / f"seed{seed}")
                 for t in conf["tasks"] for m in conf["methods"] if applies(m, t) and m not in conf["method_lr"]
-                for lr in conf["lr_grid"]]
+                for lr in conf["lr_grid"] for seed in gseeds]
         got = self.execute(jobs)
         for t in conf["tasks"]:
             for m in conf["methods"]:
-                accs = {j["lr"]: got[j["out"]]["accuracy"] for j in jobs
-                        if j["task"] == t and j["method"] == m and j["out"] in got}
-                if accs:
-                    chosen[t, m] = report.pick_lr(accs)
+                per = {}  # lr -> {seed: accuracy}
+                for j in jobs:
+                    if j["task"] == t and j["method"] == m and j["out"] in got:
+                        per.setdefault(j["lr"], {})[j["seed"]] = got[j["out"]]["accuracy"]
+                accs, best = report.choose_lr(per, gseeds)
+                if best is not None:
+                    chosen[t, m] = best
                     lr_grid.setdefault(t, {})[m] = {"grid": {f"{k:g}": v for k, v in accs.items()},
                                                     "chosen": chosen[t, m]}
-        print(f"[quality] learning rates chosen on seed {first}: "
+                    if len(gseeds) > 1:
+                        lr_grid[t][m]["per_seed"] = {f"{k:g}": {str(s): a for s, a in v.items()}
+                                                     for k, v in per.items()}
+        where = f"seed {gseeds[0]}" if len(gseeds) == 1 else f"the mean of seeds {','.join(map(str, gseeds))}"
+        print(f"[quality] learning rates chosen on {where}: "
               f"{ {f'{t}/{m}': f'{v:g}' for (t, m), v in chosen.items()} }", flush=True)
         return lr_grid, chosen
 
     def run_seeds(self, chosen: dict) -> list[dict]:
-        """Every seed at its method's rate (with a grid, the grid's run of the first seed is that
+        """Every seed at its method's rate (with a grid, a grid seed's run at that rate is that
         seed's run); returns the finished runs' records."""
         conf, jobs = self.conf, []
         for t in conf["tasks"]:
@@ -1114,7 +1129,7 @@ class Bench:
                     continue  # every grid run of this method failed
                 lr = fixed or chosen.get((t, m), conf["lr"])
                 for seed in conf["seeds"]:
-                    reuse = conf["lr_grid"] and fixed is None and seed == conf["seeds"][0]
+                    reuse = conf["lr_grid"] and fixed is None and seed in (conf.get("grid_seeds") or conf["seeds"][:1])
                     jobs.append(self.job(t, m, seed, lr, self.out / t / m /
                                          (f"lr_{lr:g}/seed{seed}" if reuse else f"seed{seed}")))
         got = self.execute(jobs)

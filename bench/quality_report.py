@@ -92,6 +92,14 @@ def pick_lr(grid: dict[float, float]) -> float:
     return min(lr for lr, acc in grid.items() if acc == best)
 
 
+def choose_lr(per_seed: dict[float, dict[int, float]], seeds: list[int]) -> tuple[dict[float, float], float | None]:
+    """`--lr-grid` with `--grid-seeds`: the mean final accuracy of each rate over `seeds` (a rate
+    missing one of their runs is left out) and the rate `pick_lr` chooses among them (None when no
+    rate has every seed's run)."""
+    means = {lr: statistics.fmean(v[s] for s in seeds) for lr, v in per_seed.items() if all(s in v for s in seeds)}
+    return means, (pick_lr(means) if means else None)
+
+
 def threshold_cell(recs: list[dict], starts: dict[int, float], level: float) -> tuple[str, str]:
     """Median student tokens and median wall seconds over the seeds that reached `level`, with
     how many did; "not reached" when none did."""
@@ -170,8 +178,10 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
         lines += paired_lines(records, task, conf["methods"], labels, list(t.get("families") or ()))
         grid = (lr_grid or {}).get(task)
         if grid:
-            lines += [f"Learning-rate grid ({task}, seed {conf['seeds'][0]}, final held-out accuracy; "
-                      "chosen = best, ties to the smaller rate):", "",
+            gseeds = conf.get("grid_seeds") or conf["seeds"][:1]
+            what = (f"seed {gseeds[0]}, final held-out accuracy" if len(gseeds) == 1 else
+                    f"seeds {', '.join(map(str, gseeds))}, mean final held-out accuracy (per seed in results.json)")
+            lines += [f"Learning-rate grid ({task}, {what}; chosen = best, ties to the smaller rate):", "",
                       "| method | " + " | ".join(f"lr {x:g}" for x in conf["lr_grid"]) + " | chosen |",
                       "|---|" + "---|" * (len(conf["lr_grid"]) + 1)]
             for method, g in grid.items():

@@ -273,7 +273,8 @@ def test_quality_bench_is_reproducible(tmp_path):
     base = [sys.executable, str(root / "bench" / "quality.py"), "--tasks", "chain", "--methods", "rkl,grpo",
             "--seeds", "0,1", "--token-budget", "500", "--samples-per-step", "8", "--eval-size", "8",
             "--teacher-steps", "4", "--teacher-min-accuracy", "0", "--warm-steps", "0", "--threads", "1",
-            "--jobs", "2", "--until-flat", "--lr-grid", "1e-3", "--method-lr", "grpo=2e-3", "--teacher-recovery", "0.5",
+            "--jobs", "2", "--until-flat", "--lr-grid", "1e-3", "--grid-seeds", "2", "--method-lr", "grpo=2e-3",
+            "--teacher-recovery", "0.5",
             "--cache-dir", str(cache)]
     # torch's default extension directory: the CPU Adam build is shared with the rest of the suite
     from torch.utils.cpp_extension import get_default_build_root
@@ -292,7 +293,11 @@ def test_quality_bench_is_reproducible(tmp_path):
         assert sorted((x["method"], x["seed"]) for x in res["records"]) == [("grpo", 0), ("grpo", 1), ("rkl", 0),
                                                                           ("rkl", 1)]
         assert res["lr_grid"]["chain"]["rkl"]["chosen"] == 1e-3
-        assert (out / "chain" / "rkl" / "lr_0.001" / "seed0" / "record.json").exists()  # grid run = seed-0 run
+        # --grid-seeds 2: both seeds ran at every rate; their grid runs are the seeds' runs
+        for seed in (0, 1):
+            assert (out / "chain" / "rkl" / "lr_0.001" / f"seed{seed}" / "record.json").exists()
+            assert not (out / "chain" / "rkl" / f"seed{seed}").exists()
+        assert set(res["lr_grid"]["chain"]["rkl"]["per_seed"]["0.001"]) == {"0", "1"}
         # --method-lr: grpo skips the grid and runs every seed at its own rate
         assert "grpo" not in res["lr_grid"]["chain"] and not (out / "chain" / "grpo" / "lr_0.001").exists()
         assert {x["lr"] for x in res["records"] if x["method"] == "grpo"} == {2e-3}
@@ -300,7 +305,8 @@ def test_quality_bench_is_reproducible(tmp_path):
         assert all(x["stop"] in ("budget", "flat", "steps") and x["curve"] for x in res["records"])
         assert res["teachers"]["chain"]["start"] == "cold (random init)"
         md = (out / "results.md").read_text()
-        assert "tokens to 50%" in md and "Learning-rate grid" in md and "95% Student-t" in md
+        assert "tokens to 50%" in md and "95% Student-t" in md
+        assert "Learning-rate grid (chain, seeds 0, 1, mean final held-out accuracy" in md
         assert "set by --method-lr (no grid for these): GRPO from rewards (n=4) 0.002" in md
         assert "| GRPO from rewards (n=4) - OPD reverse KL |" in md  # the paired table, seeds 0 and 1
         # --teacher-recovery: the chain teacher was trained on recovery examples, and says so
@@ -431,6 +437,15 @@ def test_t_interval_threshold_flatness_and_lr_choice():
     assert R.all_flat([sort_], 3, 0.02) and not R.all_flat([], 3, 0.02)
     assert R.pick_lr({1e-4: 0.2, 3e-4: 0.5, 1e-3: 0.5}) == 3e-4
     assert R.pick_lr({1e-3: 0.0, 1e-4: 0.0}) == 1e-4
+    # --grid-seeds: the mean over the grid seeds decides (reverse KL on chain at 500k tokens, seeds 1
+    # and 2: seed 1 alone picks 1e-3, seed 2 alone 3e-4); a rate missing a seed's run is left out
+    per = {3e-4: {1: 0.152, 2: 0.895}, 1e-3: {1: 0.348, 2: 0.762}, 3e-3: {1: 0.098, 2: 0.430}}
+    assert R.choose_lr(per, [1])[1] == 1e-3 and R.choose_lr(per, [2])[1] == 3e-4
+    means, best = R.choose_lr(per, [1, 2])
+    assert best == 1e-3 and means == {3e-4: pytest.approx(0.5235), 1e-3: pytest.approx(0.555), 3e-3: pytest.approx(0.264)}
+    per[1e-3] = {1: 0.348}
+    assert R.choose_lr(per, [1, 2]) == ({3e-4: pytest.approx(0.5235), 3e-3: pytest.approx(0.264)}, 3e-4)
+    assert R.choose_lr({}, [1]) == ({}, None)
     # step-wise mean curve on a grid; a run that ended holds its final value
     assert R.mean_curve([rec], {0: 0.1}, [0, 299, 300, 1000]) == [0.1, 0.1, 0.2, 0.9]
 
@@ -438,6 +453,7 @@ def test_t_interval_threshold_flatness_and_lr_choice():
 @pytest.mark.parametrize("args, words", [
     (["--lr-grid", "1e-4,fast"], ["--lr-grid", "'1e-4,fast'", "comma-separated numbers"]),
     (["--lr-grid", "0,1e-3"], ["--lr-grid", "> 0"]),
+    (["--seeds", "0,1", "--grid-seeds", "3"], ["--grid-seeds 3", "between 1 and the number of seeds (2)"]),
     (["--device", "tpu"], ["--device", "'tpu'", "cpu or cuda"]),
     (["--tasks", "chain,nope"], ["unknown task", "'nope'", "chain"]),
     (["--methods", "rkl,distill"], ["unknown method", "'distill'", "selfdistill"]),
@@ -801,3 +817,34 @@ def test_family_table_tokens_to_threshold():
     old = [{k: v for k, v in r.items() if k != "curve_by_family"} for r in recs]
     row = next(x for x in R.family_lines(old, "a+b", t, ["two-teacher"], {}) if x.startswith("| two-teacher"))
     assert row.split(" | ")[3:] == ["-", "-", "-", "- |"]
+
+
+def test_combine_pieces_of_executions(tmp_path, capsys):
+    """bench/quality_combine.py: records and learning-rate grid runs of several results.json (and a
+    docs grid_runs.json without a task), the first file winning a duplicate (named on stderr), one
+    rate per method with --pick, the per-seed row and the paired table."""
+    import json
+
+    from bench import quality_combine as C
+
+    a = {"config": {"seeds": [1, 2], "grid_seeds": [1, 2]},
+         "records": [{"task": "chain", "method": "rkl", "lr": 1e-3, "seed": s, "accuracy": x}
+                     for s, x in ((1, 0.3), (2, 0.7))],
+         "lr_grid": {"chain": {"rkl": {"grid": {"0.0003": 0.5, "0.001": 0.5}, "chosen": 1e-3,
+                                       "per_seed": {"0.0003": {"1": 0.1, "2": 0.9}, "0.001": {"1": 0.3, "2": 0.7}}}}}}
+    b = {"runs": [{"method": "sft", "lr": 1e-3, "seed": s, "accuracy": x} for s, x in ((1, 0.4), (2, 0.9))]
+         + [{"method": "rkl", "lr": 1e-3, "seed": 2, "accuracy": 0.0}]}  # a rerun: the first file's is kept
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    assert C.main(["--task", "chain", "--seeds", "1,2", "--pick", "rkl=1e-3,sft=1e-3",
+                   str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out, err = capsys.readouterr()
+    assert "('rkl', 0.001, 2) again in" in err and "(accuracy 0.000 there, 0.700 kept)" in err
+    rows = [x for x in out.splitlines() if x.startswith("| ") and not x.startswith(("| method", "| comparison"))]
+    assert rows[0] == "| OPD reverse KL | 0.001 | 0.500 [-2.041, 3.041] | 0.300 / 0.700 | - |"
+    assert rows[1].startswith("| off-policy SFT on teacher samples | 0.001 | 0.650 ")
+    assert "| off-policy SFT on teacher samples - OPD reverse KL | +0.150 [-0.485, +0.785] | 2/2 | +0.100, +0.200 |" in out
+    assert "0.0003" not in out  # --pick: rkl's other grid rate is not shown
+    C.main(["--task", "chain", "--seeds", "1,2,3", str(tmp_path / "a.json")])
+    out = capsys.readouterr().out
+    assert "| OPD reverse KL | 0.0003 | 0.500 [-4.582, 5.582] | 0.100 / 0.900 / - | 3 |" in out  # the grid's runs

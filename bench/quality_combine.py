@@ -1,0 +1,106 @@
+"""Combine the finished runs of several `bench/quality.py` executions into one comparison.
+
+Long budgets are run in pieces (a grid on one machine, the other seeds on another, a method added
+later), each piece writing its own `results.json`. This reads any number of them (or the
+`grid_runs.json` files of docs/, whose runs carry no task), keeps per method the runs at the
+learning rate named with `--pick METHOD=LR` (every rate of a method without one), and prints, as
+markdown, each (method, rate)'s final accuracy over seeds [95% t-interval] with the per-seed
+values, then the paired differences against the anchor methods (`quality_report.ANCHORS`).
+
+    .venv/bin/python bench/quality_combine.py --task chain --seeds 0,1,2,3,4 \\
+        --pick rkl=1e-3,sft=1e-3,fkl=1e-3 docs/quality_chain_long/results.json \\
+        docs/quality_chain_long/rates500/results.json ...
+
+A (method, rate, seed) found in two files is taken from the first and named on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality_report as report  # noqa: E402
+
+
+def load_runs(paths: list[str], task: str) -> tuple[list[dict], list[str]]:
+    """The records of `task` in these results.json / grid_runs.json files, first file first;
+    returns them and the (method, lr, seed) duplicates that were dropped."""
+    seen, out, dups = {}, [], []
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        recs = d.get("records") if "records" in d else [{"task": task, **r} for r in d.get("runs", [])]
+        recs = recs + grid_runs(d, task)
+        for r in recs:
+            if r.get("task") != task:
+                continue
+            key = (r["method"], float(r["lr"]), int(r["seed"]))
+            if key in seen:
+                dups.append(f"{key} again in {p} (accuracy {r['accuracy']:.3f} there, {seen[key]:.3f} kept)")
+                continue
+            seen[key] = r["accuracy"]
+            out.append({**r, "source": str(p)})
+    return out, dups
+
+
+def grid_runs(results: dict, task: str) -> list[dict]:
+    """The learning-rate grid's runs of a results.json, as records with the final accuracy only
+    (the chosen rate's grid runs are among its records too; those are kept first)."""
+    conf = results.get("config", {})
+    gseeds = conf.get("grid_seeds") or conf.get("seeds", [0])[:1]
+    out = []
+    for method, g in (results.get("lr_grid") or {}).get(task, {}).items():
+        for lr, acc in g["grid"].items():
+            per = g.get("per_seed", {}).get(lr) or {str(gseeds[0]): acc}
+            out += [{"task": task, "method": method, "lr": float(lr), "seed": int(s), "accuracy": a}
+                    for s, a in per.items()]
+    return out
+
+
+def combine(records: list[dict], task: str, seeds: list[int], pick: dict[str, float],
+            labels: dict[str, str] | None = None) -> str:
+    """The markdown: one row per (method, rate) over `seeds` (missing seeds named), then the
+    paired differences of the picked runs (one rate per method)."""
+    labels = labels or {}
+    rows = [r for r in records if int(r["seed"]) in seeds and (r["method"] not in pick
+                                                                 or abs(float(r["lr"]) - pick[r["method"]]) < 1e-12)]
+    keys = sorted({(r["method"], float(r["lr"])) for r in rows})
+    lines = [f"Final held-out accuracy ({task}), seeds {', '.join(map(str, seeds))} in order:", "",
+             "| method | lr | accuracy [95% CI] | per seed | missing seeds |", "|---|---|---|---|---|"]
+    for m, lr in keys:
+        by = {int(r["seed"]): r["accuracy"] for r in rows if r["method"] == m and float(r["lr"]) == lr}
+        miss = [s for s in seeds if s not in by]
+        lines.append(f"| {labels.get(m, m)} | {lr:g} | {report.fmt_ci(list(by.values()))} | "
+                     + " / ".join(f"{by[s]:.3f}" if s in by else "-" for s in seeds)
+                     + f" | {', '.join(map(str, miss)) or '-'} |")
+    picked = [r for r in rows if r["method"] in pick]
+    methods = [m for m in pick]
+    return "\n".join(lines + [""] + report.paired_lines(picked, task, methods, labels))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("files", nargs="+", help="results.json / grid_runs.json files")
+    p.add_argument("--task", required=True)
+    p.add_argument("--seeds", required=True, help="comma-separated seeds")
+    p.add_argument("--pick", default="", help="comma-separated METHOD=LR: the rate whose runs each method shows "
+                   "and is paired at (methods without one: every rate, no pairing)")
+    args = p.parse_args(argv)
+    try:
+        seeds = [int(s) for s in args.seeds.split(",")]
+        pick = {m: float(v) for m, _, v in (x.partition("=") for x in args.pick.split(",") if x)}
+    except ValueError:
+        p.error(f"--seeds {args.seeds!r} / --pick {args.pick!r}: expected 0,1,2 and METHOD=LR,...")
+    from quality import LABELS
+
+    records, dups = load_runs(args.files, args.task)
+    for d in dups:
+        print(f"[combine] dropped {d}", file=sys.stderr)
+    print(combine(records, args.task, seeds, pick, LABELS))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
