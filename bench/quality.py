@@ -743,11 +743,12 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, dict]:
     p.add_argument("--token-budget", type=int, help="student tokens per run (with --until-flat: the most)")
     p.add_argument("--samples-per-step", type=int, help="sampled sequences per step")
     p.add_argument("--lr", type=float, default=3e-4, help="student learning rate (constant after 5 warm-up steps)")
-    p.add_argument("--lr-grid", help="comma-separated learning rates: per task and method, run the first seed at "
-                   "each, keep the one with the best final accuracy (ties: the smaller) for all seeds")
+    p.add_argument("--lr-grid", help="comma-separated learning rates: per task and method, run the first seed "
+                   "(--grid-seeds: the first N) at each, keep the one with the best final accuracy (ties: the "
+                   "smaller) for all seeds")
     p.add_argument("--grid-seeds", type=int, default=1,
                    help="with --lr-grid: run the first N seeds at every rate and keep the rate with the best mean "
-                        "final accuracy over them (one seed's choice can be another seed's worst rate)")
+                        "final accuracy over them (one seed's best rate is often not another's)")
     p.add_argument("--method-lr", help="comma-separated METHOD=LR: these methods run every seed at this rate and "
                    "skip the grid (e.g. the rates a shorter run's grid chose, for a longer budget)")
     p.add_argument("--until-flat", action=argparse.BooleanOptionalAction, default=None,
