@@ -54,7 +54,12 @@ def main(args, extra: list[str] | None = None) -> int:
         import torch.distributed as dist
 
         if dist.is_initialized():  # a live NCCL watchdog thread at exit aborts the process
-            dist.destroy_process_group()
+            import deepspeed.comm as ds_comm
+
+            if ds_comm.is_initialized():  # through DeepSpeed: it drops its cached groups too, so a
+                ds_comm.destroy_process_group()  # second `opd train` in this process starts clean
+            else:
+                dist.destroy_process_group()
     # one write per line: the ranks of a torchrun launch share stdout, and a line written in one
     # write (< PIPE_BUF) never interleaves with another rank's
     sys.stdout.write(json.dumps({k: v for k, v in last.items() if isinstance(v, (int, float, str))}) + "\n")

@@ -363,6 +363,11 @@ def test_eval_accuracy_per_task_of_a_mix(teachers, tmp_path, monkeypatch):
         assert r["eval_accuracy"] == pytest.approx(0.5)
         assert r["eval_accuracy/arithmetic"] == pytest.approx(2 / 3)
         assert r["eval_accuracy/sort"] == pytest.approx(1 / 3)
+    # a second `opd train` in the same process: the first one's process group was torn down through
+    # DeepSpeed, so its cached groups do not outlive it ("Group ... is not registered" before)
+    assert cli.main(["train", *[f"--{a}" for a in _args(student, tmp_path / "again", "data.task=arithmetic",
+                                                        "run.steps=1", f"teacher.url={teachers['a'][1]}")],
+                     "--log-level", "WARNING"]) == 0
 
 
 def test_refresh_every_pushes_the_student_to_the_teacher(models, tmp_path):
