@@ -917,7 +917,9 @@ def _summarize_only(out: Path, conf: dict, command: str) -> int:
         conf["tasks"] = [t for t in conf["tasks"] if t in old["teachers"]]
     records = [r for r in old["records"] if r["task"] in conf["tasks"] and r["method"] in conf["methods"]
                and r["seed"] in conf["seeds"]]
-    shown = {**conf, **old["config"], **{k: conf[k] for k in ("tasks", "methods")}}
+    # grid_seeds: the execution's own (an older results.json has none: its grid ran its first seed)
+    shown = {**{k: v for k, v in conf.items() if k != "grid_seeds"}, **old["config"],
+             **{k: conf[k] for k in ("tasks", "methods")}}
     table = report.summarize(records, old["teachers"], shown, LABELS, old.get("command", command),
                              old.get("machine", _machine(conf)), old.get("lr_grid"))
     report.plot(records, old["teachers"], shown, LABELS, out / "accuracy_vs_tokens.png")
@@ -1092,7 +1094,7 @@ class Bench:
         and method; the rate with the best mean final accuracy over them is chosen (a rate where
         a grid seed's run failed is not). Returns the grid for the report and (task, method) -> the
         chosen rate; both empty without a grid."""
-        conf, gseeds = self.conf, self.conf.get("grid_seeds") or self.conf["seeds"][:1]
+        conf, gseeds = self.conf, self.conf["grid_seeds"]
         lr_grid, chosen = {}, {}
         if not conf["lr_grid"] or all(m in conf["method_lr"] for m in conf["methods"]):
             return lr_grid, chosen
@@ -1130,7 +1132,7 @@ class Bench:
                     continue  # every grid run of this method failed
                 lr = fixed or chosen.get((t, m), conf["lr"])
                 for seed in conf["seeds"]:
-                    reuse = conf["lr_grid"] and fixed is None and seed in (conf.get("grid_seeds") or conf["seeds"][:1])
+                    reuse = conf["lr_grid"] and fixed is None and seed in conf["grid_seeds"]
                     jobs.append(self.job(t, m, seed, lr, self.out / t / m /
                                          (f"lr_{lr:g}/seed{seed}" if reuse else f"seed{seed}")))
         got = self.execute(jobs)

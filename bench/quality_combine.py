@@ -48,8 +48,7 @@ def load_runs(paths: list[str], task: str) -> tuple[list[dict], list[str]]:
 def grid_runs(results: dict, task: str) -> list[dict]:
     """The learning-rate grid's runs of a results.json, as records with the final accuracy only
     (the chosen rate's grid runs are among its records too; those are kept first)."""
-    conf = results.get("config", {})
-    gseeds = conf.get("grid_seeds") or conf.get("seeds", [0])[:1]
+    gseeds = report.grid_seeds(results.get("config", {}))
     out = []
     for method, g in (results.get("lr_grid") or {}).get(task, {}).items():
         for lr, acc in g["grid"].items():
@@ -76,8 +75,7 @@ def combine(records: list[dict], task: str, seeds: list[int], pick: dict[str, fl
                      + " / ".join(f"{by[s]:.3f}" if s in by else "-" for s in seeds)
                      + f" | {', '.join(map(str, miss)) or '-'} |")
     picked = [r for r in rows if r["method"] in pick]
-    methods = [m for m in pick]
-    return "\n".join(lines + [""] + report.paired_lines(picked, task, methods, labels))
+    return "\n".join(lines + [""] + report.paired_lines(picked, task, list(pick), labels))
 
 
 def main(argv=None) -> int:

@@ -92,6 +92,12 @@ def pick_lr(grid: dict[float, float]) -> float:
     return min(lr for lr, acc in grid.items() if acc == best)
 
 
+def grid_seeds(conf: dict) -> list[int]:
+    """The seeds an execution's learning-rate grid ran (results.json written before --grid-seeds:
+    the first seed)."""
+    return conf.get("grid_seeds") or conf.get("seeds", [0])[:1]
+
+
 def choose_lr(per_seed: dict[float, dict[int, float]], seeds: list[int]) -> tuple[dict[float, float], float | None]:
     """`--lr-grid` with `--grid-seeds`: the mean final accuracy of each rate over `seeds` (a rate
     missing one of their runs is left out) and the rate `pick_lr` chooses among them (None when no
@@ -178,7 +184,7 @@ def summarize(records: list[dict], teachers: dict, conf: dict, labels: dict[str,
         lines += paired_lines(records, task, conf["methods"], labels, list(t.get("families") or ()))
         grid = (lr_grid or {}).get(task)
         if grid:
-            gseeds = conf.get("grid_seeds") or conf["seeds"][:1]
+            gseeds = grid_seeds(conf)
             what = (f"seed {gseeds[0]}, final held-out accuracy" if len(gseeds) == 1 else
                     f"seeds {', '.join(map(str, gseeds))}, mean final held-out accuracy (per seed in results.json)")
             lines += [f"Learning-rate grid ({task}, {what}; chosen = best, ties to the smaller rate):", "",
@@ -261,13 +267,13 @@ def family_lines(records: list[dict], task: str, t: dict, methods: list[str], la
                      + " | -" * (len(fams) * len(THRESHOLDS)) + " |")
     for method, rs in method_rows(records, task, methods).items():
         if all("by_family" in r for r in rs):
-            cells = []
+            cells, curves = [], all(r.get("curve_by_family") for r in rs)
             for f in fams:  # against the family's own teacher, from the trainer's per-family evals
                 level = t["families"][f]["accuracy"]
                 fstart = {int(k): v["by_family"][f] for k, v in students.items() if "by_family" in v}
                 frs = [family_record(r, f) for r in rs]
-                cells += [threshold_cell(frs, fstart, x * level)[0]
-                          if level > 0 and all(r.get("curve_by_family") for r in rs) else "-" for x in THRESHOLDS]
+                cells += [threshold_cell(frs, fstart, x * level)[0] if level > 0 and curves else "-"
+                          for x in THRESHOLDS]
             lines.append(f"| {labels.get(method, method)} | "
                          + " | ".join(fmt_ci([r["by_family"][f] for r in rs]) for f in fams)
                          + "".join(f" | {c}" for c in cells) + " |")

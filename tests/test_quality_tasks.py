@@ -848,3 +848,23 @@ def test_combine_pieces_of_executions(tmp_path, capsys):
     C.main(["--task", "chain", "--seeds", "1,2,3", str(tmp_path / "a.json")])
     out = capsys.readouterr().out
     assert "| OPD reverse KL | 0.0003 | 0.500 [-4.582, 5.582] | 0.100 / 0.900 / - | 3 |" in out  # the grid's runs
+
+
+def test_summarize_keeps_an_older_executions_grid_seed(tmp_path, capsys):
+    """`--summarize` on a results.json written before --grid-seeds (no grid_seeds in its config):
+    the grid is labelled with that execution's first seed, not the summarizing command's."""
+    import json
+
+    from bench import quality as Q
+
+    res = {"config": {**Q.parse_args(["--tasks", "sort", "--methods", "rkl", "--seeds", "0,1"])[1],
+                      "lr_grid": [3e-4, 1e-3]},
+           "teachers": {"sort": {"accuracy": 1.0, "students": {}}},
+           "records": [{"task": "sort", "method": "rkl", "seed": s, "lr": 1e-3, "accuracy": 0.5, "tokens": 10,
+                        "wall_s": 1.0, "steps": 1, "stop": "budget", "peak_rss_mb": 1.0, "curve": []} for s in (0, 1)],
+           "lr_grid": {"sort": {"rkl": {"grid": {"0.0003": 0.4, "0.001": 0.5}, "chosen": 1e-3}}}}
+    del res["config"]["grid_seeds"]
+    (tmp_path / "results.json").write_text(json.dumps(res))
+    assert Q.main(["--summarize", "--out", str(tmp_path), "--tasks", "sort", "--methods", "rkl",
+                   "--seeds", "1,0"]) == 0
+    assert "Learning-rate grid (sort, seed 0, final held-out accuracy" in capsys.readouterr().out
