@@ -309,7 +309,7 @@ class Trainer:
                 for name, d in data.counters.get("teachers", {}).items():
                     m.update({f"teacher/{name}/{k}": v for k, v in d.items()})
                 if cfg.run.eval_every and (step + 1) % cfg.run.eval_every == 0:
-                    m["eval_accuracy"], by_source = self.evaluate_by_source()
+                    m["eval_accuracy"], by_source = self.evaluate()
                     if len(by_source) > 1:  # a mix (data.task=a,b; a file of several data sources)
                         m.update({f"eval_accuracy/{src}": acc for src, acc in by_source.items()})
                 self.log.step(m)
@@ -329,14 +329,11 @@ class Trainer:
         return last
 
     # ---- evaluation -------------------------------------------------------------------------------
-    def evaluate(self, n: int | None = None) -> float:
-        """Greedy accuracy of the current weights on held-out prompts, through the rollout engine."""
-        return self.evaluate_by_source(n)[0]
-
-    def evaluate_by_source(self, n: int | None = None) -> tuple[float, dict[str, float]]:
-        """`evaluate`, and the accuracy on each data source among those prompts (a built-in task's
-        name; a file record's data_source), in the order the sources first appear. NaN and {}
-        without eval prompts."""
+    def evaluate(self, n: int | None = None) -> tuple[float, dict[str, float]]:
+        """Greedy accuracy of the current weights on held-out prompts, through the rollout engine,
+        and the accuracy on each data source among those prompts (a built-in task's name; a file
+        record's data_source), in the order the sources first appear. NaN and {} without eval
+        prompts."""
         from rollout.evaluate import greedy_scores
 
         prompts = self.data.eval[: n or self.cfg.run.eval_prompts]
