@@ -93,6 +93,12 @@ def main(argv=None) -> int:
         p.error(f"--seeds {args.seeds!r} / --pick {args.pick!r}: expected 0,1,2 and METHOD=LR,...")
     from quality import LABELS
 
+    for m in pick:
+        if m not in LABELS:
+            p.error(f"--pick: unknown method {m!r}; choose from {', '.join(LABELS)}")
+    for f in args.files:
+        if not Path(f).is_file():
+            p.error(f"{f}: no such file (expected a results.json or grid_runs.json)")
     records, dups = load_runs(args.files, args.task)
     for d in dups:
         print(f"[combine] dropped {d}", file=sys.stderr)
