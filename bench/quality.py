@@ -48,6 +48,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import signal
 import statistics
 import sys
@@ -904,7 +905,21 @@ def _machine(conf: dict) -> str:
                                  text=True, timeout=30).stdout.strip().splitlines()[0] + " (student)"
         except (OSError, IndexError, subprocess.SubprocessError):
             gpu = "a CUDA GPU (student)"
-    return f"{os.cpu_count()}-core CPU, {gpu}; {conf['jobs']} run(s) at once x {conf['threads']} threads"
+    return f"{os.cpu_count()}-core CPU ({_cpu_name()}), {gpu}; {conf['jobs']} run(s) at once x {conf['threads']} threads"
+
+
+def _cpu_name() -> str:
+    """The CPU's model name and the kernel set torch dispatches to on it (AVX2, AVX512, ...): runs
+    with the same thread count can still round differently on another CPU, so results name it."""
+    import torch
+
+    name = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    return f"{name or platform.processor() or 'unknown'}, torch {torch.backends.cpu.get_cpu_capability()}"
 
 
 def _summarize_only(out: Path, conf: dict, command: str) -> int:

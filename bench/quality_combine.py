@@ -5,7 +5,8 @@ later), each piece writing its own `results.json`. This reads any number of them
 `grid_runs.json` files of docs/, whose runs carry no task), keeps per method the runs at the
 learning rate named with `--pick METHOD=LR` (every rate of a method without one), and prints, as
 markdown, each (method, rate)'s final accuracy over seeds [95% t-interval] with the per-seed
-values, then the paired differences against the anchor methods (`quality_report.ANCHORS`).
+values, then the paired differences against the anchor methods (`quality_report.ANCHORS`); on a
+mix of task families, the same per family and the per-family table of the bench's results.md.
 
     .venv/bin/python bench/quality_combine.py --task chain --seeds 0,1,2,3,4 \\
         --pick rkl=1e-3,sft=1e-3,fkl=1e-3 docs/quality_chain_long/results.json \\
@@ -58,10 +59,27 @@ def grid_runs(results: dict, task: str) -> list[dict]:
     return out
 
 
+def load_teacher(paths: list[str], task: str, seeds: list[int]) -> dict | None:
+    """The `teachers[task]` entry of the first file that has one, with the warm students of `seeds`
+    gathered from every file (first file first): a mix's per-family starts come from all pieces."""
+    first, students = None, {}
+    for p in paths:
+        t = (json.loads(Path(p).read_text()).get("teachers") or {}).get(task)
+        if not t:
+            continue
+        first = first or t
+        for s, v in t.get("students", {}).items():
+            if int(s) in seeds:
+                students.setdefault(s, v)
+    return {**first, "students": students} if first else None
+
+
 def combine(records: list[dict], task: str, seeds: list[int], pick: dict[str, float],
-            labels: dict[str, str] | None = None) -> str:
+            labels: dict[str, str] | None = None, teacher: dict | None = None) -> str:
     """The markdown: one row per (method, rate) over `seeds` (missing seeds named), then the
-    paired differences of the picked runs (one rate per method)."""
+    paired differences of the picked runs (one rate per method). On a mix (`teacher` with
+    families, every picked run with its per-family accuracies): the pairs on each family too, and
+    the per-family table (final accuracy, tokens to 50% / 80% of each family's teacher)."""
     labels = labels or {}
     rows = [r for r in records if int(r["seed"]) in seeds and (r["method"] not in pick
                                                                  or abs(float(r["lr"]) - pick[r["method"]]) < 1e-12)]
@@ -75,7 +93,10 @@ def combine(records: list[dict], task: str, seeds: list[int], pick: dict[str, fl
                      + " / ".join(f"{by[s]:.3f}" if s in by else "-" for s in seeds)
                      + f" | {', '.join(map(str, miss)) or '-'} |")
     picked = [r for r in rows if r["method"] in pick]
-    return "\n".join(lines + [""] + report.paired_lines(picked, task, list(pick), labels))
+    mix = bool(teacher and teacher.get("families") and picked and all("by_family" in r for r in picked))
+    fams = list(teacher["families"]) if mix else []
+    return "\n".join(lines + [""] + report.paired_lines(picked, task, list(pick), labels, fams)
+                     + (report.family_lines(picked, task, teacher, list(pick), labels) if mix else []))
 
 
 def main(argv=None) -> int:
@@ -102,7 +123,7 @@ def main(argv=None) -> int:
     records, dups = load_runs(args.files, args.task)
     for d in dups:
         print(f"[combine] dropped {d}", file=sys.stderr)
-    print(combine(records, args.task, seeds, pick, LABELS))
+    print(combine(records, args.task, seeds, pick, LABELS, load_teacher(args.files, args.task, seeds)))
     return 0
 
 

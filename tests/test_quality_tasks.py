@@ -293,6 +293,10 @@ def test_quality_bench_is_reproducible(tmp_path):
         assert sorted((x["method"], x["seed"]) for x in res["records"]) == [("grpo", 0), ("grpo", 1), ("rkl", 0),
                                                                           ("rkl", 1)]
         assert res["lr_grid"]["chain"]["rkl"]["chosen"] == 1e-3
+        # the machine names the kernel set torch used (another CPU can round differently)
+        import torch
+
+        assert f"torch {torch.backends.cpu.get_cpu_capability()}" in res["machine"], res["machine"]
         # --grid-seeds 2: both seeds ran at every rate; their grid runs are the seeds' runs
         for seed in (0, 1):
             assert (out / "chain" / "rkl" / "lr_0.001" / f"seed{seed}" / "record.json").exists()
@@ -854,6 +858,48 @@ def test_combine_pieces_of_executions(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             C.main(["--task", "chain", "--seeds", "1,2", *args])
         assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_combine_a_mix_per_family(tmp_path, capsys):
+    """quality_combine on a mix whose seeds ran in two executions: the pairs on each family, and the
+    per-family table with every seed's start (gathered from both files) and tokens to 50% / 80%
+    of each family's teacher from the trainer's per-family evals."""
+    import json
+
+    from bench import quality_combine as C
+
+    def piece(seed, start_rev, runs):
+        return {"teachers": {"sort+reverse": {
+                    "families": {"sort": {"accuracy": 1.0}, "reverse": {"accuracy": 0.8}},
+                    "students": {str(seed): {"accuracy": (0.5 + start_rev) / 2,
+                                             "by_family": {"sort": 0.5, "reverse": start_rev}}}}},
+                "records": [{"task": "sort+reverse", "method": m, "lr": 3e-4, "seed": seed, "tokens": 300,
+                             "wall_s": 30.0, "accuracy": (so + rev) / 2, "by_family": {"sort": so, "reverse": rev},
+                             "curve_by_family": {"sort": [[100, so], [200, so]], "reverse": [[100, r1], [200, r2]]}}
+                            for m, so, rev, r1, r2 in runs]}
+
+    # reverse's teacher 0.8: 50% = 0.4, 80% = 0.64. Routing reaches 0.4 at 100 tokens on both seeds and
+    # 0.64 at the end (300) / at 200; the generalist 0.4 at 200 / at the end, 0.64 on seed 0 only
+    (tmp_path / "a.json").write_text(json.dumps(piece(0, 0.0, [("two-teacher", 1.0, 0.8, 0.4, 0.5),
+                                                               ("generalist", 1.0, 0.7, 0.1, 0.4)])))
+    (tmp_path / "b.json").write_text(json.dumps(piece(1, 0.1, [("two-teacher", 0.9, 0.7, 0.6, 0.7),
+                                                               ("generalist", 1.0, 0.6, 0.2, 0.3)])))
+    assert C.main(["--task", "sort+reverse", "--seeds", "0,1", "--pick", "two-teacher=3e-4,generalist=3e-4",
+                   str(tmp_path / "a.json"), str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    from quality import LABELS
+
+    gen, tt = LABELS["generalist"], LABELS["two-teacher"]
+    assert f"| {gen} - {tt} (on reverse) | **-0.100 [-0.100, -0.100]** | 0/2 | -0.100, -0.100 |" in out
+    assert f"| {gen} - {tt} (on sort) | +0.050 [-0.585, +0.685] | 1/2 | +0.000, +0.100 |" in out
+    assert "| (start) | 0.500 [0.500, 0.500] | 0.050 [-0.585, 0.685] | - | - | - | - |" in out  # both files' starts
+    assert f"| {tt} | 0.950 [0.315, 1.585] | 0.750 [0.115, 1.385] | 0 (2/2) | 100 (2/2) | 100 (2/2) | 250 (2/2) |" in out
+    assert f"| {gen} | 1.000 [1.000, 1.000] | 0.650 [0.015, 1.285] | 0 (2/2) | 100 (2/2) | 250 (2/2) | 300 (1/2) |" in out
+    # a single task: no family table
+    (tmp_path / "c.json").write_text(json.dumps({"records": [{"task": "sort", "method": "rkl", "lr": 1e-3, "seed": s,
+                                                                "accuracy": 0.5} for s in (0, 1)]}))
+    assert C.main(["--task", "sort", "--seeds", "0,1", "--pick", "rkl=1e-3", str(tmp_path / "c.json")]) == 0
+    assert "Per family" not in capsys.readouterr().out
 
 
 def test_summarize_keeps_an_older_executions_grid_seed(tmp_path, capsys):
