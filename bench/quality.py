@@ -936,7 +936,7 @@ def _summarize_only(out: Path, conf: dict, command: str) -> int:
     shown = {**{k: v for k, v in conf.items() if k != "grid_seeds"}, **old["config"],
              **{k: conf[k] for k in ("tasks", "methods")}}
     table = report.summarize(records, old["teachers"], shown, LABELS, old.get("command", command),
-                             old.get("machine", _machine(conf)), old.get("lr_grid"))
+                             old["machine"] if "machine" in old else _machine(conf), old.get("lr_grid"))
     report.plot(records, old["teachers"], shown, LABELS, out / "accuracy_vs_tokens.png")
     print(table)
     return 0

@@ -26,12 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_report as report  # noqa: E402
 
 
-def load_runs(paths: list[str], task: str) -> tuple[list[dict], list[str]]:
-    """The records of `task` in these results.json / grid_runs.json files, first file first;
-    returns them and the (method, lr, seed) duplicates that were dropped."""
+def load_runs(files: list[tuple[str, dict]], task: str) -> tuple[list[dict], list[str]]:
+    """The records of `task` in these (path, parsed results.json / grid_runs.json) files, first
+    file first; returns them and the (method, lr, seed) duplicates that were dropped."""
     seen, out, dups = {}, [], []
-    for p in paths:
-        d = json.loads(Path(p).read_text())
+    for p, d in files:
         recs = d.get("records") if "records" in d else [{"task": task, **r} for r in d.get("runs", [])]
         recs = recs + grid_runs(d, task)
         for r in recs:
@@ -59,12 +58,12 @@ def grid_runs(results: dict, task: str) -> list[dict]:
     return out
 
 
-def load_teacher(paths: list[str], task: str, seeds: list[int]) -> dict | None:
+def load_teacher(files: list[tuple[str, dict]], task: str, seeds: list[int]) -> dict | None:
     """The `teachers[task]` entry of the first file that has one, with the warm students of `seeds`
     gathered from every file (first file first): a mix's per-family starts come from all pieces."""
     first, students = None, {}
-    for p in paths:
-        t = (json.loads(Path(p).read_text()).get("teachers") or {}).get(task)
+    for _, d in files:
+        t = (d.get("teachers") or {}).get(task)
         if not t:
             continue
         first = first or t
@@ -120,10 +119,11 @@ def main(argv=None) -> int:
     for f in args.files:
         if not Path(f).is_file():
             p.error(f"{f}: no such file (expected a results.json or grid_runs.json)")
-    records, dups = load_runs(args.files, args.task)
+    files = [(f, json.loads(Path(f).read_text())) for f in args.files]
+    records, dups = load_runs(files, args.task)
     for d in dups:
         print(f"[combine] dropped {d}", file=sys.stderr)
-    print(combine(records, args.task, seeds, pick, LABELS, load_teacher(args.files, args.task, seeds)))
+    print(combine(records, args.task, seeds, pick, LABELS, load_teacher(files, args.task, seeds)))
     return 0
 
 
