@@ -119,7 +119,15 @@ def main(argv=None) -> int:
     for f in args.files:
         if not Path(f).is_file():
             p.error(f"{f}: no such file (expected a results.json or grid_runs.json)")
-    files = [(f, json.loads(Path(f).read_text())) for f in args.files]
+    files = []
+    for f in args.files:
+        try:
+            d = json.loads(Path(f).read_text())
+        except ValueError as e:
+            p.error(f"{f}: not JSON ({e}); expected a results.json or grid_runs.json")
+        if not isinstance(d, dict):
+            p.error(f"{f}: a JSON {type(d).__name__}, expected a results.json or grid_runs.json object")
+        files.append((f, d))
     records, dups = load_runs(files, args.task)
     for d in dups:
         print(f"[combine] dropped {d}", file=sys.stderr)

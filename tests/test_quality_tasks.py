@@ -852,8 +852,12 @@ def test_combine_pieces_of_executions(tmp_path, capsys):
     C.main(["--task", "chain", "--seeds", "1,2,3", str(tmp_path / "a.json")])
     out = capsys.readouterr().out
     assert "| OPD reverse KL | 0.0003 | 0.500 [-4.582, 5.582] | 0.100 / 0.900 / - | 3 |" in out  # the grid's runs
+    (tmp_path / "bad.json").write_text("{not json")
+    (tmp_path / "list.json").write_text("[]")
     for args, words in ((["--pick", "rkl=1e-3,distill=1e-3", str(tmp_path / "a.json")], "unknown method 'distill'"),
                         ([str(tmp_path / "nope.json")], "nope.json: no such file"),
+                        ([str(tmp_path / "bad.json")], "bad.json: not JSON"),
+                        ([str(tmp_path / "list.json")], "list.json: a JSON list, expected"),
                         (["--pick", "rkl=fast", str(tmp_path / "a.json")], "expected 0,1,2 and METHOD=LR")):
         with pytest.raises(SystemExit) as e:
             C.main(["--task", "chain", "--seeds", "1,2", *args])
